@@ -1,0 +1,1 @@
+"""Sanitizer: scores, plan, rewrite, evaluate, engine."""
