@@ -1,0 +1,54 @@
+"""Atomic artifact writes: temp file in the target folder, fsync, rename — a killed run leaves the old state."""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import BadOutput
+
+
+def check_writable(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
+    """Validate an output path before any work is done, so a bad --out fails fast and writes nothing."""
+    path = Path(path)
+    for src in inputs:
+        if src.exists() and path.exists() and path.resolve() == Path(src).resolve():
+            raise BadOutput(f"output {path} is the input model; choose another path")
+        if path.resolve() == Path(src).resolve():
+            raise BadOutput(f"output {path} is the input model; choose another path")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise BadOutput(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise BadOutput(f"output folder {folder} is not writable")
+    if path.exists() and not force:
+        raise BadOutput(f"{path} exists; pass --force to overwrite")
+    return path
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path in the target folder; on success fsync it and rename it onto `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode())
