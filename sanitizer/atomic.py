@@ -14,8 +14,6 @@ def check_writable(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) ->
     """Validate an output path before any work is done, so a bad --out fails fast and writes nothing."""
     path = Path(path)
     for src in inputs:
-        if src.exists() and path.exists() and path.resolve() == Path(src).resolve():
-            raise BadOutput(f"output {path} is the input model; choose another path")
         if path.resolve() == Path(src).resolve():
             raise BadOutput(f"output {path} is the input model; choose another path")
     folder = path.parent if str(path.parent) else Path(".")
