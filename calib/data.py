@@ -1,0 +1,391 @@
+"""Calibration datasets: a folder of images (flat or one subfolder per class), an .npz or an .npy.
+
+Every source yields float32 NHWC pixels on their stored scale (0..255 for 8-bit data); scaling and
+normalisation belong to calib.preprocess so that one preprocessing is used everywhere. Image folders
+are decoded lazily, one batch at a time, because calibration sets can be far larger than memory."""
+from __future__ import annotations
+
+import re
+import warnings
+import zipfile
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from sanitizer.errors import BadData, ExitCode, SanitizeError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm"})
+
+# Pillow modes we can turn into 8-bit pixels without guessing a scale; 16-bit and float images
+# (modes I, I;16, F) are refused because their raw values would not be on the 0..255 scale.
+_NATIVE_MODE = {
+    "1": "L", "L": "L", "LA": "L", "La": "L",
+    "P": "RGB", "PA": "RGBA", "RGB": "RGB", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB",
+    "LAB": "RGB", "HSV": "RGB", "RGBA": "RGBA", "RGBa": "RGBA",
+}
+_MODE_FOR_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
+_CHANNELS_FOR_MODE = {"L": 1, "RGB": 3, "RGBA": 4}
+_ARRAY_DTYPES = (np.uint8, np.float16, np.float32, np.float64)
+
+
+@dataclass
+class Dataset:
+    source: str
+    n: int
+    labels: np.ndarray | None
+    classes: list[str] | None
+    _reader: "_Reader" = field(repr=False)
+    _rows: np.ndarray = field(repr=False)   # positions in the underlying source, so subsets stay lazy views
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of every image returned by read/batches."""
+        return self._reader.shape
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if not 0 <= start <= stop <= self.n:
+            raise IndexError(f"read({start}, {stop}) outside 0..{self.n}")
+        return self._reader.fetch(self._rows[start:stop])
+
+    def batches(self, batch_size: int, indices: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise SanitizeError(f"batch size must be a positive integer, got {batch_size!r}", ExitCode.USAGE)
+        order = np.arange(self.n, dtype=np.int64) if indices is None else _check_indices(indices, self.n)
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo:lo + batch_size]
+            yield idx, self._reader.fetch(self._rows[idx])
+
+    def subset(self, indices: np.ndarray) -> "Dataset":
+        idx = _check_indices(indices, self.n)
+        return Dataset(
+            source=self.source,
+            n=len(idx),
+            labels=None if self.labels is None else self.labels[idx],
+            classes=self.classes,
+            _reader=self._reader,
+            _rows=self._rows[idx],
+        )
+
+
+def open_dataset(path: str | Path, *, size: tuple[int, int] | None, channels: int | None,
+                 max_pixels: int = 50_000_000) -> Dataset:
+    """Open a dataset and validate everything that is cheap to validate now (listing, headers, shapes)."""
+    if channels is not None and channels not in _MODE_FOR_CHANNELS:
+        raise BadData(f"cannot convert images to {channels} channels (supported: 1, 3 or 4)")
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise SanitizeError(f"image size must be two positive ints (H, W), got {size!r}", ExitCode.USAGE)
+    p = Path(path)
+    if not p.exists():
+        raise BadData(f"{p} does not exist")
+    if p.is_dir():
+        reader, labels, classes = _open_folder(p, size, channels, max_pixels)
+    elif p.suffix.lower() == ".npz":
+        reader, labels = _open_npz(p, size, channels, max_pixels)
+        classes = None
+    elif p.suffix.lower() == ".npy":
+        reader, labels = _open_npy(p, size, channels, max_pixels), None
+        classes = None
+    else:
+        raise BadData(f"{p} is not a folder of images, an .npz or an .npy file")
+    n = reader.count
+    return Dataset(source=str(path), n=n, labels=labels, classes=classes,
+                   _reader=reader, _rows=np.arange(n, dtype=np.int64))
+
+
+def _check_indices(indices, n: int) -> np.ndarray:
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise ValueError("indices must be a 1-D integer array")
+    idx = idx.astype(np.int64, copy=False)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"indices must lie in 0..{n - 1}")
+    return idx
+
+
+# ---------------------------------------------------------------------------------------- folders
+
+class _Reader:
+    count: int
+    shape: tuple[int, int, int]
+
+    def fetch(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+@contextmanager
+def _pixel_limit(max_pixels: int):
+    """Make Pillow's own bomb check use our limit, and treat its warning as the error it is.
+
+    Pillow only errors above twice MAX_IMAGE_PIXELS, so without this a limit above Pillow's default
+    could never be reached, and images between the two limits would merely warn."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _open_image(path: Path, max_pixels: int) -> Image.Image:
+    """Open (header only) and refuse non-images, 16-bit/float images and pixel bombs."""
+    try:
+        img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadData(f"{path}: refusing a decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadData(f"{path} is not a readable image ({e})") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise BadData(f"{path}: {w}x{h} pixels exceeds the limit of {max_pixels}; refusing a possible decompression bomb")
+    if img.mode not in _NATIVE_MODE:
+        img.close()
+        raise BadData(f"{path}: image mode {img.mode} is not supported; convert it to 8-bit grayscale or RGB")
+    return img
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _open_folder(root: Path, size, channels, max_pixels):
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = _list_images(root)
+    if subdirs and loose:
+        raise BadData(f"{root} mixes image files (e.g. {loose[0].name}) with class subfolders; "
+                      "use either a flat folder or one subfolder per class")
+    if not subdirs:
+        files, labels, classes = loose, None, None
+        if not files:
+            raise BadData(f"{root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    else:
+        files, labels, classes = _class_folders(root, subdirs)
+    return _FolderReader(files, size, channels, max_pixels), labels, classes
+
+
+def _class_folders(root: Path, subdirs: list[Path]):
+    names = [d.name for d in subdirs]
+    if all(re.fullmatch(r"-?[0-9]+", n) for n in names):
+        values = [int(n) for n in names]
+        if min(values) < 0:
+            raise BadData(f"{root}: class folder {names[values.index(min(values))]} is a negative label")
+        if len(set(values)) != len(values):
+            raise BadData(f"{root}: class folders {sorted(names)} name the same label twice")
+        subdirs = [d for _, d in sorted(zip(values, subdirs))]
+        values = sorted(values)
+    else:
+        values = list(range(len(subdirs)))   # torchvision ImageFolder: index in sorted name order
+    files: list[Path] = []
+    labels: list[int] = []
+    for d, label in zip(subdirs, values):
+        # Recursive like ImageFolder, so nested layouts are not silently skipped.
+        found = sorted(p for p in d.rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(d).parts))
+        if not found:
+            raise BadData(f"class folder {d} contains no images")
+        files += found
+        labels += [label] * len(found)
+    return files, np.asarray(labels, dtype=np.int64), [d.name for d in subdirs]
+
+
+class _FolderReader(_Reader):
+    def __init__(self, files: list[Path], size, channels, max_pixels: int):
+        self.files = files
+        self.count = len(files)
+        self.size = size
+        self.channels = channels
+        self.max_pixels = max_pixels
+        first_size = first_channels = None
+        with _pixel_limit(max_pixels):
+            for f in files:
+                with _open_image(f, max_pixels) as img:
+                    c = _CHANNELS_FOR_MODE[_NATIVE_MODE[img.mode]]
+                    if first_size is None:
+                        first_size, first_channels = img.size, c
+                    if size is None and img.size != first_size:
+                        raise BadData(f"{f} is {img.size[0]}x{img.size[1]} but {files[0]} is "
+                                      f"{first_size[0]}x{first_size[1]}; all images must share one size")
+                    if channels is None and c != first_channels:
+                        raise BadData(f"{f} has {c} channels but {files[0]} has {first_channels}; "
+                                      "all images must share one channel count")
+        h, w = size if size is not None else (first_size[1], first_size[0])
+        self.shape = (h, w, channels or first_channels)
+
+    def fetch(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *self.shape), dtype=np.float32)
+        with _pixel_limit(self.max_pixels):
+            for i, r in enumerate(rows):
+                out[i] = self._decode(self.files[r])
+        return out
+
+    def _decode(self, path: Path) -> np.ndarray:
+        h, w, c = self.shape
+        try:
+            with _open_image(path, self.max_pixels) as img:
+                # Converted inside the `with`: closing an image also invalidates its pixel data.
+                arr = np.asarray(_conform(img, _MODE_FOR_CHANNELS[c], (h, w) if self.size else None),
+                                 dtype=np.float32)
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise BadData(f"{path} could not be decoded ({e})") from None
+        arr = arr.reshape(arr.shape[0], arr.shape[1], -1)
+        if arr.shape != self.shape:
+            raise BadData(f"{path} changed since the dataset was opened: now {arr.shape[1]}x{arr.shape[0]}")
+        return arr
+
+
+def _conform(img: Image.Image, mode: str, size: tuple[int, int] | None) -> Image.Image:
+    if img.mode != mode:
+        img = img.convert(mode)
+    if size is not None and img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.BILINEAR)
+    img.load()
+    return img
+
+
+# ----------------------------------------------------------------------------------------- arrays
+
+def _array_header(fp, where: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Read only the .npy header, so pickled payloads are refused before any byte of them is parsed."""
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise BadData(f"{where}: unsupported .npy format version {version}")
+    except (ValueError, OSError, EOFError) as e:
+        raise BadData(f"{where} is not a valid .npy array ({e})") from None
+    if dtype.hasobject:
+        raise BadData(f"{where} contains Python objects (pickle); refusing to load")
+    return shape, dtype
+
+
+def _check_x_header(shape, dtype, where: str, max_pixels: int) -> None:
+    if dtype.fields is not None or dtype.type not in _ARRAY_DTYPES:
+        raise BadData(f"{where} has dtype {dtype}; expected uint8 or float images")
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3, 4)):
+        raise BadData(f"{where} has shape {tuple(shape)}; expected NHWC with 1, 3 or 4 channels, or NHW grayscale")
+    if shape[0] == 0:
+        raise BadData(f"{where} contains no images")
+    if shape[1] * shape[2] > max_pixels:
+        raise BadData(f"{where}: {shape[2]}x{shape[1]} pixels per image exceeds the limit of {max_pixels}")
+
+
+def _open_npz(path: Path, size, channels, max_pixels):
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = set(zf.namelist())
+            if "X.npy" not in members:
+                keys = ", ".join(sorted(m.removesuffix(".npy") for m in members)) or "nothing"
+                raise BadData(f"{path} has no array named X (it holds: {keys})")
+            x = _read_member(zf, "X.npy", f"{path}[X]", max_pixels)
+            y = _read_member(zf, "y.npy", f"{path}[y]", None) if "y.npy" in members else None
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+        raise BadData(f"{path} is not a readable .npz ({e})") from None
+    reader = _ArrayReader(x, size, channels, str(path))
+    return reader, None if y is None else _check_labels(y, reader.count, str(path))
+
+
+def _read_member(zf: zipfile.ZipFile, member: str, where: str, max_pixels: int | None) -> np.ndarray:
+    with zf.open(member) as f:
+        shape, dtype = _array_header(f, where)
+        if max_pixels is not None:
+            _check_x_header(shape, dtype, where, max_pixels)
+    with zf.open(member) as f:
+        try:
+            return np.lib.format.read_array(f, allow_pickle=False)
+        except ValueError as e:
+            raise BadData(f"{where} could not be read ({e})") from None
+
+
+def _open_npy(path: Path, size, channels, max_pixels) -> "_ArrayReader":
+    try:
+        with open(path, "rb") as f:
+            shape, dtype = _array_header(f, str(path))
+        _check_x_header(shape, dtype, str(path), max_pixels)
+        x = np.load(path, allow_pickle=False, mmap_mode="r")   # mapped: a large .npy is paged in per batch
+    except (ValueError, OSError, EOFError) as e:
+        raise BadData(f"{path} could not be read ({e})") from None
+    return _ArrayReader(x, size, channels, str(path))
+
+
+def _check_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
+    if y.ndim != 1:
+        raise BadData(f"{where}: y has shape {y.shape}; expected one integer label per image")
+    if len(y) != n:
+        raise BadData(f"{where}: y has {len(y)} labels but X has {n} images")
+    if y.dtype.kind == "f":
+        if not (np.isfinite(y).all() and (y == np.round(y)).all()):
+            raise BadData(f"{where}: y contains non-integer labels")
+    elif y.dtype.kind not in "iu":
+        raise BadData(f"{where}: y has dtype {y.dtype}; expected integer labels")
+    if len(y) and y.min() < 0:
+        raise BadData(f"{where}: y contains negative labels")
+    return y.astype(np.int64)
+
+
+class _ArrayReader(_Reader):
+    def __init__(self, x: np.ndarray, size, channels, where: str):
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.dtype != np.uint8:
+            with np.errstate(over="ignore"):   # float64 beyond float32 range becomes inf: refused below
+                finite = np.isfinite(x.astype(np.float32, copy=False)).all()
+            if not finite:
+                raise BadData(f"{where} contains NaN or infinite pixel values (as float32)")
+        c_in = x.shape[3]
+        c_out = channels or c_in
+        if c_out == 4 and c_in != 4:
+            raise BadData(f"{where} has {c_in} channels; cannot invent an alpha channel for a 4-channel model")
+        self.x = x
+        self.count = x.shape[0]
+        self.size = size
+        self.shape = (*(size if size is not None else x.shape[1:3]), c_out)
+
+    def fetch(self, rows: np.ndarray) -> np.ndarray:
+        raw = self.x[rows]
+        h, w, c = self.shape
+        if raw.dtype == np.uint8:
+            # Through Pillow exactly like a folder image, so an .npz and a folder of the same images agree.
+            out = np.empty((len(rows), h, w, c), dtype=np.float32)
+            mode = _MODE_FOR_CHANNELS[c]
+            for i, im in enumerate(raw):
+                img = Image.fromarray(im[..., 0] if im.shape[2] == 1 else im)
+                img = _conform(img, mode, self.size)
+                out[i] = np.asarray(img, dtype=np.float32).reshape(h, w, c)
+            return out
+        return _resize_float(_convert_float(raw.astype(np.float32), c), self.size)
+
+
+def _convert_float(x: np.ndarray, c: int) -> np.ndarray:
+    if x.shape[3] == 4 and c != 4:
+        x = x[..., :3]                    # drop alpha, as Pillow's convert('RGB') does
+    if x.shape[3] == c:
+        return x
+    if c == 3:
+        return np.repeat(x, 3, axis=3)
+    # Pillow's convert('L') luma weights (ITU-R 601-2), in float since these pixels are not 8-bit.
+    weights = np.asarray([299, 587, 114], dtype=np.float32) / np.float32(1000)
+    return (x @ weights)[..., None].astype(np.float32)
+
+
+def _resize_float(x: np.ndarray, size) -> np.ndarray:
+    if size is None or x.shape[1:3] == tuple(size):
+        return x
+    h, w = size
+    out = np.empty((x.shape[0], h, w, x.shape[3]), dtype=np.float32)
+    for i in range(x.shape[0]):
+        for ch in range(x.shape[3]):
+            img = Image.fromarray(np.ascontiguousarray(x[i, :, :, ch]), mode="F")
+            out[i, :, :, ch] = np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32)
+    return out
