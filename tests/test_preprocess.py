@@ -1,0 +1,150 @@
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from calib.preprocess import InputSpec, Preprocess, input_spec, parse_floats, resolve_preprocess
+from sanitizer.errors import ExitCode, SanitizeError
+
+
+def model(*inputs, initializers=()):
+    """A graph that only declares inputs: input_spec never looks past them."""
+    infos = [helper.make_tensor_value_info(name, elem, shape) for name, elem, shape in inputs]
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
+    node = helper.make_node("Identity", [inputs[0][0]], ["out"])
+    graph = helper.make_graph([node], "g", infos, [out], initializer=list(initializers))
+    return helper.make_model(graph)
+
+
+def fails(code, fn, *args, **kwargs) -> str:
+    with pytest.raises(SanitizeError) as info:
+        fn(*args, **kwargs)
+    assert info.value.code == code
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def spec(channels=3, layout="nchw"):
+    return InputSpec(name="x", layout=layout, channels=channels, height=2, width=2, batch=None, dtype="float32")
+
+
+# ------------------------------------------------------------------------------------- input_spec
+
+def test_nchw_with_dynamic_batch():
+    s = input_spec(model(("x", TensorProto.FLOAT, ["N", 3, 32, 24])))
+    assert s == InputSpec(name="x", layout="nchw", channels=3, height=32, width=24, batch=None, dtype="float32")
+
+
+def test_nhwc_with_fixed_batch():
+    s = input_spec(model(("img", TensorProto.FLOAT, [8, 28, 20, 1])))
+    assert (s.layout, s.channels, s.height, s.width, s.batch) == ("nhwc", 1, 28, 20, 8)
+
+
+def test_unnamed_dynamic_batch_and_other_float_types():
+    s = input_spec(model(("x", TensorProto.FLOAT16, [None, 1, 4, 4])))
+    assert s.batch is None and s.dtype == "float16"
+    assert input_spec(model(("x", TensorProto.DOUBLE, [1, 3, 4, 4]))).dtype == "float64"
+
+
+def test_ambiguous_shape_defaults_to_nchw_unless_layout_given():
+    m = model(("x", TensorProto.FLOAT, [1, 3, 8, 3]))
+    assert (input_spec(m).layout, input_spec(m).channels, input_spec(m).width) == ("nchw", 3, 3)
+    s = input_spec(m, layout="nhwc")
+    assert (s.layout, s.channels, s.height, s.width) == ("nhwc", 3, 3, 8)
+
+
+def test_layout_contradicting_the_shape_is_a_usage_error():
+    msg = fails(ExitCode.USAGE, input_spec, model(("x", TensorProto.FLOAT, [1, 3, 32, 32])), layout="nhwc")
+    assert "nchw" in msg
+    fails(ExitCode.USAGE, input_spec, model(("x", TensorProto.FLOAT, [1, 32, 32, 3])), layout="nchw")
+    fails(ExitCode.USAGE, input_spec, model(("x", TensorProto.FLOAT, [1, 3, 32, 32])), layout="chw")
+
+
+def test_int_input_is_a_bad_model():
+    msg = fails(ExitCode.BAD_MODEL, input_spec, model(("ids", TensorProto.INT64, [1, 3, 4, 4])))
+    assert msg == "input ids is int64, not a float image tensor"
+
+
+@pytest.mark.parametrize("shape", [[1, 3, 32], [1, 3, 4, 4, 4], None])
+def test_rank_must_be_four(shape):
+    fails(ExitCode.BAD_MODEL, input_spec, model(("x", TensorProto.FLOAT, shape)))
+
+
+@pytest.mark.parametrize("shape", [[1, 3, "H", 32], [1, 3, 32, None], [1, "C", 32, 32]])
+def test_dynamic_spatial_or_channel_dims_are_a_bad_model(shape):
+    fails(ExitCode.BAD_MODEL, input_spec, model(("x", TensorProto.FLOAT, shape)))
+
+
+def test_initializers_are_not_inputs():
+    w = helper.make_tensor("w", TensorProto.FLOAT, [1, 3, 1, 1], [1.0, 2.0, 3.0])
+    m = model(("x", TensorProto.FLOAT, [1, 3, 4, 4]), ("w", TensorProto.FLOAT, [1, 3, 1, 1]), initializers=[w])
+    assert input_spec(m).name == "x"
+
+
+def test_several_inputs_need_a_name():
+    m = model(("a", TensorProto.FLOAT, [1, 3, 4, 4]), ("b", TensorProto.FLOAT, [1, 1, 4, 4]))
+    msg = fails(ExitCode.USAGE, input_spec, m)
+    assert "a" in msg and "b" in msg
+    assert input_spec(m, "b").channels == 1
+    fails(ExitCode.USAGE, input_spec, m, "c")
+
+
+def test_the_only_image_input_is_picked_among_others():
+    m = model(("img", TensorProto.FLOAT, [1, 3, 4, 4]), ("scale", TensorProto.FLOAT, [1]))
+    assert input_spec(m).name == "img"
+
+
+# ------------------------------------------------------------------------------------- Preprocess
+
+def test_apply_matches_hand_computation_and_transposes():
+    raw = np.arange(2 * 2 * 3 * 3, dtype=np.float32).reshape(2, 2, 3, 3)   # N=2, H=2, W=3, C=3
+    mean, std, scale = [0.1, 0.2, 0.3], [0.5, 0.25, 2.0], 1 / 255
+    p = resolve_preprocess(spec(), scale=scale, mean=mean, std=std)
+    out = p.apply(raw)
+    assert out.dtype == np.float32 and out.shape == (2, 3, 2, 3)
+    for n in range(2):
+        for h in range(2):
+            for w in range(3):
+                for c in range(3):
+                    expected = (raw[n, h, w, c] / 255 - mean[c]) / std[c]
+                    assert out[n, c, h, w] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def test_apply_nhwc_keeps_layout_and_broadcasts_single_values():
+    raw = np.full((1, 2, 2, 3), 255, dtype=np.float32)
+    out = resolve_preprocess(spec(layout="nhwc"), mean=[0.5], std=[0.5]).apply(raw)
+    assert out.shape == (1, 2, 2, 3) and np.all(out == 1.0)
+
+
+def test_apply_accepts_uint8_and_is_float32():
+    out = Preprocess(scale=1.0, mean=(0.0,), std=(1.0,), layout="nchw").apply(np.zeros((1, 2, 2, 1), np.uint8))
+    assert out.dtype == np.float32 and out.shape == (1, 1, 2, 2)
+
+
+def test_defaults_and_to_dict():
+    p = resolve_preprocess(spec())
+    assert p.to_dict() == {"scale": 1 / 255, "mean": [0.0], "std": [1.0], "layout": "nchw"}
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"mean": [0.1, 0.2]},
+    {"std": [1, 1, 1, 1]},
+    {"std": [1, 0, 1]},
+    {"std": [float("nan")]},
+    {"mean": [float("inf")]},
+    {"scale": 0},
+    {"scale": -1.0},
+    {"scale": float("inf")},
+    {"layout": "nhwc"},
+])
+def test_bad_preprocess_flags_are_usage_errors(kwargs):
+    fails(ExitCode.USAGE, resolve_preprocess, spec(), **kwargs)
+
+
+def test_parse_floats():
+    assert parse_floats(None) is None
+    assert parse_floats("0.5") == [0.5]
+    assert parse_floats(" 0.485, 0.456,0.406 ") == [0.485, 0.456, 0.406]
+    assert parse_floats("[1,2]") == [1.0, 2.0]
+    for bad in ["", "a", "1,,2", "1;2", "nan", "1,inf"]:
+        fails(ExitCode.USAGE, parse_floats, bad)
