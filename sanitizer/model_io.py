@@ -1,0 +1,127 @@
+"""Load a possibly hostile ONNX file safely; save a sanitized one atomically, keeping external data external."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from .errors import BadModel
+
+# Checking a model above protobuf's 2 GiB limit needs the path-based checker.
+_PROTO_LIMIT = 2**31 - 1
+SUPPORTED_OPSETS = range(7, 24)
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    model: onnx.ModelProto      # with every external tensor loaded into memory
+    external: bool              # the file kept weights as external data
+    sha256: str
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _validate_external(model: onnx.ModelProto, folder: Path) -> bool:
+    """Refuse any external-data reference that leaves the model's folder or points past a file's end."""
+    root = folder.resolve()
+    found = False
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        found = True
+        info = {e.key: e.value for e in tensor.external_data}
+        loc = info.get("location", "")
+        if not loc or os.path.isabs(loc) or Path(loc).is_absolute() or ".." in Path(loc).parts:
+            raise BadModel(f"tensor {tensor.name!r}: external data location {loc!r} must be a relative path inside the model's folder")
+        target = (folder / loc).resolve()
+        if root not in target.parents:
+            raise BadModel(f"tensor {tensor.name!r}: external data {loc!r} resolves outside the model's folder")
+        if not target.is_file():
+            raise BadModel(f"tensor {tensor.name!r}: external data file {loc!r} is missing")
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else target.stat().st_size - offset
+        except ValueError:
+            raise BadModel(f"tensor {tensor.name!r}: external data offset/length are not integers") from None
+        if offset < 0 or length < 0 or offset + length > target.stat().st_size:
+            raise BadModel(f"tensor {tensor.name!r}: external data {loc!r} offset+length past the end of the file")
+    return found
+
+
+def load_model(path: Path) -> LoadedModel:
+    path = Path(path)
+    if not path.is_file():
+        raise BadModel(f"model {path} does not exist")
+    if path.stat().st_size == 0:
+        raise BadModel(f"model {path} is empty")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises several unrelated types on garbage input
+        raise BadModel(f"model {path} is not a readable ONNX file ({type(e).__name__})") from None
+    if not model.HasField("graph") or not model.graph.node or model.ir_version <= 0:
+        raise BadModel(f"model {path} holds no ONNX graph")
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version not in SUPPORTED_OPSETS:
+            raise BadModel(f"model {path} uses opset {op.version}; supported: {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1}")
+    external = _validate_external(model, path.parent)
+    if external:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except Exception as e:
+            raise BadModel(f"model {path}: external data unreadable ({e})") from None
+    check(model, path)
+    return LoadedModel(path=path, model=model, external=external, sha256=sha256_file(path))
+
+
+def check(model: onnx.ModelProto, path: Path | None = None) -> None:
+    try:
+        if model.ByteSize() > _PROTO_LIMIT and path is not None:
+            onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = f"model {path}" if path else "model"
+        raise BadModel(f"{where} is not a valid ONNX model: {first}") from None
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    return clone
+
+
+def save_model(model: onnx.ModelProto, out: Path, *, external: bool) -> list[Path]:
+    """Write the model (and its .data file when external) so that readers never see a half-written pair."""
+    out = Path(out)
+    written = [out]
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        tmp_model = Path(tmp) / out.name
+        if external:
+            # save_model moves tensors out of the proto it is given; keep the caller's model whole.
+            model = _copy(model)
+            data_name = out.name + ".data"
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            written.append(out.parent / data_name)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        for final in reversed(written):  # data first: the model file appears last, only when both are complete
+            staged = Path(tmp) / final.name
+            with open(staged, "rb") as f:
+                os.fsync(f.fileno())
+            shutil.move(str(staged), str(final))
+    return written
