@@ -12,7 +12,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 from PIL import Image
@@ -107,15 +107,14 @@ def _check_indices(indices, n: int) -> np.ndarray:
     return idx
 
 
-# ---------------------------------------------------------------------------------------- folders
-
-class _Reader:
+class _Reader(Protocol):
     count: int
     shape: tuple[int, int, int]
 
-    def fetch(self, rows: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+    def fetch(self, rows: np.ndarray) -> np.ndarray: ...
 
+
+# ---------------------------------------------------------------------------------------- folders
 
 @contextmanager
 def _pixel_limit(max_pixels: int):
@@ -197,7 +196,7 @@ def _class_folders(root: Path, subdirs: list[Path]):
     return files, np.asarray(labels, dtype=np.int64), [d.name for d in subdirs]
 
 
-class _FolderReader(_Reader):
+class _FolderReader:
     def __init__(self, files: list[Path], size, channels, max_pixels: int):
         self.files = files
         self.count = len(files)
@@ -334,7 +333,7 @@ def _check_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-class _ArrayReader(_Reader):
+class _ArrayReader:
     def __init__(self, x: np.ndarray, size, channels, where: str):
         if x.ndim == 3:
             x = x[..., None]
