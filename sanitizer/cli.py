@@ -1,0 +1,197 @@
+"""`sanitize`: thin typer commands over the plain functions in pipeline / bench / demo.
+
+`sanitize MODEL --calib DIR --out OUT` runs the default command; `sanitize evaluate|demo|bench|layers|build|compare`
+are subcommands. Every user error is one line on stderr and a documented exit code (see errors.ExitCode)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from calib.preprocess import parse_floats
+
+from .errors import ExitCode, SanitizeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find and prune backdoor neurons in an ONNX image classifier.")
+err = Console(stderr=True)
+out = Console()
+
+Calib = Annotated[Path, typer.Option("--calib", help="clean images: folder (flat or one subfolder per class), .npz or .npy")]
+Scale = Annotated[float, typer.Option(help="model_input = ((pixels × scale) − mean) / std")]
+Mean = Annotated[Optional[str], typer.Option(help="one value or one per channel, comma-separated")]
+Std = Annotated[Optional[str], typer.Option(help="one value or one per channel, comma-separated")]
+Layout = Annotated[Optional[str], typer.Option(help="nchw | nhwc (default: from the model's input shape)")]
+InputName = Annotated[Optional[str], typer.Option("--input-name", help="image input, when the model has several")]
+Force = Annotated[bool, typer.Option("--force", help="overwrite existing outputs")]
+
+
+def _progress() -> tuple[Progress, callable]:
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total or None)
+        bar.update(tasks[stage], completed=done, total=total or None)
+
+    return bar, update
+
+
+@app.command("run", help="Sanitize MODEL (the default command: `sanitize MODEL --calib DIR --out OUT`).")
+def run_cmd(
+    model: Annotated[Path, typer.Argument(help="ONNX image classifier")],
+    calib: Calib,
+    out: Annotated[Optional[Path], typer.Option("--out", help="x.onnx, or x.engine / x.plan for a TensorRT engine")] = None,
+    criterion: Annotated[str, typer.Option(help="linf | mean | l1 | l2")] = "linf",
+    layers: Annotated[Optional[str], typer.Option(help="NAME,... or 'all' (default: last conv stage)")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="prune this share of candidate units instead of searching")] = None,
+    max_acc_drop: Annotated[float, typer.Option("--max-acc-drop", help="accuracy/agreement budget")] = 0.02,
+    holdout: Annotated[float, typer.Option(help="share of --calib held out for the stop rule")] = 0.5,
+    scale: Scale = 1 / 255, mean: Mean = None, std: Std = None, layout: Layout = None, input_name: InputName = None,
+    eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="labeled clean images for accuracy")] = None,
+    eval_triggered: Annotated[Optional[Path], typer.Option("--eval-triggered", help="triggered images for ASR")] = None,
+    target: Annotated[Optional[int], typer.Option(help="attacker's target class, for ASR")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="write a JSON report here")] = None,
+    seed: int = 0,
+    allow_degraded: Annotated[bool, typer.Option("--allow-degraded", help="write even if the budget is broken")] = False,
+    force: Force = False,
+):
+    from .pipeline import ENGINE_SUFFIXES, Options, sanitize
+
+    opts = Options(model=model, calib=calib, out=out, criterion=criterion, layers=layers, ratio=ratio,
+                   max_acc_drop=max_acc_drop, holdout=holdout, scale=scale, mean=parse_floats(mean),
+                   std=parse_floats(std), layout=layout, input_name=input_name, eval_data=eval_data,
+                   eval_triggered=eval_triggered, target=target, report=report, force=force,
+                   allow_degraded=allow_degraded, seed=seed)
+    bar, update = _progress()
+    with bar:
+        result = sanitize(opts, update)
+    show_summary(result)
+    if out is not None and out.suffix in ENGINE_SUFFIXES:
+        from .engine import build_engine
+
+        onnx_out = Path(result["output"]["onnx"])
+        build_engine(onnx_out, out)
+        out_console_line(f"engine written to {out}")
+
+
+def out_console_line(text: str) -> None:
+    out.print(text, highlight=False)
+
+
+def show_summary(result: dict) -> None:
+    table = Table(title="sanitize", show_header=True)
+    table.add_column("")
+    table.add_column("before")
+    table.add_column("after")
+    held = result["held_out_after"]
+    table.add_row("held-out agreement", "1.000", f"{held['agreement']:.3f} (90% CI {held['interval90'][0]:.3f}–{held['interval90'][1]:.3f}, n={held['n']})")
+    ev = result.get("evaluation")
+    if ev:
+        for key, label in (("clean_acc", "clean accuracy"), ("asr", "attack success rate")):
+            if ev["before"][key] is not None:
+                table.add_row(label, f"{ev['before'][key]:.4f}", f"{ev['after'][key]:.4f}")
+    pruned = result["plan"]["count"]
+    table.add_row("units pruned", "0", f"{pruned} of {result['plan']['candidates']} ({result['criterion']})")
+    out.print(table)
+    if "output" in result:
+        out_console_line(f"sanitized ONNX written to {result['output']['onnx']}")
+
+
+@app.command("evaluate", help="Clean accuracy and attack success rate of MODEL.")
+def evaluate_cmd(
+    model: Annotated[Path, typer.Argument()],
+    data: Annotated[Optional[Path], typer.Option("--data", help="labeled clean images")] = None,
+    triggered: Annotated[Optional[Path], typer.Option("--triggered", help="triggered images")] = None,
+    target: Annotated[Optional[int], typer.Option()] = None,
+    scale: Scale = 1 / 255, mean: Mean = None, std: Std = None, layout: Layout = None, input_name: InputName = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+):
+    from calib.preprocess import input_spec, resolve_preprocess
+
+    from .model_io import load_model
+    from .pipeline import evaluate
+
+    if data is None and triggered is None:
+        raise SanitizeError("give --data and/or --triggered", ExitCode.USAGE)
+    loaded = load_model(model)
+    spec = input_spec(loaded.model, input_name, layout)
+    pre = resolve_preprocess(spec, scale=scale, mean=parse_floats(mean), std=parse_floats(std), layout=layout)
+    result = evaluate(loaded.model, spec, pre, data=data, triggered=triggered, target=target)
+    if as_json:
+        print(json.dumps(result))
+        return
+    for k, v in result.items():
+        out_console_line(f"{k}: {'-' if v is None else round(v, 4) if isinstance(v, float) else v}")
+
+
+@app.command("layers", help="List MODEL's prunable layers, their units and how each is zeroed.")
+def layers_cmd(model: Annotated[Path, typer.Argument()], input_name: InputName = None, layout: Layout = None):
+    import numpy as np
+
+    from calib.preprocess import input_spec
+    from calib.stats import probe_shapes
+
+    from .graph import find_sites
+    from .model_io import load_model
+
+    loaded = load_model(model)
+    spec = input_spec(loaded.model, input_name, layout)
+    shape = [spec.batch or 1] + ([spec.channels, spec.height, spec.width] if spec.layout == "nchw"
+                                 else [spec.height, spec.width, spec.channels])
+    shapes, ints = probe_shapes(loaded.model, {spec.name: np.zeros(shape, np.float32)})
+    table = Table("layer", "kind", "units", "rewrite", "measured on")
+    for s in find_sites(loaded.model, shapes, ints):
+        table.add_row(s.name, s.kind, str(s.channels), s.strategy + (f" ({s.why_blocked})" if s.why_blocked else ""), s.tensor)
+    out.print(table)
+
+
+def _register_optional() -> None:
+    from . import cli_deploy
+
+    cli_deploy.register(app)
+
+
+_register_optional()
+
+COMMANDS = {"run", "evaluate", "layers", "demo", "bench", "build", "compare", "--help", "-h"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv = ["run"] + argv   # `sanitize MODEL ...` is the main job
+    try:
+        app(argv, standalone_mode=False)
+    except SanitizeError as e:
+        if debug:
+            raise
+        err.print(f"error: {e}", highlight=False, markup=False)
+        return int(e.code)
+    except (typer.Exit, SystemExit) as e:
+        return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
+    except typer.Abort:
+        err.print("aborted", highlight=False)
+        return 130
+    except Exception as e:  # click's usage errors and real bugs
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            err.print(f"error: {e.format_message()}", highlight=False, markup=False)
+            return int(ExitCode.USAGE)
+        if debug:
+            raise
+        err.print(f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]} (rerun with --debug for a traceback)",
+                  highlight=False, markup=False)
+        return int(ExitCode.INTERNAL)
+    return 0

@@ -1,0 +1,89 @@
+"""Predictions, accuracy, attack success rate and agreement — with the interval the stop rule decides on."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from calib.session import make_session
+
+# One-sided 90 % Wilson bound: with a few hundred held-out images a 95 % bound forbids any single flip,
+# a point estimate lets noise spend the budget (a 2-point budget on 125 images once cost 3 points).
+Z = 1.2816
+
+
+def wilson(k: int, n: int, z: float = Z) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class Predictor:
+    """One onnxruntime session over preprocessed batches; returns logits."""
+
+    def __init__(self, model: onnx.ModelProto | bytes, input_name: str, fixed_batch: int | None = None):
+        self.session, self.provider = make_session(model)
+        self.input_name = input_name
+        self.output = self.session.get_outputs()[0].name
+        self.fixed_batch = fixed_batch
+
+    def logits(self, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+        step = self.fixed_batch or batch_size
+        out = []
+        for s in range(0, len(x), step):
+            chunk = x[s:s + step]
+            if self.fixed_batch and len(chunk) < step:  # pad a fixed-batch model's last batch
+                pad = np.repeat(chunk[-1:], step - len(chunk), axis=0)
+                out.append(self._run(np.concatenate([chunk, pad]))[:len(chunk)])
+            else:
+                out.append(self._run(chunk))
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        y = self.session.run([self.output], {self.input_name: x})[0]
+        return y.reshape(len(x), -1)
+
+
+@dataclass
+class Agreement:
+    agree: int
+    n: int
+    bad: int                   # disagreements, or originally-correct images now wrong when labels exist
+    labeled: bool
+
+    @property
+    def rate(self) -> float:
+        return self.agree / self.n if self.n else 0.0
+
+    @property
+    def bad_upper(self) -> float:
+        return wilson(self.bad, self.n)[1]
+
+    def to_dict(self) -> dict:
+        lo, hi = wilson(self.agree, self.n)
+        return {"agreement": round(self.rate, 6), "interval90": [round(lo, 6), round(hi, 6)], "n": self.n,
+                "loss_upper90": round(self.bad_upper, 6), "judged_on": "accuracy" if self.labeled else "agreement"}
+
+
+def agreement(reference: np.ndarray, pred: np.ndarray, labels: np.ndarray | None = None) -> Agreement:
+    agree = int((reference == pred).sum())
+    if labels is None:
+        bad = len(pred) - agree
+    else:
+        bad = int(((reference == labels) & (pred != labels)).sum())
+    return Agreement(agree, len(pred), bad, labels is not None)
+
+
+def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    return float((pred == labels).mean()) if len(labels) else float("nan")
+
+
+def attack_success(pred: np.ndarray, target: int) -> float:
+    return float((pred == target).mean()) if len(pred) else float("nan")

@@ -1,0 +1,278 @@
+"""The whole job as plain functions: model + clean images → plan → exact rewrite → evaluated ONNX (→ engine).
+
+Nothing here prints or exits; progress goes through a callback and failures are SanitizeError."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from calib.data import Dataset, open_dataset
+from calib.preprocess import InputSpec, Preprocess, input_spec, resolve_preprocess
+from calib.stats import collect, probe_shapes
+
+from . import rewrite
+from .atomic import check_writable, write_text
+from .errors import BadData, SanitizeError, ExitCode
+from .evaluate import Predictor, accuracy, agreement, attack_success
+from .graph import Site, find_sites, last_stage
+from .model_io import LoadedModel, check, load_model, save_model, sha256_file
+from .plan import Plan, largest_ok, rank
+from .scores import CRITERIA, normalised
+
+ENGINE_SUFFIXES = (".engine", ".plan")
+MIN_SPLIT = 20   # images on each side of the fit / held-out split: fewer gives no usable agreement bound
+
+
+@dataclass
+class Options:
+    model: Path
+    calib: Path
+    out: Path | None = None
+    criterion: str = "linf"
+    layers: str | None = None           # None: last conv stage; "all"; or comma-separated site names
+    ratio: float | None = None
+    max_acc_drop: float = 0.02
+    holdout: float = 0.5
+    scale: float = 1 / 255
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    layout: str | None = None
+    input_name: str | None = None
+    eval_data: Path | None = None
+    eval_triggered: Path | None = None
+    target: int | None = None
+    report: Path | None = None
+    force: bool = False
+    allow_degraded: bool = False
+    seed: int = 0
+    batch_size: int = 64
+
+
+Progress = Callable[[str, int, int], None]   # (stage, done, total)
+
+
+def _quiet(stage: str, done: int, total: int) -> None:
+    pass
+
+
+@dataclass
+class Prepared:
+    loaded: LoadedModel
+    spec: InputSpec
+    pre: Preprocess
+    calib: Dataset
+    sites: dict[str, Site]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        return self.loaded.model
+
+
+def open_data(path: Path, spec: InputSpec) -> Dataset:
+    return open_dataset(path, size=(spec.height, spec.width), channels=spec.channels)
+
+
+def prepare(opts: Options) -> Prepared:
+    start = time.perf_counter()
+    loaded = load_model(opts.model)
+    spec = input_spec(loaded.model, opts.input_name, opts.layout)
+    pre = resolve_preprocess(spec, scale=opts.scale, mean=opts.mean, std=opts.std, layout=opts.layout)
+    calib = open_data(opts.calib, spec)
+    one = pre.apply(calib.read(0, 1))
+    if spec.batch:
+        one = np.repeat(one, spec.batch, axis=0)
+    shapes, ints = probe_shapes(loaded.model, {spec.name: one})
+    sites = {s.name: s for s in find_sites(loaded.model, shapes, ints)}
+    return Prepared(loaded, spec, pre, calib, sites, {"load": time.perf_counter() - start})
+
+
+def scope(prep: Prepared, layers: str | None) -> list[Site]:
+    prunable = [s for s in prep.sites.values() if s.prunable]
+    if layers is None:
+        return last_stage(prep.model, list(prep.sites.values()))
+    if layers == "all":
+        # a residual join is channel c of both branches: its units are already conv units upstream
+        return [s for s in prunable if s.kind != "join"] or prunable
+    chosen = []
+    for name in (n.strip() for n in layers.split(",") if n.strip()):
+        if name not in prep.sites:
+            raise SanitizeError(f"--layers: no layer named {name!r}; see `sanitize layers MODEL`", ExitCode.USAGE)
+        if not prep.sites[name].prunable:
+            raise SanitizeError(f"--layers: {name} cannot be pruned exactly ({prep.sites[name].why_blocked})", ExitCode.USAGE)
+        chosen.append(prep.sites[name])
+    return chosen
+
+
+def split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic fit / held-out split of the calibration images."""
+    if not 0 < holdout < 1:
+        raise SanitizeError(f"--holdout must be between 0 and 1, got {holdout}", ExitCode.USAGE)
+    n_hold = int(round(n * holdout))
+    if n_hold < MIN_SPLIT or n - n_hold < MIN_SPLIT:
+        raise BadData(f"calibration set has {n} images; need at least {MIN_SPLIT} on each side of the "
+                      f"{holdout:.0%} held-out split")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+def model_inputs(data: Dataset, pre: Preprocess, batch_size: int, indices: np.ndarray | None = None):
+    for _, raw in data.batches(batch_size, indices):
+        yield pre.apply(raw)
+
+
+def predict(predictor: Predictor, data: Dataset, pre: Preprocess, batch_size: int) -> np.ndarray:
+    parts = [predictor.logits(x, batch_size).argmax(1) for x in model_inputs(data, pre, batch_size)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def evaluate(model: onnx.ModelProto, prep_spec: InputSpec, pre: Preprocess, *, data: Path | None,
+             triggered: Path | None, target: int | None, batch_size: int = 64) -> dict:
+    """Clean accuracy (needs labels) and ASR (share of triggered images predicted as `target`)."""
+    predictor = Predictor(model, prep_spec.name, prep_spec.batch)
+    result = {"clean_acc": None, "asr": None, "n_clean": None, "n_triggered": None}
+    if data is not None:
+        ds = open_data(data, prep_spec)
+        if ds.labels is None:
+            raise BadData(f"{data} has no labels; clean accuracy needs a labeled folder or an npz with y")
+        result["clean_acc"] = accuracy(predict(predictor, ds, pre, batch_size), ds.labels)
+        result["n_clean"] = ds.n
+    if triggered is not None:
+        if target is None:
+            raise SanitizeError("--triggered needs --target (the attacker's class)", ExitCode.USAGE)
+        ds = open_data(triggered, prep_spec)
+        result["asr"] = attack_success(predict(predictor, ds, pre, batch_size), target)
+        result["n_triggered"] = ds.n
+    return result
+
+
+class HeldOut:
+    """Held-out calibration inputs kept in memory (a few hundred images) and the original's predictions."""
+
+    def __init__(self, prep: Prepared, indices: np.ndarray, batch_size: int):
+        sub = prep.calib.subset(indices)
+        self.x = np.concatenate(list(model_inputs(sub, prep.pre, batch_size)))
+        self.labels = sub.labels
+        self.spec = prep.spec
+        self.batch_size = batch_size
+        self.reference = self.predict(prep.model)
+
+    def predict(self, model: onnx.ModelProto) -> np.ndarray:
+        return Predictor(model, self.spec.name, self.spec.batch).logits(self.x, self.batch_size).argmax(1)
+
+
+def choose_count(prep: Prepared, order: list[tuple[str, int]], held: HeldOut, opts: Options,
+                 progress: Progress) -> Plan:
+    """How many units of `order` to prune: a fixed --ratio, or the most the accuracy budget allows."""
+    plan = Plan(order)
+    limit = len(order)
+    # never empty a whole layer: a layer with all units zeroed cuts the network
+    per_site: dict[str, int] = {}
+    for i, (site, _) in enumerate(order):
+        per_site[site] = per_site.get(site, 0) + 1
+        if per_site[site] >= prep.sites[site].channels:
+            limit = i
+            break
+
+    def judge(k: int) -> bool:
+        model = rewrite.apply(prep.model, prep.sites, plan.pruned(k))
+        ag = agreement(held.reference, held.predict(model), held.labels)
+        ok = ag.bad_upper <= opts.max_acc_drop
+        plan.trace.append({"units": k, **ag.to_dict(), "within_budget": ok})
+        progress("search", len(plan.trace), 0)
+        return ok
+
+    if opts.ratio is not None:
+        if not 0 <= opts.ratio <= 1:
+            raise SanitizeError(f"--ratio must be between 0 and 1, got {opts.ratio}", ExitCode.USAGE)
+        plan.count = min(int(round(opts.ratio * len(order))), limit)
+        judge(plan.count)
+    else:
+        plan.count = largest_ok(0, limit, judge)
+    plan.trace.sort(key=lambda t: t["units"])
+    return plan
+
+
+def rank_units(prep: Prepared, sites: list[Site], criterion: str, fit: np.ndarray, opts: Options,
+               progress: Progress) -> tuple[list[tuple[str, int]], dict]:
+    if criterion not in CRITERIA:
+        raise SanitizeError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}", ExitCode.USAGE)
+    tensors = {s.tensor: 4 if s.spatial else 2 for s in sites}
+    batches = model_inputs(prep.calib, prep.pre, opts.batch_size, fit)
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        progress("statistics", done[0], len(fit))
+
+    collected = collect(prep.model, tensors, batches, prep.spec.name, progress=tick)
+    scores = {s.name: CRITERIA[criterion](collected.stats[s.tensor]) for s in sites}
+    if len(scores) > 1:
+        scores = normalised(scores)
+    info = {"provider": collected.provider, "statistics_seconds": round(collected.seconds, 3)}
+    return rank(scores), info
+
+
+def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
+    """Run the job; write the sanitized ONNX (and report) atomically; return the report."""
+    t0 = time.perf_counter()
+    out_onnx = None
+    if opts.out is not None:
+        check_writable(opts.out, force=opts.force, inputs=(opts.model,))
+        out_onnx = opts.out.with_suffix(".onnx") if opts.out.suffix in ENGINE_SUFFIXES else opts.out
+        if out_onnx != opts.out:
+            check_writable(out_onnx, force=opts.force, inputs=(opts.model,))
+    if opts.report is not None:
+        check_writable(opts.report, force=opts.force, inputs=(opts.model,))
+    prep = prepare(opts)
+    fit, hold = split(prep.calib.n, opts.holdout, opts.seed)
+    sites = scope(prep, opts.layers)
+    held = HeldOut(prep, hold, opts.batch_size)
+    order, info = rank_units(prep, sites, opts.criterion, fit, opts, progress)
+    plan = choose_count(prep, order, held, opts, progress)
+    sanitized = rewrite.apply(prep.model, prep.sites, plan.pruned())
+    check(sanitized)
+    final = plan.trace[[t["units"] for t in plan.trace].index(plan.count)]
+    degraded = not final["within_budget"]
+
+    report = {
+        "tool": "sanitize 0.1.0",
+        "input": {"model": str(opts.model), "sha256": prep.loaded.sha256, "external_data": prep.loaded.external},
+        "preprocess": {**prep.pre.to_dict(), "input_name": prep.spec.name},
+        "criterion": opts.criterion,
+        "scope": [s.name for s in sites],
+        "calibration": {"source": str(opts.calib), "images": prep.calib.n, "fit": len(fit), "held_out": len(hold),
+                        "labeled": prep.calib.labels is not None, "seed": opts.seed},
+        "max_acc_drop": opts.max_acc_drop,
+        "plan": plan.to_dict(),
+        "pruned_per_layer": {k: len(v) for k, v in plan.pruned().items()},
+        "held_out_after": {k: v for k, v in final.items() if k != "units"},
+        "degraded": degraded,
+        "provider": info["provider"],
+        "machine": {"python": platform.python_version(), "platform": platform.platform()},
+    }
+    if opts.eval_data is not None or opts.eval_triggered is not None:
+        kw = dict(data=opts.eval_data, triggered=opts.eval_triggered, target=opts.target, batch_size=opts.batch_size)
+        report["evaluation"] = {"before": evaluate(prep.model, prep.spec, prep.pre, **kw),
+                                "after": evaluate(sanitized, prep.spec, prep.pre, **kw)}
+    if degraded and not opts.allow_degraded:
+        raise SanitizeError(
+            f"pruning {plan.count} units breaks the accuracy budget (loss bound {final['loss_upper90']:.3f} > "
+            f"{opts.max_acc_drop}); nothing written (pass --allow-degraded to write it anyway)", ExitCode.DEGRADED)
+    timings = {"statistics": info["statistics_seconds"], "total": round(time.perf_counter() - t0, 3)}
+    report["timings_seconds"] = timings
+    if out_onnx is not None:
+        written = save_model(sanitized, out_onnx, external=prep.loaded.external)
+        report["output"] = {"onnx": str(out_onnx), "sha256": sha256_file(out_onnx),
+                            "files": [str(p) for p in written]}
+    if opts.report is not None:
+        write_text(opts.report, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    report["_model"] = sanitized
+    return report
