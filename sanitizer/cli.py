@@ -154,6 +154,38 @@ def layers_cmd(model: Annotated[Path, typer.Argument()], input_name: InputName =
     out.print(table)
 
 
+@app.command("bench", help="Run every case of a suite (suite.toml + case.toml per case) and print a table.")
+def bench_cmd(
+    suite: Annotated[Path, typer.Argument(help="folder with suite.toml")],
+    criteria: Annotated[str, typer.Option(help="comma-separated criteria to compare")] = "linf,mean",
+    cases: Annotated[Optional[str], typer.Option(help="only these cases (comma-separated)")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the rows as JSON here")] = None,
+):
+    from .atomic import write_text
+    from .bench import load_suite, machine, run_case
+
+    chosen = load_suite(suite)
+    if cases:
+        wanted = {c.strip() for c in cases.split(",")}
+        chosen = [c for c in chosen if c.name in wanted]
+    table = Table("case", "criterion", "acc before→after", "ASR before→after", "units", "stats / plain pass s", "total s",
+                  title=f"sanitize bench {suite} — {machine()}")
+    rows = []
+    bar, update = _progress()
+    with bar:
+        for case in chosen:
+            for crit in (c.strip() for c in criteria.split(",") if c.strip()):
+                row = run_case(case, crit, update)
+                rows.append(row)
+                table.add_row(row["case"], crit, f"{row['acc_before']:.4f}→{row['acc_after']:.4f}",
+                              f"{row['asr_before']:.4f}→{row['asr_after']:.4f}", f"{row['units']}/{row['candidates']}",
+                              f"{row['stats_seconds']:.2f} / {row['plain_seconds']:.2f} (×{row['ratio']})",
+                              f"{row['total_seconds']:.1f}")
+                if json_out:
+                    write_text(json_out, json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+    out.print(table)
+
+
 def _register_optional() -> None:
     from . import cli_deploy
 
@@ -176,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     except SanitizeError as e:
         if debug:
             raise
-        err.print(f"error: {e}", highlight=False, markup=False)
+        err.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
         return int(e.code)
     except (typer.Exit, SystemExit) as e:
         return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
@@ -187,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         import click
 
         if isinstance(e, click.exceptions.ClickException):
-            err.print(f"error: {e.format_message()}", highlight=False, markup=False)
+            err.print(f"error: {e.format_message()}", highlight=False, markup=False, soft_wrap=True)
             return int(ExitCode.USAGE)
         if debug:
             raise

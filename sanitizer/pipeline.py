@@ -53,6 +53,7 @@ class Options:
     allow_degraded: bool = False
     seed: int = 0
     batch_size: int = 64
+    use_labels: bool = True             # judge the stop rule on accuracy when --calib is labeled
 
 
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
@@ -156,10 +157,10 @@ def evaluate(model: onnx.ModelProto, prep_spec: InputSpec, pre: Preprocess, *, d
 class HeldOut:
     """Held-out calibration inputs kept in memory (a few hundred images) and the original's predictions."""
 
-    def __init__(self, prep: Prepared, indices: np.ndarray, batch_size: int):
+    def __init__(self, prep: Prepared, indices: np.ndarray, batch_size: int, use_labels: bool = True):
         sub = prep.calib.subset(indices)
         self.x = np.concatenate(list(model_inputs(sub, prep.pre, batch_size)))
-        self.labels = sub.labels
+        self.labels = sub.labels if use_labels else None
         self.spec = prep.spec
         self.batch_size = batch_size
         self.reference = self.predict(prep.model)
@@ -234,7 +235,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     prep = prepare(opts)
     fit, hold = split(prep.calib.n, opts.holdout, opts.seed)
     sites = scope(prep, opts.layers)
-    held = HeldOut(prep, hold, opts.batch_size)
+    held = HeldOut(prep, hold, opts.batch_size, opts.use_labels)
     order, info = rank_units(prep, sites, opts.criterion, fit, opts, progress)
     plan = choose_count(prep, order, held, opts, progress)
     sanitized = rewrite.apply(prep.model, prep.sites, plan.pruned())
@@ -249,7 +250,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         "criterion": opts.criterion,
         "scope": [s.name for s in sites],
         "calibration": {"source": str(opts.calib), "images": prep.calib.n, "fit": len(fit), "held_out": len(hold),
-                        "labeled": prep.calib.labels is not None, "seed": opts.seed},
+                        "labels_used": held.labels is not None, "seed": opts.seed},
         "max_acc_drop": opts.max_acc_drop,
         "plan": plan.to_dict(),
         "pruned_per_layer": {k: len(v) for k, v in plan.pruned().items()},

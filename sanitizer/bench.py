@@ -1,0 +1,87 @@
+"""`sanitize bench SUITE`: every case of a suite (suite.toml + case.toml per case) through each criterion.
+
+A benchmark, not a test: it prints numbers for the README, with the machine they were measured on."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from calib.stats import collect, plain_pass
+
+from .errors import BadData
+from .pipeline import Options, model_inputs, prepare, sanitize, split
+
+
+@dataclass
+class Case:
+    name: str
+    folder: Path
+    meta: dict
+
+    @property
+    def model(self) -> Path:
+        return self.folder / "model.onnx"
+
+
+def load_suite(root: Path) -> list[Case]:
+    root = Path(root)
+    index = root / "suite.toml"
+    if not index.is_file():
+        raise BadData(f"{root} is not a suite: no suite.toml")
+    try:
+        names = tomllib.loads(index.read_text())["cases"]
+        return [Case(n, root / n, tomllib.loads((root / n / "case.toml").read_text())) for n in names]
+    except (KeyError, OSError, tomllib.TOMLDecodeError) as e:
+        raise BadData(f"{index}: cannot read the suite ({type(e).__name__}: {e})") from None
+
+
+def case_options(case: Case, criterion: str, **extra) -> Options:
+    pp = case.meta.get("preprocess", {})
+    return Options(model=case.model, calib=case.folder / "calib.npz", criterion=criterion,
+                   scale=float(pp.get("scale", 1 / 255)), mean=list(pp.get("mean", [0.0])),
+                   std=list(pp.get("std", [1.0])), layout=pp.get("layout"),
+                   eval_data=case.folder / "clean.npz", eval_triggered=case.folder / "triggered.npz",
+                   target=int(case.meta["target"]), use_labels=False, **extra)
+
+
+def stats_overhead(opts: Options, sites: list[str], repeats: int = 3) -> dict:
+    """Statistics pass against a plain onnxruntime pass over the same fit images, alternated and best of
+    `repeats`: single passes of a few hundred images are too short to compare without noise."""
+    prep = prepare(opts)
+    fit, _ = split(prep.calib.n, opts.holdout, opts.seed)
+    tensors = {prep.sites[s].tensor: 4 if prep.sites[s].spatial else 2 for s in sites}
+    plain, stats = [], []
+    for _ in range(repeats):
+        plain.append(plain_pass(prep.model, model_inputs(prep.calib, prep.pre, opts.batch_size, fit), prep.spec.name)[1])
+        stats.append(collect(prep.model, tensors, model_inputs(prep.calib, prep.pre, opts.batch_size, fit),
+                             prep.spec.name).seconds)
+    return {"plain_seconds": round(min(plain), 3), "stats_seconds": round(min(stats), 3),
+            "ratio": round(min(stats) / min(plain), 3)}
+
+
+def run_case(case: Case, criterion: str, progress=None) -> dict:
+    opts = case_options(case, criterion)
+    start = time.perf_counter()
+    report = sanitize(opts, progress) if progress else sanitize(opts)
+    total = time.perf_counter() - start
+    ev = report["evaluation"]
+    row = {
+        "case": case.name, "criterion": criterion, "backdoored": bool(case.meta.get("backdoored", True)),
+        "acc_before": ev["before"]["clean_acc"], "asr_before": ev["before"]["asr"],
+        "acc_after": ev["after"]["clean_acc"], "asr_after": ev["after"]["asr"],
+        "units": report["plan"]["count"], "candidates": report["plan"]["candidates"],
+        "total_seconds": round(total, 1),
+    }
+    row.update(stats_overhead(opts, report["scope"]))
+    for key in ("detection",):
+        if key in report:
+            row[key] = report[key]
+    return row
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
