@@ -154,6 +154,25 @@ def layers_cmd(model: Annotated[Path, typer.Argument()], input_name: InputName =
     out.print(table)
 
 
+@app.command("demo", help="Sanitize the shipped backdoored digits model and print a before/after table.")
+def demo_cmd(
+    out: Annotated[Optional[Path], typer.Option("--out", help="also write the sanitized ONNX here")] = None,
+    criterion: Annotated[str, typer.Option(help="criterion to demonstrate")] = "linf",
+    force: Force = False,
+):
+    from .demo import DEMO
+    from .pipeline import Options, sanitize
+
+    out_console_line(f"demo model: {DEMO['trigger']}; target class {DEMO['target']}")
+    opts = Options(model=DEMO["model"], calib=DEMO["calib"], out=out, criterion=criterion, scale=DEMO["scale"],
+                   eval_data=DEMO["clean"], eval_triggered=DEMO["triggered"], target=DEMO["target"],
+                   use_labels=False, force=force)
+    bar, update = _progress()
+    with bar:
+        result = sanitize(opts, update)
+    show_summary(result)
+
+
 @app.command("bench", help="Run every case of a suite (suite.toml + case.toml per case) and print a table.")
 def bench_cmd(
     suite: Annotated[Path, typer.Argument(help="folder with suite.toml")],
