@@ -201,6 +201,8 @@ def _trace_consumers(g: Graph, site: str, channels: int) -> tuple[list[ConsumerS
             return [], f"{tensor} is a graph output"
         for node in g.consumers.get(tensor, []):
             op = node.op_type
+            if op in ("Shape", "Size"):
+                continue  # reads the shape, never the values
             if node.input[0] != tensor or any(i == tensor for i in node.input[1:]):
                 if op in ("Gemm", "MatMul", "Conv"):
                     return [], f"{node.name or op} reads it as a weight"
@@ -262,14 +264,19 @@ def _move_ids(g: Graph, node: onnx.NodeProto, ids: np.ndarray) -> np.ndarray | N
     return ids.reshape(out_shape)
 
 
+def _same_rows(ids: np.ndarray) -> bool:
+    """Every image of the probe batch maps channels to the same positions (fixed-batch models probe with B>1)."""
+    return bool(np.all(ids == ids[:1]))
+
+
 def _consumer_slice(g: Graph, node: onnx.NodeProto, ids: np.ndarray, channels: int) -> ConsumerSlice | None:
     w = g.const(node.input[1]) if len(node.input) > 1 else None
     if w is None or not g.private(node.input[1]):
         return None
     if node.op_type == "Conv":
-        if ids.ndim < 3 or ids.shape[0] != 1:
+        if ids.ndim < 3 or not _same_rows(ids):
             return None
-        per_channel = ids.reshape(ids.shape[1], -1)
+        per_channel = ids[0].reshape(ids.shape[1], -1)
         if not np.all(per_channel == per_channel[:, :1]):
             return None  # a channel's map must stay one input channel of the conv
         in_ch = per_channel[:, 0]
@@ -283,7 +290,7 @@ def _consumer_slice(g: Graph, node: onnx.NodeProto, ids: np.ndarray, channels: i
             rows[c] = np.concatenate([np.arange(k // cpg * out_per_group, (k // cpg + 1) * out_per_group)
                                       for k in where]) if len(where) else np.zeros(0, int)
         return ConsumerSlice(node.input[1], 1, index, rows if groups > 1 else None)
-    if ids.ndim != 2 or ids.shape[0] != 1:
+    if ids.ndim != 2 or not _same_rows(ids):
         return None
     if node.op_type == "Gemm":
         if attr(node, "transA", 0):
@@ -310,8 +317,8 @@ def find_sites(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
             kind = "conv" if node.op_type == "Conv" else "dense"
             out = node.output[0]
             tensor, zero_ok, biases = _follow_chain(g, out, n)
-            if tensor in g.outputs:
-                continue  # the classifier's outputs are classes, not units
+            if not _feeds_producer(g, tensor):
+                continue  # the class layer: its outputs are classes, not units
             site = Site(node.name or out, kind, tensor, n, "producer", spatial=kind == "conv")
             if zero_ok:
                 site.zero = zero + [(b, _bias_axis(g, b)) for b in biases]
@@ -329,6 +336,21 @@ def find_sites(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
     if not any(s.prunable for s in sites):
         raise BadModel("model has no prunable layer (no Conv, Gemm or MatMul with constant weights whose units can be zeroed exactly)")
     return sites
+
+
+def _feeds_producer(g: Graph, tensor: str) -> bool:
+    """Is another weighted layer downstream? If not, `tensor` is the classifier's output (maybe via Softmax)."""
+    seen, stack = set(), [tensor]
+    while stack:
+        t = stack.pop()
+        for node in g.consumers.get(t, []):
+            if node.op_type in PRODUCERS:
+                return True
+            for o in node.output:
+                if o not in seen:
+                    seen.add(o)
+                    stack.append(o)
+    return False
 
 
 def _bias_axis(g: Graph, name: str) -> int:

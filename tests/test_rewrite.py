@@ -220,16 +220,18 @@ def test_clip_not_containing_zero_needs_the_consumer_rewrite():
 
 
 def _tied(readers: int) -> onnx.ModelProto:
-    """`readers` Convs in a row, all reading one weight, then GAP→Flatten: the whole model is one tied layer."""
+    """`readers` Convs in a row, all reading one weight, then GAP→Flatten→Gemm: the convs are one tied layer."""
     w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(3, 3, 3, 3)).astype(np.float32), "tied")
+    head = numpy_helper.from_array(np.random.default_rng(1).normal(size=(3, 3)).astype(np.float32), "head")
     nodes, x = [], "input"
     for i in range(readers):
         nodes += [helper.make_node("Conv", [x, "tied"], [f"c{i}"], pads=[1] * 4, name=f"conv{i}"),
                   helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
         x = f"r{i}"
-    nodes += [helper.make_node("GlobalAveragePool", [x], ["g"]), helper.make_node("Flatten", ["g"], ["logits"])]
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+              helper.make_node("Gemm", ["f", "head"], ["logits"], name="head")]
     graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
-                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 3])], [w])
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 3])], [w, head])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     return model
@@ -248,9 +250,7 @@ def test_model_without_prunable_layer_is_bad_model():
 
 # ------------------------------------------------------------------------- known bugs (see the report)
 
-@pytest.mark.xfail(strict=True, reason="BUG sanitizer/graph.py:200/313: only the end of the per-channel chain is "
-                                       "checked against graph outputs, so a class layer followed by Softmax is a site")
-def test_BUG_class_layer_before_softmax_is_not_a_site():
+def test_class_layer_before_softmax_is_not_a_site():
     model = M.tf2onnx()
     model.graph.node[-1].output[0] = "pre_softmax"
     model.graph.node.append(helper.make_node("Softmax", ["pre_softmax"], ["logits"], name="softmax", axis=-1))
@@ -258,18 +258,14 @@ def test_BUG_class_layer_before_softmax_is_not_a_site():
     assert "dense_1/MatMul" not in sites
 
 
-@pytest.mark.xfail(strict=True, reason="BUG sanitizer/graph.py:270/286: _consumer_slice requires a probe batch of "
-                                       "1, but a fixed-batch model is probed with its own batch")
-def test_BUG_fixed_batch_2_model_keeps_its_consumer_sites():
+def test_fixed_batch_2_model_keeps_its_consumer_sites():
     model = M.with_bn(batch=2)
     shapes, sites = analyse(model)     # BadModel today: every site is blocked
     assert {n: s.strategy for n, s in sites.items()} == {"conv1": C, "conv2": C}
     assert_exact(model, sites, shapes, {"conv1": [0, 1], "conv2": [3]})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG sanitizer/graph.py:222: Shape reads no values but blocks the site; "
-                                       "tf2onnx flattens with Shape→Gather→Concat→Reshape of the same tensor")
-def test_BUG_shape_read_does_not_block_a_tf2onnx_site():
+def test_shape_read_does_not_block_a_tf2onnx_site():
     model = M.tf2onnx(bn=True)
     shapes, sites = analyse(model)
     assert sites["conv2d"].strategy == C
