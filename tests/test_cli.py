@@ -48,6 +48,8 @@ ERRORS = {
     "too_few_images": (ExitCode.BAD_DATA, lambda t, wm, wn: [wm(), "--calib", wn(n=30), "--out", t / "clean.onnx"]),
     "out_is_input": (ExitCode.OUTPUT, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "model.onnx"]),
     "out_exists": (ExitCode.OUTPUT, _existing_output),
+    # x.engine is written as x.onnx first: that must not be the input model either
+    "engine_onnx_is_input": (ExitCode.OUTPUT, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "model.engine"]),
     "out_folder_missing": (ExitCode.OUTPUT, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "no" / "c.onnx"]),
     "report_folder_missing": (ExitCode.OUTPUT, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
                                                                   "--report", t / "no" / "r.json"]),
