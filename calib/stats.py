@@ -90,19 +90,37 @@ class Collected:
     extra: dict = field(default_factory=dict)
 
 
-def collect(model: onnx.ModelProto, tensors: dict[str, int], batches, input_name: str, *, progress=None) -> Collected:
+def fixed(batches, size: int | None):
+    """Re-chunk to a fixed-batch model's batch size, padding the last chunk by repeating its final image.
+    Yields (inputs, real image count)."""
+    if not size:
+        yield from ((x, len(x)) for x in batches)
+        return
+    pending = None
+    for x in batches:
+        pending = x if pending is None else np.concatenate([pending, x])
+        while len(pending) >= size:
+            yield pending[:size], size
+            pending = pending[size:]
+    if pending is not None and len(pending):
+        pad = np.repeat(pending[-1:], size - len(pending), axis=0)
+        yield np.concatenate([pending, pad]), len(pending)
+
+
+def collect(model: onnx.ModelProto, tensors: dict[str, int], batches, input_name: str, *, progress=None,
+            fixed_batch: int | None = None) -> Collected:
     """One streaming pass: logits and per-image reductions of `tensors` for every batch of model inputs."""
     aug, names = augment(model, tensors)
     sess, provider = make_session(aug)
     out_names = [sess.get_outputs()[0].name] + list(dict.fromkeys(names))
     parts: dict[str, list[np.ndarray]] = {n: [] for n in out_names}
     start = time.perf_counter()
-    for x in batches:
+    for x, real in fixed(batches, fixed_batch):
         values = sess.run(out_names, {input_name: x})
         for n, v in zip(out_names, values):
-            parts[n].append(v)
+            parts[n].append(v[:real])
         if progress:
-            progress(len(x))
+            progress(real)
     seconds = time.perf_counter() - start
     cat = {n: np.concatenate(v) for n, v in parts.items()}
     stats = {}
@@ -112,10 +130,11 @@ def collect(model: onnx.ModelProto, tensors: dict[str, int], batches, input_name
     return Collected(stats, cat[out_names[0]], provider, seconds)
 
 
-def plain_pass(model: onnx.ModelProto, batches, input_name: str) -> tuple[np.ndarray, float]:
+def plain_pass(model: onnx.ModelProto, batches, input_name: str, fixed_batch: int | None = None
+               ) -> tuple[np.ndarray, float]:
     """The same images through the unmodified model: logits and seconds, the yardstick for the stats pass."""
     sess, _ = make_session(model)
     out = sess.get_outputs()[0].name
     start = time.perf_counter()
-    logits = [sess.run([out], {input_name: x})[0] for x in batches]
+    logits = [sess.run([out], {input_name: x})[0][:real] for x, real in fixed(batches, fixed_batch)]
     return np.concatenate(logits), time.perf_counter() - start

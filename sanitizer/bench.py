@@ -56,9 +56,10 @@ def stats_overhead(opts: Options, sites: list[str], repeats: int = 3) -> dict:
     tensors = {prep.sites[s].tensor: 4 if prep.sites[s].spatial else 2 for s in sites}
     plain, stats = [], []
     for _ in range(repeats):
-        plain.append(plain_pass(prep.model, model_inputs(prep.calib, prep.pre, opts.batch_size, fit), prep.spec.name)[1])
+        plain.append(plain_pass(prep.model, model_inputs(prep.calib, prep.pre, opts.batch_size, fit), prep.spec.name,
+                                prep.spec.batch)[1])
         stats.append(collect(prep.model, tensors, model_inputs(prep.calib, prep.pre, opts.batch_size, fit),
-                             prep.spec.name).seconds)
+                             prep.spec.name, fixed_batch=prep.spec.batch).seconds)
     return {"plain_seconds": round(min(plain), 3), "stats_seconds": round(min(stats), 3),
             "ratio": round(min(stats) / min(plain), 3)}
 

@@ -185,7 +185,8 @@ def choose_count(prep: Prepared, order: list[tuple[str, int]], held: HeldOut, op
     def judge(k: int) -> bool:
         model = rewrite.apply(prep.model, prep.sites, plan.pruned(k))
         ag = agreement(held.reference, held.predict(model), held.labels)
-        ok = ag.bad_upper <= opts.max_acc_drop
+        # the unchanged model loses nothing by definition, however few images bound the loss
+        ok = k == 0 or ag.bad_upper <= opts.max_acc_drop
         plan.trace.append({"units": k, **ag.to_dict(), "within_budget": ok})
         progress("search", len(plan.trace), 0)
         return ok
@@ -196,6 +197,7 @@ def choose_count(prep: Prepared, order: list[tuple[str, int]], held: HeldOut, op
         plan.count = min(int(round(opts.ratio * len(order))), limit)
         judge(plan.count)
     else:
+        judge(0)
         plan.count = largest_ok(0, limit, judge)
     plan.trace.sort(key=lambda t: t["units"])
     return plan
@@ -213,7 +215,7 @@ def rank_units(prep: Prepared, sites: list[Site], criterion: str, fit: np.ndarra
         done[0] += n
         progress("statistics", done[0], len(fit))
 
-    collected = collect(prep.model, tensors, batches, prep.spec.name, progress=tick)
+    collected = collect(prep.model, tensors, batches, prep.spec.name, progress=tick, fixed_batch=prep.spec.batch)
     scores = {s.name: CRITERIA[criterion](collected.stats[s.tensor]) for s in sites}
     if len(scores) > 1:
         scores = normalised(scores)

@@ -160,9 +160,7 @@ def test_external_data_in_external_data_out(cli, write_model, write_npz, tmp_pat
 
 
 @pytest.mark.parametrize("build,size", [
-    pytest.param(lambda: M.plain(batch=1), (8, 8), id="BUG_fixed_batch", marks=pytest.mark.xfail(
-        strict=True, reason="BUG sanitizer/pipeline.py:209: statistics batches use --batch-size, not the model's "
-                            "fixed batch, so onnxruntime rejects them")),
+    pytest.param(lambda: M.plain(batch=1), (8, 8), id="fixed_batch"),
     (M.dynamo, (8, 8)),                          # opset 18, ReduceMean with axes input
     (M.tf2onnx, (8, 8)),                         # NHWC input: layout read from the model
     (M.mobilenet, (8, 8)),
