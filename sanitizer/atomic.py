@@ -21,8 +21,13 @@ def check_writable(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) ->
         raise BadOutput(f"output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise BadOutput(f"output folder {folder} is not writable")
-    if path.exists() and not force:
-        raise BadOutput(f"{path} exists; pass --force to overwrite")
+    # an ONNX output may carry its weights in <name>.data beside it: that file is part of the artifact
+    artifact = [path, path.with_name(path.name + ".data")] if path.suffix.lower() == ".onnx" else [path]
+    for p in artifact:
+        if p.is_dir():
+            raise BadOutput(f"output {p} is a folder; choose a file path")
+        if p.exists() and not force:
+            raise BadOutput(f"{p} exists; pass --force to overwrite")
     return path
 
 
@@ -30,7 +35,10 @@ def check_writable(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) ->
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path in the target folder; on success fsync it and rename it onto `path`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    except OSError as e:
+        raise BadOutput(f"could not write {path}: {e.strerror or e}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -38,6 +46,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except OSError as e:   # disk full, or the target became a folder / read-only during the run
+        raise BadOutput(f"could not write {path}: {e.strerror or e}") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -2,20 +2,22 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from onnx import external_data_helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
-from .errors import BadModel
+from .errors import BadModel, BadOutput
 
 # Checking a model above protobuf's 2 GiB limit needs the path-based checker.
 _PROTO_LIMIT = 2**31 - 1
 SUPPORTED_OPSETS = range(7, 24)
+# two elements per byte in raw_data
+_PACKED_4BIT = {getattr(TensorProto, t) for t in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, t)}
 
 
 @dataclass
@@ -61,10 +63,33 @@ def _validate_external(model: onnx.ModelProto, folder: Path) -> bool:
     return found
 
 
+def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a tensor whose data does not fill its dims exactly. The checker only catches too little data;
+    onnxruntime refuses too much, but logs to stderr while doing so, and absurd dims can make later shape
+    arithmetic allocate terabytes."""
+    for tensor in external_data_helper._get_all_tensors(model):
+        count = math.prod(tensor.dims)
+        ok = min(tensor.dims, default=0) >= 0
+        try:
+            if ok and tensor.HasField("raw_data"):
+                itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+                need = (count + 1) // 2 if tensor.data_type in _PACKED_4BIT else count * itemsize
+                ok = len(tensor.raw_data) == need
+            elif ok:
+                ok = numpy_helper.to_array(tensor).size == count
+        except Exception:  # unknown data type, or typed fields that do not fit the dims
+            ok = False
+        if not ok:
+            raise BadModel(f"model {path}: tensor {tensor.name!r} holds data that does not match its dims "
+                           f"{list(tensor.dims)} and type")
+
+
 def load_model(path: Path) -> LoadedModel:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise BadModel(f"model {path} does not exist")
+    if not path.is_file():
+        raise BadModel(f"model {path} is not a file")
     if path.stat().st_size == 0:
         raise BadModel(f"model {path} is empty")
     try:
@@ -82,6 +107,7 @@ def load_model(path: Path) -> LoadedModel:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
         except Exception as e:
             raise BadModel(f"model {path}: external data unreadable ({e})") from None
+    _check_tensor_sizes(model, path)
     check(model, path)
     return LoadedModel(path=path, model=model, external=external, sha256=sha256_file(path))
 
@@ -108,20 +134,24 @@ def save_model(model: onnx.ModelProto, out: Path, *, external: bool) -> list[Pat
     """Write the model (and its .data file when external) so that readers never see a half-written pair."""
     out = Path(out)
     written = [out]
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        tmp_model = Path(tmp) / out.name
-        if external:
-            # save_model moves tensors out of the proto it is given; keep the caller's model whole.
-            model = _copy(model)
-            data_name = out.name + ".data"
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            written.append(out.parent / data_name)
-        else:
-            onnx.save_model(model, str(tmp_model))
-        for final in reversed(written):  # data first: the model file appears last, only when both are complete
-            staged = Path(tmp) / final.name
-            with open(staged, "rb") as f:
-                os.fsync(f.fileno())
-            shutil.move(str(staged), str(final))
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+            tmp_model = Path(tmp) / out.name
+            if external:
+                # save_model moves tensors out of the proto it is given; keep the caller's model whole.
+                model = _copy(model)
+                data_name = out.name + ".data"
+                onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=data_name, size_threshold=1024)
+                written.append(out.parent / data_name)
+            else:
+                onnx.save_model(model, str(tmp_model))
+            for final in reversed(written):  # data first: the model file appears last, only when both are complete
+                staged = Path(tmp) / final.name
+                with open(staged, "rb") as f:
+                    os.fsync(f.fileno())
+                # a rename within one folder: never a copy that a crash could leave half done
+                os.replace(staged, final)
+    except OSError as e:   # disk full, folder removed or made read-only during the run
+        raise BadOutput(f"could not write {out}: {e.strerror or e}") from None
     return written
