@@ -6,6 +6,7 @@ are decoded lazily, one batch at a time, because calibration sets can be far lar
 from __future__ import annotations
 
 import re
+import tokenize
 import warnings
 import zipfile
 import zlib
@@ -262,8 +263,8 @@ def _array_header(fp, where: str) -> tuple[tuple[int, ...], np.dtype]:
             shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
         else:
             raise BadData(f"{where}: unsupported .npy format version {version}")
-    except (ValueError, OSError, EOFError) as e:
-        raise BadData(f"{where} is not a valid .npy array ({e})") from None
+    except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as e:  # the header is parsed as a Python literal
+        raise BadData(f"{where} is not a valid .npy array ({type(e).__name__})") from None
     if dtype.hasobject:
         raise BadData(f"{where} contains Python objects (pickle); refusing to load")
     return shape, dtype

@@ -74,6 +74,11 @@ def _static(d) -> int | None:
     return d if isinstance(d, int) and d > 0 else None
 
 
+# A fixed batch beyond this is not an image classifier's deployment shape; refusing it avoids a huge
+# allocation for a one-image probe.
+MAX_FIXED_BATCH = 4096
+
+
 def input_spec(model: onnx.ModelProto, input_name: str | None = None, layout: str | None = None) -> InputSpec:
     if layout is not None and layout not in LAYOUTS:
         raise _usage(f"layout must be nchw or nhwc, got {layout!r}")
@@ -115,6 +120,8 @@ def input_spec(model: onnx.ModelProto, input_name: str | None = None, layout: st
     if _static(c) is None or _static(h) is None or _static(w) is None:
         raise BadModel(f"input {inp.name} has shape {_show(dims)} ({chosen_layout}); "
                        "channels, height and width must be static")
+    if dims[0] == 0 or isinstance(dims[0], int) and dims[0] > MAX_FIXED_BATCH:
+        raise BadModel(f"input {inp.name} has a fixed batch of {dims[0]}; expected a dynamic batch or 1..{MAX_FIXED_BATCH}")
     return InputSpec(name=inp.name, layout=chosen_layout, channels=c, height=h, width=w,
                      batch=_static(dims[0]), dtype=_FLOAT_TYPES[elem])
 

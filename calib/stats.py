@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .session import make_session
+from .session import make_session, run
 
 # Per image and channel, reduced over the spatial map.
 REDUCTIONS = ("linf", "l1", "l2", "mean")
@@ -27,7 +27,7 @@ def probe_shapes(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[d
                 probe.graph.output.append(onnx.ValueInfoProto(name=o))
                 known.add(o)
     sess, _ = make_session(probe)
-    values = dict(zip((o.name for o in sess.get_outputs()), sess.run(None, feed)))
+    values = dict(zip((o.name for o in sess.get_outputs()), run(sess, None, feed)))
     shapes = {n: tuple(v.shape) for n, v in values.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"}
     ints = {n: v for n, v in values.items() if isinstance(v, np.ndarray) and v.dtype.kind in "iu" and v.size <= 4096}
     return shapes, ints
@@ -116,7 +116,7 @@ def collect(model: onnx.ModelProto, tensors: dict[str, int], batches, input_name
     parts: dict[str, list[np.ndarray]] = {n: [] for n in out_names}
     start = time.perf_counter()
     for x, real in fixed(batches, fixed_batch):
-        values = sess.run(out_names, {input_name: x})
+        values = run(sess, out_names, {input_name: x})
         for n, v in zip(out_names, values):
             parts[n].append(v[:real])
         if progress:
@@ -136,5 +136,5 @@ def plain_pass(model: onnx.ModelProto, batches, input_name: str, fixed_batch: in
     sess, _ = make_session(model)
     out = sess.get_outputs()[0].name
     start = time.perf_counter()
-    logits = [sess.run([out], {input_name: x})[0][:real] for x, real in fixed(batches, fixed_batch)]
+    logits = [run(sess, [out], {input_name: x})[0][:real] for x, real in fixed(batches, fixed_batch)]
     return np.concatenate(logits), time.perf_counter() - start

@@ -13,9 +13,6 @@ from .errors import BadOutput
 def check_writable(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
     """Validate an output path before any work is done, so a bad --out fails fast and writes nothing."""
     path = Path(path)
-    for src in inputs:
-        if path.resolve() == Path(src).resolve():
-            raise BadOutput(f"output {path} is the input model; choose another path")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise BadOutput(f"output folder {folder} does not exist")
@@ -24,6 +21,9 @@ def check_writable(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) ->
     # an ONNX output may carry its weights in <name>.data beside it: that file is part of the artifact
     artifact = [path, path.with_name(path.name + ".data")] if path.suffix.lower() == ".onnx" else [path]
     for p in artifact:
+        for src in inputs:
+            if p.resolve() == Path(src).resolve():
+                raise BadOutput(f"output {p} would replace {src}, which this run reads or writes; choose another path")
         if p.is_dir():
             raise BadOutput(f"output {p} is a folder; choose a file path")
         if p.exists() and not force:

@@ -235,14 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         err.print("aborted", highlight=False)
         return 130
     except Exception as e:  # click's usage errors and real bugs
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        # typer vendors its own click; both spell usage errors as ClickException with format_message()
+        if any(c.__name__ == "ClickException" for c in type(e).__mro__):
             err.print(f"error: {e.format_message()}", highlight=False, markup=False, soft_wrap=True)
             return int(ExitCode.USAGE)
         if debug:
             raise
         err.print(f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]} (rerun with --debug for a traceback)",
-                  highlight=False, markup=False)
+                  highlight=False, markup=False, soft_wrap=True)
         return int(ExitCode.INTERNAL)
     return 0

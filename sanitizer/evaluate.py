@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from calib.session import make_session
+from calib.session import make_session, run
 
 # One-sided 90 % Wilson bound: with a few hundred held-out images a 95 % bound forbids any single flip,
 # a point estimate lets noise spend the budget (a 2-point budget on 125 images once cost 3 points).
@@ -47,7 +47,7 @@ class Predictor:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        y = self.session.run([self.output], {self.input_name: x})[0]
+        y = run(self.session, [self.output], {self.input_name: x})[0]
         return y.reshape(len(x), -1)
 
 

@@ -5,7 +5,7 @@ import hashlib
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -26,6 +26,7 @@ class LoadedModel:
     model: onnx.ModelProto      # with every external tensor loaded into memory
     external: bool              # the file kept weights as external data
     sha256: str
+    data_files: list[Path] = field(default_factory=list)
 
 
 def sha256_file(path: Path) -> str:
@@ -36,14 +37,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _validate_external(model: onnx.ModelProto, folder: Path) -> bool:
-    """Refuse any external-data reference that leaves the model's folder or points past a file's end."""
+def _validate_external(model: onnx.ModelProto, folder: Path) -> list[Path]:
+    """Refuse any external-data reference that leaves the model's folder or points past a file's end;
+    return the data files it reads."""
     root = folder.resolve()
-    found = False
+    found: list[Path] = []
     for tensor in external_data_helper._get_all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
-        found = True
         info = {e.key: e.value for e in tensor.external_data}
         loc = info.get("location", "")
         if not loc or os.path.isabs(loc) or Path(loc).is_absolute() or ".." in Path(loc).parts:
@@ -60,6 +61,8 @@ def _validate_external(model: onnx.ModelProto, folder: Path) -> bool:
             raise BadModel(f"tensor {tensor.name!r}: external data offset/length are not integers") from None
         if offset < 0 or length < 0 or offset + length > target.stat().st_size:
             raise BadModel(f"tensor {tensor.name!r}: external data {loc!r} offset+length past the end of the file")
+        if target not in found:
+            found.append(target)
     return found
 
 
@@ -101,7 +104,8 @@ def load_model(path: Path) -> LoadedModel:
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx") and op.version not in SUPPORTED_OPSETS:
             raise BadModel(f"model {path} uses opset {op.version}; supported: {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1}")
-    external = _validate_external(model, path.parent)
+    data_files = _validate_external(model, path.parent)
+    external = bool(data_files)
     if external:
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
@@ -109,7 +113,7 @@ def load_model(path: Path) -> LoadedModel:
             raise BadModel(f"model {path}: external data unreadable ({e})") from None
     _check_tensor_sizes(model, path)
     check(model, path)
-    return LoadedModel(path=path, model=model, external=external, sha256=sha256_file(path))
+    return LoadedModel(path=path, model=model, external=external, sha256=sha256_file(path), data_files=data_files)
 
 
 def check(model: onnx.ModelProto, path: Path | None = None) -> None:

@@ -223,18 +223,27 @@ def rank_units(prep: Prepared, sites: list[Site], criterion: str, fit: np.ndarra
     return rank(scores), info
 
 
+def check_outputs(opts: Options, models: tuple[Path, ...]) -> Path | None:
+    """Refuse, before any work, outputs that would replace an input or each other; return the ONNX path."""
+    inputs = tuple(p for p in (*models, opts.calib, opts.eval_data, opts.eval_triggered) if p is not None)
+    out_onnx = None
+    if opts.out is not None:
+        check_writable(opts.out, force=opts.force, inputs=inputs)
+        out_onnx = opts.out.with_suffix(".onnx") if opts.out.suffix in ENGINE_SUFFIXES else opts.out
+        if out_onnx != opts.out:
+            check_writable(out_onnx, force=opts.force, inputs=inputs)
+    if opts.report is not None:
+        outputs = tuple(p for p in (opts.out, out_onnx) if p is not None)
+        check_writable(opts.report, force=opts.force, inputs=inputs + outputs)
+    return out_onnx
+
+
 def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     """Run the job; write the sanitized ONNX (and report) atomically; return the report."""
     t0 = time.perf_counter()
-    out_onnx = None
-    if opts.out is not None:
-        check_writable(opts.out, force=opts.force, inputs=(opts.model,))
-        out_onnx = opts.out.with_suffix(".onnx") if opts.out.suffix in ENGINE_SUFFIXES else opts.out
-        if out_onnx != opts.out:
-            check_writable(out_onnx, force=opts.force, inputs=(opts.model,))
-    if opts.report is not None:
-        check_writable(opts.report, force=opts.force, inputs=(opts.model,))
+    out_onnx = check_outputs(opts, (opts.model,))
     prep = prepare(opts)
+    check_outputs(opts, (opts.model, *prep.loaded.data_files))
     fit, hold = split(prep.calib.n, opts.holdout, opts.seed)
     sites = scope(prep, opts.layers)
     held = HeldOut(prep, hold, opts.batch_size, opts.use_labels)

@@ -379,28 +379,6 @@ def _read_only_out(e: Env):
     return e.argv()
 
 
-BUG_OUT_IS_INPUT_DATA = pytest.mark.xfail(strict=True, reason=(
-    "BUG sanitizer/pipeline.py:231-236: check_writable is given only the model path as input, so --force lets "
-    "--out/--report replace the model's external .data file or the --calib file"))
-BUG_CLICK_USAGE = pytest.mark.xfail(strict=True, reason=(
-    "BUG sanitizer/cli.py:240: typer 0.29 raises its vendored typer._click exceptions, which are not "
-    "click.exceptions.ClickException, so an unknown flag is reported as an internal error (exit 1, on two lines)"))
-BUG_RUN_ERRORS = pytest.mark.xfail(strict=True, reason=(
-    "BUG calib/stats.py:30: an onnxruntime error from sess.run (a model that loads but cannot run) is not turned "
-    "into BadModel: exit 1, and onnxruntime's own error log adds lines to stderr"))
-BUG_BATCH_0 = pytest.mark.xfail(strict=True, reason=(
-    "BUG calib/preprocess.py:74: _static treats a static 0 batch as dynamic, onnxruntime then refuses batch 1 "
-    "in calib/stats.py:30 (exit 1)"))
-BUG_HUGE_BATCH = pytest.mark.xfail(strict=True, reason=(
-    "BUG calib/preprocess.py:74 / sanitizer/pipeline.py:92: any static batch is accepted and np.repeat tries to "
-    "allocate it (exit 1: array is too big, or MemoryError)"))
-BUG_NPY_HEADER = pytest.mark.xfail(strict=True, reason=(
-    "BUG calib/data.py:265: a malformed .npy header raises tokenize.TokenError (or SyntaxError), which "
-    "_array_header does not catch: exit 1"))
-BUG_REPORT_IS_OUT = pytest.mark.xfail(strict=True, reason=(
-    "BUG sanitizer/pipeline.py:231-236: --report equal to --out is not refused; the JSON report overwrites "
-    "the sanitized ONNX and the run exits 0"))
-
 # name -> (expected exit code, setup(env) -> argv)
 CASES: dict[str, tuple[int, Callable[[Env], list]]] = {
     # the model file
@@ -484,13 +462,9 @@ CASES: dict[str, tuple[int, Callable[[Env], list]]] = {
     "out_is_calib_with_force": (ExitCode.OUTPUT, _out_is_calib),
     "report_is_out": (ExitCode.OUTPUT, _report_is_out),
 }
-XFAIL = {"unknown_flag": BUG_CLICK_USAGE, "conv_bias_shorter_than_channels": BUG_RUN_ERRORS,
-         "input_batch_dim_0": BUG_BATCH_0, "input_batch_dim_2_62": BUG_HUGE_BATCH, "npz_array_header_corrupt": BUG_NPY_HEADER,
-         "out_is_input_external_data_with_force": BUG_OUT_IS_INPUT_DATA, "out_is_calib_with_force": BUG_OUT_IS_INPUT_DATA,
-         "report_is_out": BUG_REPORT_IS_OUT}
 
 
-@pytest.mark.parametrize("code,setup", [pytest.param(c, s, id=n, marks=XFAIL.get(n, ())) for n, (c, s) in CASES.items()])
+@pytest.mark.parametrize("code,setup", [pytest.param(c, s, id=n) for n, (c, s) in CASES.items()])
 def test_bad_input(code, setup, tmp_path, capfd):
     env = Env(tmp_path)
     env.cleanup = lambda: None
