@@ -110,7 +110,7 @@ class _Search:
             self.opt.step()
             success = float((logits.argmax(1) == self.target).float().mean())
             if success >= SUCCESS_TARGET and float(norm.detach()) < self.best_norm:
-                self.best_norm = float(norm)
+                self.best_norm = float(norm.detach())
                 self.best = (mask.detach().clone(), pattern.detach().clone())
             # Neural Cleanse's λ schedule: tighten the mask while the attack holds, relax it when it breaks,
             # which keeps λ free of any per-model setting.

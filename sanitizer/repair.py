@@ -207,8 +207,7 @@ def prune_trigger_units(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preproces
 
 
 def unlearn(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, trigger: Trigger, seed: int = 0, *,
-            holdout: float = 0.4, epochs: int = 8, lr: float = 1e-4, batch: int = 32,
-            stamp_share: float = 0.5) -> RepairResult:
+            holdout: float = 0.4, epochs: int = 8, lr: float = 1e-4, batch: int = 32) -> RepairResult:
     torch = require("torch", "torch")
     from .torch_graph import to_torch
 
@@ -233,11 +232,12 @@ def unlearn(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, trigger: 
         perm = torch.from_numpy(rng.permutation(len(bench.fit)))
         for i in range(0, len(bench.fit), batch):
             idx = perm[i:i + batch]
-            x = fit_t[idx].clone()
-            stamp = torch.from_numpy(rng.random(len(idx)) < stamp_share)
-            x[stamp] = (1 - mask) * x[stamp] + mask * pattern
+            # Each image twice, clean and stamped, with the same target: the clean copy anchors the
+            # target class itself, which otherwise collapses when the backdoor shares its features.
+            x = fit_t[idx]
+            x = torch.cat([x, (1 - mask) * x + mask * pattern])
             logits, _ = student(make_input(torch, x, bench.pp))
-            loss = torch.nn.functional.cross_entropy(logits, soft_fit[idx])
+            loss = torch.nn.functional.cross_entropy(logits, soft_fit[idx].repeat(2, 1))
             opt.zero_grad()
             loss.backward()
             opt.step()
