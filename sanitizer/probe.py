@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from calib.preprocess import Preprocess
+
 from .errors import BadData, require
 
 # Anomaly index above which the smallest mask is called a backdoor (the Neural Cleanse threshold:
@@ -20,14 +22,6 @@ from .errors import BadData, require
 ANOMALY_THRESHOLD = 2.0
 # Attack success the synthesized trigger must keep while the mask shrinks.
 SUCCESS_TARGET = 0.95
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    scale: float
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    layout: str  # "nchw" or "nhwc"
 
 
 @dataclass
