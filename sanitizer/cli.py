@@ -61,6 +61,7 @@ def run_cmd(
     target: Annotated[Optional[int], typer.Option(help="attacker's target class, for ASR")] = None,
     report: Annotated[Optional[Path], typer.Option(help="write a JSON report here")] = None,
     seed: int = 0,
+    detect: Annotated[bool, typer.Option("--detect", help="probe for a backdoor first (needs torch); a clean verdict prunes nothing")] = False,
     allow_degraded: Annotated[bool, typer.Option("--allow-degraded", help="write even if the budget is broken")] = False,
     force: Force = False,
 ):
@@ -70,7 +71,7 @@ def run_cmd(
                    max_acc_drop=max_acc_drop, holdout=holdout, scale=scale, mean=parse_floats(mean),
                    std=parse_floats(std), layout=layout, input_name=input_name, eval_data=eval_data,
                    eval_triggered=eval_triggered, target=target, report=report, force=force,
-                   allow_degraded=allow_degraded, seed=seed)
+                   allow_degraded=allow_degraded, seed=seed, detect=detect)
     bar, update = _progress()
     with bar:
         result = sanitize(opts, update)
@@ -99,6 +100,9 @@ def show_summary(result: dict) -> None:
         for key, label in (("clean_acc", "clean accuracy"), ("asr", "attack success rate")):
             if ev["before"][key] is not None:
                 table.add_row(label, f"{ev['before'][key]:.4f}", f"{ev['after'][key]:.4f}")
+    if "detection" in result:
+        table.add_row("detection", "", f"{result['detection']['verdict']} (max anomaly "
+                      f"{max(result['detection']['anomaly_index']):.2f}, threshold {result['detection']['threshold']})")
     pruned = result["plan"]["count"]
     table.add_row("units pruned", "0", f"{pruned} of {result['plan']['candidates']} ({result['criterion']})")
     out.print(table)
@@ -158,6 +162,7 @@ def layers_cmd(model: Annotated[Path, typer.Argument()], input_name: InputName =
 def demo_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", help="also write the sanitized ONNX here")] = None,
     criterion: Annotated[str, typer.Option(help="criterion to demonstrate")] = "linf",
+    detect: Annotated[bool, typer.Option("--detect", help="probe for a backdoor first (needs torch)")] = False,
     force: Force = False,
 ):
     from .demo import DEMO
@@ -166,7 +171,7 @@ def demo_cmd(
     out_console_line(f"demo model: {DEMO['trigger']}; target class {DEMO['target']}")
     opts = Options(model=DEMO["model"], calib=DEMO["calib"], out=out, criterion=criterion, scale=DEMO["scale"],
                    eval_data=DEMO["clean"], eval_triggered=DEMO["triggered"], target=DEMO["target"],
-                   use_labels=False, force=force)
+                   use_labels=False, force=force, detect=detect)
     bar, update = _progress()
     with bar:
         result = sanitize(opts, update)

@@ -54,6 +54,7 @@ class Options:
     seed: int = 0
     batch_size: int = 64
     use_labels: bool = True             # judge the stop rule on accuracy when --calib is labeled
+    detect: bool = False                # synthesize a trigger per class first (needs torch); clean verdict → prune nothing
 
 
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
@@ -223,6 +224,26 @@ def rank_units(prep: Prepared, sites: list[Site], criterion: str, fit: np.ndarra
     return rank(scores), info
 
 
+def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress) -> dict:
+    """Neural-Cleanse-style probe on the fit images: per class the anomaly of its smallest trigger mask."""
+    from .probe import ANOMALY_THRESHOLD, probe
+
+    progress("detection", 0, 1)
+    start = time.perf_counter()
+    found = probe(prep.model, prep.calib.subset(fit).read(0, len(fit)), prep.pre, seed)
+    progress("detection", 1, 1)
+    target = found.suspected_target
+    return {
+        "verdict": "no backdoor found" if target is None else f"backdoor suspected, target class {target}",
+        "suspected_target": target,
+        "anomaly_index": [round(float(a), 4) for a in found.anomaly],
+        "mask_l1": [round(float(m), 3) for m in found.mask_norms],
+        "threshold": ANOMALY_THRESHOLD,
+        "synthesized_trigger_flip_rate": round(found.flip_rate, 4),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
 def check_outputs(opts: Options, models: tuple[Path, ...]) -> Path | None:
     """Refuse, before any work, outputs that would replace an input or each other; return the ONNX path."""
     inputs = tuple(p for p in (*models, opts.calib, opts.eval_data, opts.eval_triggered) if p is not None)
@@ -247,8 +268,13 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     fit, hold = split(prep.calib.n, opts.holdout, opts.seed)
     sites = scope(prep, opts.layers)
     held = HeldOut(prep, hold, opts.batch_size, opts.use_labels)
+    detection = detect(prep, fit, opts.seed, progress) if opts.detect else None
     order, info = rank_units(prep, sites, opts.criterion, fit, opts, progress)
-    plan = choose_count(prep, order, held, opts, progress)
+    if detection is not None and detection["suspected_target"] is None:
+        plan = Plan(order, 0, [{"units": 0, **agreement(held.reference, held.reference, held.labels).to_dict(),
+                                "within_budget": True}])
+    else:
+        plan = choose_count(prep, order, held, opts, progress)
     sanitized = rewrite.apply(prep.model, prep.sites, plan.pruned())
     check(sanitized)
     final = plan.trace[[t["units"] for t in plan.trace].index(plan.count)]
@@ -268,6 +294,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         "held_out_after": {k: v for k, v in final.items() if k != "units"},
         "degraded": degraded,
         "provider": info["provider"],
+        **({"detection": detection} if detection is not None else {}),
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
     }
     if opts.eval_data is not None or opts.eval_triggered is not None:

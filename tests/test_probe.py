@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import onnx
@@ -106,3 +107,17 @@ def test_probe_is_deterministic(backdoored):
     b = probe(model, calib, PP, seed=3, first_steps=20, refine_steps=10)
     np.testing.assert_array_equal(a.mask_norms, b.mask_norms)
     np.testing.assert_array_equal(a.trigger.mask, b.trigger.mask)
+
+
+def test_detect_with_a_clean_verdict_prunes_nothing(clean, tmp_path):
+    from sanitizer.cli import main
+
+    model, calib, _, _ = clean
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", X=calib.astype(np.uint8))
+    code = main([str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npz"), "--detect",
+                 "--out", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json")])
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["detection"]["verdict"] == "no backdoor found"
+    assert report["plan"]["count"] == 0 and len(report["detection"]["anomaly_index"]) == 10
