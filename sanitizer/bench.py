@@ -64,8 +64,8 @@ def stats_overhead(opts: Options, sites: list[str], repeats: int = 3) -> dict:
             "ratio": round(min(stats) / min(plain), 3)}
 
 
-def run_case(case: Case, criterion: str, progress=None) -> dict:
-    opts = case_options(case, criterion)
+def run_case(case: Case, criterion: str, progress=None, *, detect: bool = False) -> dict:
+    opts = case_options(case, criterion, detect=detect)
     start = time.perf_counter()
     report = sanitize(opts, progress) if progress else sanitize(opts)
     total = time.perf_counter() - start
@@ -78,9 +78,8 @@ def run_case(case: Case, criterion: str, progress=None) -> dict:
         "total_seconds": round(total, 1),
     }
     row.update(stats_overhead(opts, report["scope"]))
-    for key in ("detection",):
-        if key in report:
-            row[key] = report[key]
+    if "detection" in report:
+        row["detection"] = report["detection"]
     return row
 
 

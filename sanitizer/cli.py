@@ -184,6 +184,7 @@ def bench_cmd(
     criteria: Annotated[str, typer.Option(help="comma-separated criteria to compare")] = "linf,mean",
     cases: Annotated[Optional[str], typer.Option(help="only these cases (comma-separated)")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the rows as JSON here")] = None,
+    detect: Annotated[bool, typer.Option("--detect", help="run backdoor detection first in every run (needs torch)")] = False,
 ):
     from .atomic import write_text
     from .bench import load_suite, machine, run_case
@@ -193,18 +194,20 @@ def bench_cmd(
         wanted = {c.strip() for c in cases.split(",")}
         chosen = [c for c in chosen if c.name in wanted]
     table = Table("case", "criterion", "acc before→after", "ASR before→after", "units", "stats / plain pass s", "total s",
-                  title=f"sanitize bench {suite} — {machine()}")
+                  *(["verdict (max anomaly)"] if detect else []), title=f"sanitize bench {suite} — {machine()}")
     rows = []
     bar, update = _progress()
     with bar:
         for case in chosen:
             for crit in (c.strip() for c in criteria.split(",") if c.strip()):
-                row = run_case(case, crit, update)
+                row = run_case(case, crit, update, detect=detect)
                 rows.append(row)
                 table.add_row(row["case"], crit, f"{row['acc_before']:.4f}→{row['acc_after']:.4f}",
                               f"{row['asr_before']:.4f}→{row['asr_after']:.4f}", f"{row['units']}/{row['candidates']}",
                               f"{row['stats_seconds']:.2f} / {row['plain_seconds']:.2f} (×{row['ratio']})",
-                              f"{row['total_seconds']:.1f}")
+                              f"{row['total_seconds']:.1f}",
+                              *([f"{row['detection']['verdict']} ({max(row['detection']['anomaly_index']):.2f})"]
+                                if detect else []))
                 if json_out:
                     write_text(json_out, json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
     out.print(table)
