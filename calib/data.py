@@ -1,10 +1,13 @@
 """Calibration datasets: a folder of images (flat or one subfolder per class), an .npz or an .npy.
 
 Every source yields float32 NHWC pixels on their stored scale (0..255 for 8-bit data); scaling and
-normalisation belong to calib.preprocess so that one preprocessing is used everywhere. Image folders
-are decoded lazily, one batch at a time, because calibration sets can be far larger than memory."""
+normalisation belong to calib.preprocess so that one preprocessing is used everywhere. Every source is
+read lazily, one batch at a time (images decoded, array rows read from the file), because calibration
+sets can be far larger than memory."""
 from __future__ import annotations
 
+import os
+import math
 import re
 import tokenize
 import warnings
@@ -151,16 +154,20 @@ def _open_image(path: Path, max_pixels: int) -> Image.Image:
     return img
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+def _list_images(folder: Path) -> list[str]:
+    """Sorted names of the images directly in `folder`: strings, since a Path per image costs ~360 bytes
+    and calibration folders can hold millions."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries
+                      if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
+                      and e.is_file())
 
 
 def _open_folder(root: Path, size, channels, max_pixels):
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = _list_images(root)
     if subdirs and loose:
-        raise BadData(f"{root} mixes image files (e.g. {loose[0].name}) with class subfolders; "
+        raise BadData(f"{root} mixes image files (e.g. {loose[0]}) with class subfolders; "
                       "use either a flat folder or one subfolder per class")
     if not subdirs:
         files, labels, classes = loose, None, None
@@ -168,7 +175,7 @@ def _open_folder(root: Path, size, channels, max_pixels):
             raise BadData(f"{root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     else:
         files, labels, classes = _class_folders(root, subdirs)
-    return _FolderReader(files, size, channels, max_pixels), labels, classes
+    return _FolderReader(root, files, size, channels, max_pixels), labels, classes
 
 
 def _class_folders(root: Path, subdirs: list[Path]):
@@ -183,7 +190,7 @@ def _class_folders(root: Path, subdirs: list[Path]):
         values = sorted(values)
     else:
         values = list(range(len(subdirs)))   # torchvision ImageFolder: index in sorted name order
-    files: list[Path] = []
+    files: list[str] = []
     labels: list[int] = []
     for d, label in zip(subdirs, values):
         # Recursive like ImageFolder, so nested layouts are not silently skipped.
@@ -192,30 +199,32 @@ def _class_folders(root: Path, subdirs: list[Path]):
                        and not any(part.startswith(".") for part in p.relative_to(d).parts))
         if not found:
             raise BadData(f"class folder {d} contains no images")
-        files += found
+        files += [str(p.relative_to(root)) for p in found]
         labels += [label] * len(found)
     return files, np.asarray(labels, dtype=np.int64), [d.name for d in subdirs]
 
 
 class _FolderReader:
-    def __init__(self, files: list[Path], size, channels, max_pixels: int):
-        self.files = files
+    def __init__(self, root: Path, files: list[str], size, channels, max_pixels: int):
+        self.root = root
+        self.files = files            # relative to root
         self.count = len(files)
         self.size = size
         self.channels = channels
         self.max_pixels = max_pixels
         first_size = first_channels = None
         with _pixel_limit(max_pixels):
-            for f in files:
+            for name in files:
+                f = root / name
                 with _open_image(f, max_pixels) as img:
                     c = _CHANNELS_FOR_MODE[_NATIVE_MODE[img.mode]]
                     if first_size is None:
                         first_size, first_channels = img.size, c
                     if size is None and img.size != first_size:
-                        raise BadData(f"{f} is {img.size[0]}x{img.size[1]} but {files[0]} is "
+                        raise BadData(f"{f} is {img.size[0]}x{img.size[1]} but {root / files[0]} is "
                                       f"{first_size[0]}x{first_size[1]}; all images must share one size")
                     if channels is None and c != first_channels:
-                        raise BadData(f"{f} has {c} channels but {files[0]} has {first_channels}; "
+                        raise BadData(f"{f} has {c} channels but {root / files[0]} has {first_channels}; "
                                       "all images must share one channel count")
         h, w = size if size is not None else (first_size[1], first_size[0])
         self.shape = (h, w, channels or first_channels)
@@ -224,7 +233,7 @@ class _FolderReader:
         out = np.empty((len(rows), *self.shape), dtype=np.float32)
         with _pixel_limit(self.max_pixels):
             for i, r in enumerate(rows):
-                out[i] = self._decode(self.files[r])
+                out[i] = self._decode(self.root / self.files[r])
         return out
 
     def _decode(self, path: Path) -> np.ndarray:
@@ -253,21 +262,21 @@ def _conform(img: Image.Image, mode: str, size: tuple[int, int] | None) -> Image
 
 # ----------------------------------------------------------------------------------------- arrays
 
-def _array_header(fp, where: str) -> tuple[tuple[int, ...], np.dtype]:
+def _array_header(fp, where: str) -> tuple[tuple[int, ...], np.dtype, bool]:
     """Read only the .npy header, so pickled payloads are refused before any byte of them is parsed."""
     try:
         version = np.lib.format.read_magic(fp)
         if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
         elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
         else:
             raise BadData(f"{where}: unsupported .npy format version {version}")
     except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as e:  # the header is parsed as a Python literal
         raise BadData(f"{where} is not a valid .npy array ({type(e).__name__})") from None
     if dtype.hasobject:
         raise BadData(f"{where} contains Python objects (pickle); refusing to load")
-    return shape, dtype
+    return shape, dtype, fortran
 
 
 def _check_x_header(shape, dtype, where: str, max_pixels: int) -> None:
@@ -288,7 +297,7 @@ def _open_npz(path: Path, size, channels, max_pixels):
             if "X.npy" not in members:
                 keys = ", ".join(sorted(m.removesuffix(".npy") for m in members)) or "nothing"
                 raise BadData(f"{path} has no array named X (it holds: {keys})")
-            x = _read_member(zf, "X.npy", f"{path}[X]", max_pixels)
+            x = _npz_x(path, zf, "X.npy", f"{path}[X]", max_pixels)
             y = _read_member(zf, "y.npy", f"{path}[y]", None) if "y.npy" in members else None
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
         raise BadData(f"{path} is not a readable .npz ({e})") from None
@@ -298,7 +307,7 @@ def _open_npz(path: Path, size, channels, max_pixels):
 
 def _read_member(zf: zipfile.ZipFile, member: str, where: str, max_pixels: int | None) -> np.ndarray:
     with zf.open(member) as f:
-        shape, dtype = _array_header(f, where)
+        shape, dtype, _ = _array_header(f, where)
         if max_pixels is not None:
             _check_x_header(shape, dtype, where, max_pixels)
     with zf.open(member) as f:
@@ -308,12 +317,143 @@ def _read_member(zf: zipfile.ZipFile, member: str, where: str, max_pixels: int |
             raise BadData(f"{where} could not be read ({e})") from None
 
 
+class _DiskRows:
+    """X read per batch, never whole: calibration arrays can be far larger than memory.
+
+    Plain bytes (an .npy, or an np.savez member, stored uncompressed) are read in place at their offset.
+    Not memory-mapped: mapped pages count as the process's RSS once touched, so RSS would still grow to
+    the file's size. A deflated member (np.savez_compressed) is decompressed sequentially, which suits
+    batches read in ascending order (one restart per pass)."""
+    _BLOCK = 1 << 20   # bytes per read while validating
+
+    def __init__(self, path: Path, where: str, shape: tuple[int, ...], dtype: np.dtype, *, header: int,
+                 offset: int | None = None, member: str | None = None):
+        self._stream = None
+        self.path, self.where, self.shape, self.dtype = path, where, tuple(shape), dtype
+        self.ndim = len(shape)
+        self.row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        self.header = header    # bytes of .npy header before row 0
+        self.offset = offset    # file offset of row 0, when rows can be read in place
+        self.member = member    # else: the zip member to decompress
+        self._next = 0
+
+    def validate(self, source) -> None:
+        """One streaming pass before any pixel is used: float pixels must be finite, and the zip's CRC check
+        runs only when a member is read to its end, which batch reads never do."""
+        rows = max(1, self._BLOCK // max(1, self.row_bytes))
+        with source() as f:   # the .npy or the zip member, from its start
+            f.seek(self.header)
+            for lo in range(0, self.shape[0], rows):
+                n = min(rows, self.shape[0] - lo)
+                block = f.read(n * self.row_bytes)
+                if len(block) != n * self.row_bytes:
+                    raise BadData(f"{self.where} is truncated")
+                if self.dtype != np.uint8 and not _finite(np.frombuffer(block, self.dtype)):
+                    raise BadData(f"{self.where} contains NaN or infinite pixel values (as float32)")
+            if self.member is not None:
+                f.read()
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        try:
+            if self.offset is not None:
+                with open(self.path, "rb") as f:
+                    for i, r in enumerate(rows):
+                        f.seek(self.offset + int(r) * self.row_bytes)
+                        out[i] = self._parse(f.read(self.row_bytes))
+            else:
+                for i in np.argsort(rows, kind="stable"):
+                    out[i] = self._parse(self._zip_row(int(rows[i])))
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+            raise BadData(f"{self.where} changed since the dataset was opened ({e})") from None
+        return out
+
+    def _parse(self, data: bytes) -> np.ndarray:
+        if len(data) != self.row_bytes:
+            raise BadData(f"{self.where} changed since the dataset was opened: it is now truncated")
+        return np.frombuffer(data, self.dtype).reshape(self.shape[1:])
+
+    def _zip_row(self, r: int) -> bytes:
+        if self._stream is None or r < self._next:
+            self.close()
+            self._zip = zipfile.ZipFile(self.path)
+            self._stream = self._zip.open(self.member)
+            self._stream.seek(self.header)
+            self._next = 0
+        if r > self._next:
+            self._stream.seek((r - self._next) * self.row_bytes, os.SEEK_CUR)
+        self._next = r + 1
+        return self._stream.read(self.row_bytes)
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._zip.close()
+            self._stream = None
+
+    def __del__(self):
+        self.close()
+
+
+def _npz_x(path: Path, zf: zipfile.ZipFile, member: str, where: str, max_pixels: int):
+    """X of an .npz as _DiskRows, or in memory when its rows are not contiguous (Fortran order)."""
+    info = zf.getinfo(member)
+    with zf.open(member) as f:
+        shape, dtype, fortran = _array_header(f, where)
+        _check_x_header(shape, dtype, where, max_pixels)
+        header = f.tell()
+    data_bytes = math.prod(shape) * dtype.itemsize
+    if header + data_bytes != info.file_size:
+        raise BadData(f"{where} holds {info.file_size - header} bytes of data, but its header promises {data_bytes}")
+    if fortran:
+        x = _read_member(zf, member, where, max_pixels)
+        _check_finite(x, where)
+        return x
+    in_place = info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 1   # bit 0: encrypted
+    rows = _DiskRows(path, where, shape, dtype, header=header, member=member,
+                     offset=_member_data_offset(path, info) + header if in_place else None)
+    rows.validate(lambda: zf.open(member))
+    return rows
+
+
+def _member_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
+    """Where a stored member's bytes start: after its local header, whose name and extra field may differ
+    in length from the central directory's copy."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise BadData(f"{path} is not a readable .npz (bad local header for {info.filename})")
+    return info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+
+
+def _check_finite(x: np.ndarray, where: str) -> None:
+    if x.dtype == np.uint8:
+        return
+    # in slices: a whole-array float32 copy of a mapped .npy would be as large as the file
+    for lo in range(0, x.shape[0], 4096):
+        if not _finite(np.asarray(x[lo:lo + 4096])):
+            raise BadData(f"{where} contains NaN or infinite pixel values (as float32)")
+
+
+def _finite(x: np.ndarray) -> bool:
+    with np.errstate(over="ignore"):   # float64 beyond float32 range becomes inf: refused
+        return bool(np.isfinite(x.astype(np.float32, copy=False)).all())
+
+
 def _open_npy(path: Path, size, channels, max_pixels) -> "_ArrayReader":
     try:
         with open(path, "rb") as f:
-            shape, dtype = _array_header(f, str(path))
-        _check_x_header(shape, dtype, str(path), max_pixels)
-        x = np.load(path, allow_pickle=False, mmap_mode="r")   # mapped: a large .npy is paged in per batch
+            shape, dtype, fortran = _array_header(f, str(path))
+            _check_x_header(shape, dtype, str(path), max_pixels)
+            header = f.tell()
+        if fortran:   # rows not contiguous: mapped, and read whole-array-wise by numpy
+            x = np.load(path, allow_pickle=False, mmap_mode="r")
+            _check_finite(x, str(path))
+        else:
+            x = _DiskRows(path, str(path), shape, dtype, header=header, offset=header)
+            x.validate(lambda: open(path, "rb"))
     except (ValueError, OSError, EOFError) as e:
         raise BadData(f"{path} could not be read ({e})") from None
     return _ArrayReader(x, size, channels, str(path))
@@ -335,15 +475,11 @@ def _check_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
 
 
 class _ArrayReader:
-    def __init__(self, x: np.ndarray, size, channels, where: str):
-        if x.ndim == 3:
-            x = x[..., None]
-        if x.dtype != np.uint8:
-            with np.errstate(over="ignore"):   # float64 beyond float32 range becomes inf: refused below
-                finite = np.isfinite(x.astype(np.float32, copy=False)).all()
-            if not finite:
-                raise BadData(f"{where} contains NaN or infinite pixel values (as float32)")
-        c_in = x.shape[3]
+    """Images from NHWC or NHW rows: _DiskRows, or an array when Fortran order forces it (its opener has
+    already refused non-finite pixels)."""
+
+    def __init__(self, x, size, channels, where: str):
+        c_in = x.shape[3] if x.ndim == 4 else 1
         c_out = channels or c_in
         if c_out == 4 and c_in != 4:
             raise BadData(f"{where} has {c_in} channels; cannot invent an alpha channel for a 4-channel model")
@@ -354,6 +490,8 @@ class _ArrayReader:
 
     def fetch(self, rows: np.ndarray) -> np.ndarray:
         raw = self.x[rows]
+        if raw.ndim == 3:
+            raw = raw[..., None]
         h, w, c = self.shape
         if raw.dtype == np.uint8:
             # Through Pillow exactly like a folder image, so an .npz and a folder of the same images agree.

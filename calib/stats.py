@@ -1,5 +1,6 @@
 """Activation statistics per unit, the way onnxruntime's calibrator does it: reductions are added to the
-graph as extra outputs, so only [N, units] arrays cross into Python and memory does not grow with N."""
+graph as extra outputs, so only [batch, units] arrays cross into Python, and they are folded into per-unit
+aggregates as they arrive: memory does not grow with the number of images."""
 from __future__ import annotations
 
 import time
@@ -8,6 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from onnx import helper
+
+from sanitizer.errors import BadData
 
 from .session import make_session, run
 
@@ -71,20 +74,35 @@ def augment(model: onnx.ModelProto, tensors: dict[str, int]) -> tuple[onnx.Model
 
 @dataclass
 class TensorStats:
-    """Per-image [N, C] reductions of one tensor (kept: N×C floats is small), and their aggregates."""
-    per_image: dict[str, np.ndarray]
+    """Aggregates over images of one tensor's per-image [C] reductions, accumulated batch by batch: the
+    criteria need only these, and keeping every image's [C] rows would grow with the calibration set."""
+    count: int
+    sums: dict[str, np.ndarray]                  # float64 sum over images, per reduction
+    linf_max: np.ndarray
+    per_image: dict[str, np.ndarray] | None = None   # [N, C] rows, only when collect() was asked to keep them
+
+    @classmethod
+    def empty(cls, channels: int) -> "TensorStats":
+        return cls(0, {r: np.zeros(channels, np.float64) for r in REDUCTIONS}, np.full(channels, -np.inf))
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        """Fold in one batch of [n, C] reductions."""
+        for r in REDUCTIONS:
+            self.sums[r] += batch[r].astype(np.float64).sum(axis=0)
+        self.linf_max = np.maximum(self.linf_max, batch["linf"].max(axis=0, initial=-np.inf).astype(np.float64))
+        self.count += len(batch["linf"])
 
     def agg(self, name: str) -> np.ndarray:
         """`linf`, `linf_max`, `l1`, `l2`, `mean`: aggregated over images."""
         if name == "linf_max":
-            return self.per_image["linf"].max(axis=0)
-        return self.per_image[name].mean(axis=0)
+            return self.linf_max
+        return self.sums[name] / self.count
 
 
 @dataclass
 class Collected:
     stats: dict[str, TensorStats]
-    logits: np.ndarray
+    logits: np.ndarray | None        # only when collect() kept per-image results
     provider: str
     seconds: float
     extra: dict = field(default_factory=dict)
@@ -108,26 +126,42 @@ def fixed(batches, size: int | None):
 
 
 def collect(model: onnx.ModelProto, tensors: dict[str, int], batches, input_name: str, *, progress=None,
-            fixed_batch: int | None = None) -> Collected:
-    """One streaming pass: logits and per-image reductions of `tensors` for every batch of model inputs."""
+            fixed_batch: int | None = None, keep_per_image: bool = False) -> Collected:
+    """One streaming pass over batches of model inputs: per-unit aggregates of `tensors`. Memory is one batch
+    plus [C] accumulators whatever the number of images; `keep_per_image` also keeps every image's [C]
+    reductions and the logits (tests and analysis on small sets)."""
     aug, names = augment(model, tensors)
     sess, provider = make_session(aug)
-    out_names = [sess.get_outputs()[0].name] + list(dict.fromkeys(names))
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in out_names}
+    logit_name = sess.get_outputs()[0].name
+    out_names = [logit_name] + list(dict.fromkeys(names))
+    per_tensor = {t: names[k * len(REDUCTIONS):(k + 1) * len(REDUCTIONS)] for k, t in enumerate(tensors)}
+    stats: dict[str, TensorStats] = {}
+    kept: dict[str, list[np.ndarray]] = {n: [] for n in out_names}
+    images = 0
     start = time.perf_counter()
     for x, real in fixed(batches, fixed_batch):
-        values = run(sess, out_names, {input_name: x})
-        for n, v in zip(out_names, values):
-            parts[n].append(v[:real])
+        images += real
+        values = dict(zip(out_names, (v[:real] for v in run(sess, out_names, {input_name: x}))))
+        for tensor, red in per_tensor.items():
+            batch = {r: values[n] for r, n in zip(REDUCTIONS, red)}
+            if tensor not in stats:
+                stats[tensor] = TensorStats.empty(batch["linf"].shape[1])
+            stats[tensor].add(batch)
+        if keep_per_image:
+            for n in out_names:
+                kept[n].append(values[n])
         if progress:
             progress(real)
     seconds = time.perf_counter() - start
-    cat = {n: np.concatenate(v) for n, v in parts.items()}
-    stats = {}
-    for k, tensor in enumerate(tensors):
-        red = names[k * len(REDUCTIONS):(k + 1) * len(REDUCTIONS)]
-        stats[tensor] = TensorStats({r: cat[n].astype(np.float64) for r, n in zip(REDUCTIONS, red)})
-    return Collected(stats, cat[out_names[0]], provider, seconds)
+    if not images:
+        raise BadData("no calibration images reached the statistics pass")
+    logits = None
+    if keep_per_image:
+        cat = {n: np.concatenate(v) for n, v in kept.items()}
+        logits = cat[logit_name]
+        for tensor, red in per_tensor.items():
+            stats[tensor].per_image = {r: cat[n].astype(np.float64) for r, n in zip(REDUCTIONS, red)}
+    return Collected(stats, logits, provider, seconds)
 
 
 def plain_pass(model: onnx.ModelProto, batches, input_name: str, fixed_batch: int | None = None

@@ -1,5 +1,6 @@
 import os
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -203,6 +204,56 @@ def test_uint8_npz_resizes_and_converts_like_a_folder(tmp_path):
     from_npz = open_(tmp_path / "d.npz", size=(6, 5), channels=1).read(0, 1)
     from_png = open_(tmp_path / "f", size=(6, 5), channels=1).read(0, 1)
     np.testing.assert_array_equal(from_npz, from_png)
+
+
+@pytest.mark.parametrize("save_npz", [np.savez, np.savez_compressed], ids=["stored", "deflated"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, ">f8"])
+def test_npz_x_is_read_per_batch_in_any_order(tmp_path, save_npz, dtype):
+    x = (RNG.random((9, 4, 3, 3)) * 255).astype(dtype)
+    save_npz(tmp_path / "d.npz", X=x, y=np.arange(9))
+    ds = open_(tmp_path / "d.npz")
+    reader = ds._reader.x
+    assert (reader.offset is not None) == (save_npz is np.savez)   # stored: read in place
+    for rows in ([0, 1, 2], [7, 8], [3], [8, 0, 5, 5], [2, 6]):   # ascending passes, a restart, repeats
+        _, got = next(ds.batches(len(rows), np.array(rows)))
+        np.testing.assert_allclose(got, x[rows].astype(np.float32), rtol=1e-6)
+    np.testing.assert_array_equal(ds.labels, np.arange(9))
+
+
+@pytest.mark.parametrize("save_npz", [np.savez, np.savez_compressed], ids=["stored", "deflated"])
+def test_npz_with_corrupted_or_truncated_pixels_is_refused_before_use(tmp_path, save_npz):
+    x = RNG.integers(0, 256, (50, 8, 8), dtype=np.uint8)
+    save_npz(tmp_path / "d.npz", X=x)
+    blob = bytearray((tmp_path / "d.npz").read_bytes())
+    flipped = bytearray(blob)
+    flipped[len(blob) // 3] ^= 0xFF   # inside X's bytes: only the zip's CRC can tell
+    (tmp_path / "flip.npz").write_bytes(flipped)
+    bad(open_, tmp_path / "flip.npz")
+    np.savez(tmp_path / "short.npz", X=np.zeros((4, 8, 8), np.uint8))
+    with zipfile.ZipFile(tmp_path / "short.npz") as zf:
+        member = zf.read("X.npy")
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as zf:   # a valid zip whose X.npy misses its last row
+        zf.writestr("X.npy", member[:-64])
+    assert "promises" in bad(open_, tmp_path / "short.npz")
+
+
+def test_fortran_order_npz_still_reads(tmp_path):
+    x = np.asfortranarray(RNG.integers(0, 256, (3, 4, 5), dtype=np.uint8))
+    np.savez(tmp_path / "d.npz", X=x)
+    np.testing.assert_array_equal(open_(tmp_path / "d.npz").read(0, 3)[..., 0], x.astype(np.float32))
+
+
+@pytest.mark.parametrize("fortran", [False, True])
+def test_npy_rows_are_read_in_place_and_float_checked(tmp_path, fortran):
+    x = RNG.random((5, 4, 4, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", np.asfortranarray(x) if fortran else x)
+    np.testing.assert_array_equal(open_(tmp_path / "x.npy").read(1, 4), x[1:4])
+    x[4, 0, 0, 0] = np.nan
+    np.save(tmp_path / "x.npy", np.asfortranarray(x) if fortran else x)
+    assert "NaN" in bad(open_, tmp_path / "x.npy")
+    blob = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "x.npy").write_bytes(blob[:-10])
+    bad(open_, tmp_path / "x.npy")
 
 
 def test_npy_holds_x(tmp_path):

@@ -48,7 +48,7 @@ def test_collect_matches_brute_force(case):
     build, tensor, rank = CASES[case]
     model = build()
     xs = batches(model)
-    got = collect(model, {tensor: rank}, iter(xs), model.graph.input[0].name)
+    got = collect(model, {tensor: rank}, iter(xs), model.graph.input[0].name, keep_per_image=True)
 
     a = np.concatenate([intermediate(model, tensor, x) for x in xs])
     assert a.ndim == rank
@@ -68,11 +68,26 @@ def test_collect_matches_brute_force(case):
         assert not np.allclose(stats.per_image["mean"], stats.per_image["linf"])
 
 
+def test_streamed_aggregates_equal_the_per_image_ones_and_keep_nothing_per_image():
+    model = M.resnet()
+    tensors = {"stem_relu_out": 4, "b0_conv2_out": 4}
+    xs = batches(model, sizes=(3, 5, 2))
+    streamed = collect(model, tensors, iter(xs), "input")
+    kept = collect(model, tensors, iter(xs), "input", keep_per_image=True)
+    assert streamed.logits is None
+    for tensor in tensors:
+        s, k = streamed.stats[tensor], kept.stats[tensor]
+        assert s.per_image is None and s.count == 10
+        np.testing.assert_array_equal(s.agg("linf_max"), k.per_image["linf"].max(0))
+        for red in REDUCTIONS:
+            np.testing.assert_allclose(s.agg(red), k.per_image[red].mean(0), rtol=1e-12, atol=1e-15)
+
+
 def test_several_tensors_in_one_pass_keep_their_own_statistics():
     model = M.resnet()
     tensors = {"stem_relu_out": 4, "b0_conv2_out": 4, "down_relu2_out": 4}
     xs = batches(model, sizes=(3, 3))
-    got = collect(model, tensors, iter(xs), "input")
+    got = collect(model, tensors, iter(xs), "input", keep_per_image=True)
     for tensor in tensors:
         want = brute_force(np.concatenate([intermediate(model, tensor, x) for x in xs]))
         for red in REDUCTIONS:
@@ -104,7 +119,7 @@ def test_plain_pass_gives_the_same_logits():
     model = M.plain()
     xs = batches(model)
     logits, seconds = plain_pass(model, iter(xs), "input")
-    got = collect(model, {"relu1_out": 4}, iter(xs), "input")
+    got = collect(model, {"relu1_out": 4}, iter(xs), "input", keep_per_image=True)
     np.testing.assert_allclose(logits, got.logits, rtol=1e-6)
     assert seconds >= 0
 
