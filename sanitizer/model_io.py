@@ -13,8 +13,10 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from .errors import BadModel, BadOutput
 
-# Checking a model above protobuf's 2 GiB limit needs the path-based checker.
-_PROTO_LIMIT = 2**31 - 1
+# protobuf cannot serialize a message above 2 GiB, and the in-memory checker serializes: larger models are
+# checked (and shape-inferred, which full_check includes) from a file. A module attribute so that tests can
+# force the file route on a tiny model.
+PROTO_LIMIT = 2**31 - 1
 SUPPORTED_OPSETS = range(7, 24)
 # two elements per byte in raw_data
 _PACKED_4BIT = {getattr(TensorProto, t) for t in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, t)}
@@ -117,11 +119,23 @@ def load_model(path: Path) -> LoadedModel:
 
 
 def check(model: onnx.ModelProto, path: Path | None = None) -> None:
+    """Full check (structure, then strict shape inference) of `model`; `path`, when given, holds this very model."""
     try:
-        if model.ByteSize() > _PROTO_LIMIT and path is not None:
-            onnx.checker.check_model(str(path), full_check=True)
-        else:
+        if model.ByteSize() <= PROTO_LIMIT:
             onnx.checker.check_model(model, full_check=True)
+        elif path is not None:
+            onnx.checker.check_model(str(path), full_check=True)
+        else:   # a model built in memory (the sanitized one): the path-based checker needs it on disk first
+            with tempfile.TemporaryDirectory(prefix="sanitize-check.") as tmp:
+                staged = Path(tmp) / "model.onnx"
+                try:
+                    onnx.save_model(_copy(model), str(staged), save_as_external_data=True,
+                                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+                except OSError as e:   # the environment failed, not the model
+                    raise BadOutput(f"could not stage the model in {tmp} for the checker: {e.strerror or e}") from None
+                onnx.checker.check_model(str(staged), full_check=True)
+    except BadOutput:
+        raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = f"model {path}" if path else "model"
