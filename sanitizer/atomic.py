@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import BadOutput
+from .model_io import is_data_name
 
 
 def check_writable(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
@@ -18,12 +19,16 @@ def check_writable(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) ->
         raise BadOutput(f"output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise BadOutput(f"output folder {folder} is not writable")
-    # an ONNX output may carry its weights in <name>.data beside it: that file is part of the artifact
-    artifact = [path, path.with_name(path.name + ".data")] if path.suffix.lower() == ".onnx" else [path]
-    for p in artifact:
-        for src in inputs:
-            if p.resolve() == Path(src).resolve():
-                raise BadOutput(f"output {p} would replace {src}, which this run reads or writes; choose another path")
+    # an ONNX output may carry its weights in <name>.<sha8>.data beside it (model_io.data_name): such files are
+    # part of the artifact, written or removed with it, so none may be an input
+    is_onnx = path.suffix.lower() == ".onnx"
+    target = path.resolve()
+    for src in inputs:
+        real = Path(src).resolve()
+        if real == target or (is_onnx and real.parent == target.parent and is_data_name(target, real.name)):
+            raise BadOutput(f"output {path} would replace {src}, which this run reads or writes; choose another path")
+    siblings = sorted(p for p in folder.iterdir() if is_data_name(path, p.name)) if is_onnx else []
+    for p in [path, *siblings]:
         if p.is_dir():
             raise BadOutput(f"output {p} is a folder; choose a file path")
         if p.exists() and not force:

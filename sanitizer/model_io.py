@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,28 +149,83 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return clone
 
 
+def data_name(out: Path, sha256: str) -> str:
+    """The external-data file of output `out`, named by its content: a new pair never overwrites the .data
+    file that the model currently on disk references."""
+    return f"{out.name}.{sha256[:8]}.data"
+
+
+def is_data_name(out: Path, name: str) -> bool:
+    """Whether `name` is (or, before content naming, was) an external-data file name of output `out`."""
+    return name == out.name + ".data" or re.fullmatch(re.escape(out.name) + r"\.[0-9a-f]{8}\.data", name) is not None
+
+
+def _referenced_data(out: Path) -> set[Path]:
+    """The data files of the output model now at `out`, to remove once a new model replaced it. Only files
+    named like our own .data beside it: whatever else a hand-edited model points at is not ours to delete."""
+    try:
+        old = onnx.load(str(out), load_external_data=False)
+    except Exception:   # missing or unreadable: nothing we know to be ours
+        return set()
+    found = set()
+    for tensor in external_data_helper._get_all_tensors(old):
+        if external_data_helper.uses_external_data(tensor):
+            loc = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if is_data_name(out, loc):
+                found.add(out.parent / loc)
+    return found
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_model(model: onnx.ModelProto, out: Path, *, external: bool) -> list[Path]:
-    """Write the model (and its .data file when external) so that readers never see a half-written pair."""
+    """Write the model (and its .data file when external) so that at every instant the model file on disk
+    references a complete .data file that matches it.
+
+    The .data file is named by its content hash and renamed into place first; the model file is renamed
+    last; only then is the .data file of the replaced model removed. A crash at any step leaves either the
+    old model with its old .data or the new model with its new .data (plus, at worst, a stray old .data)."""
     out = Path(out)
     written = [out]
+    stale = _referenced_data(out)
     try:
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
             tmp_model = Path(tmp) / out.name
             if external:
                 # save_model moves tensors out of the proto it is given; keep the caller's model whole.
                 model = _copy(model)
-                data_name = out.name + ".data"
                 onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                                location=data_name, size_threshold=1024)
-                written.append(out.parent / data_name)
+                                location="staged.data", size_threshold=1024)
+                staged = Path(tmp) / "staged.data"
+                if staged.exists():   # absent when every tensor was small enough to stay inline
+                    final = out.parent / data_name(out, sha256_file(staged))
+                    for tensor in external_data_helper._get_all_tensors(model):
+                        for entry in tensor.external_data:
+                            if entry.key == "location":
+                                entry.value = final.name
+                    onnx.save_model(model, str(tmp_model))
+                    _fsync(staged)
+                    # a rename within one folder: never a copy that a crash could leave half done; an existing
+                    # file of that name has the same content, so replacing it changes nothing for its readers
+                    os.replace(staged, final)
+                    _fsync(out.parent)   # the .data rename is durable before the model that needs it appears
+                    written.append(final)
             else:
                 onnx.save_model(model, str(tmp_model))
-            for final in reversed(written):  # data first: the model file appears last, only when both are complete
-                staged = Path(tmp) / final.name
-                with open(staged, "rb") as f:
-                    os.fsync(f.fileno())
-                # a rename within one folder: never a copy that a crash could leave half done
-                os.replace(staged, final)
+            _fsync(tmp_model)
+            os.replace(tmp_model, out)
+            _fsync(out.parent)
     except OSError as e:   # disk full, folder removed or made read-only during the run
         raise BadOutput(f"could not write {out}: {e.strerror or e}") from None
+    for old in stale - set(written):
+        try:
+            old.unlink()
+        except OSError:   # a leftover file wastes space but breaks nothing: the model no longer references it
+            pass
     return written

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import onnx
@@ -149,11 +150,13 @@ def test_external_data_in_external_data_out(cli, write_model, write_npz, tmp_pat
 
     report = load_report(report_path)
     assert report["input"]["external_data"] is True
-    assert sorted(p.name for p in out.parent.iterdir()) == ["clean.onnx", "clean.onnx.data"]
+    model_file, data_file = sorted(out.parent.iterdir())
+    assert model_file == out and re.fullmatch(r"clean\.onnx\.[0-9a-f]{8}\.data", data_file.name)
+    assert data_file.name == f"clean.onnx.{hashlib.sha256(data_file.read_bytes()).hexdigest()[:8]}.data"
     skeleton = onnx.load(str(out), load_external_data=False)
     assert any(external_data_helper.uses_external_data(t) for t in skeleton.graph.initializer)
     assert {e.value for t in skeleton.graph.initializer if external_data_helper.uses_external_data(t)
-            for e in t.external_data if e.key == "location"} == {"clean.onnx.data"}
+            for e in t.external_data if e.key == "location"} == {data_file.name}
     onnx.checker.check_model(str(out), full_check=True)
     w = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     assert sum(not w["conv2.weight"][c].any() for c in range(8)) == 4
