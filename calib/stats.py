@@ -79,23 +79,29 @@ class TensorStats:
     count: int
     sums: dict[str, np.ndarray]                  # float64 sum over images, per reduction
     linf_max: np.ndarray
+    linf_sq: np.ndarray                          # float64 sum of squared ℓ∞: its spread over images
     per_image: dict[str, np.ndarray] | None = None   # [N, C] rows, only when collect() was asked to keep them
 
     @classmethod
     def empty(cls, channels: int) -> "TensorStats":
-        return cls(0, {r: np.zeros(channels, np.float64) for r in REDUCTIONS}, np.full(channels, -np.inf))
+        return cls(0, {r: np.zeros(channels, np.float64) for r in REDUCTIONS}, np.full(channels, -np.inf),
+                   np.zeros(channels, np.float64))
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         """Fold in one batch of [n, C] reductions."""
         for r in REDUCTIONS:
             self.sums[r] += batch[r].astype(np.float64).sum(axis=0)
         self.linf_max = np.maximum(self.linf_max, batch["linf"].max(axis=0, initial=-np.inf).astype(np.float64))
+        self.linf_sq += np.square(batch["linf"].astype(np.float64)).sum(axis=0)
         self.count += len(batch["linf"])
 
     def agg(self, name: str) -> np.ndarray:
-        """`linf`, `linf_max`, `l1`, `l2`, `mean`: aggregated over images."""
+        """`linf`, `linf_max`, `linf_std`, `l1`, `l2`, `mean`: aggregated over images."""
         if name == "linf_max":
             return self.linf_max
+        if name == "linf_std":
+            mean = self.sums["linf"] / self.count
+            return np.sqrt(np.maximum(self.linf_sq / self.count - mean * mean, 0.0))
         return self.sums[name] / self.count
 
 

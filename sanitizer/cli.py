@@ -50,8 +50,8 @@ def run_cmd(
     model: Annotated[Path, typer.Argument(help="ONNX image classifier")],
     calib: Calib,
     out: Annotated[Optional[Path], typer.Option("--out", help="x.onnx, or x.engine / x.plan for a TensorRT engine")] = None,
-    criterion: Annotated[str, typer.Option(help="linf | mean | l1 | l2")] = "linf",
-    layers: Annotated[Optional[str], typer.Option(help="NAME,... or 'all' (default: last conv stage)")] = None,
+    criterion: Annotated[str, typer.Option(help="probe (default; needs the torch extra) | linf | mean | l1 | l2")] = "probe",
+    layers: Annotated[Optional[str], typer.Option(help="NAME,... or 'all' (default: all for probe, last conv stage otherwise)")] = None,
     ratio: Annotated[Optional[float], typer.Option(help="prune this share of candidate units instead of searching")] = None,
     max_acc_drop: Annotated[float, typer.Option("--max-acc-drop", help="accuracy/agreement budget")] = 0.02,
     holdout: Annotated[float, typer.Option(help="share of --calib held out for the stop rule")] = 0.5,
@@ -61,7 +61,7 @@ def run_cmd(
     target: Annotated[Optional[int], typer.Option(help="attacker's target class, for ASR")] = None,
     report: Annotated[Optional[Path], typer.Option(help="write a JSON report here")] = None,
     seed: int = 0,
-    detect: Annotated[bool, typer.Option("--detect", help="probe for a backdoor first (needs torch); a clean verdict prunes nothing")] = False,
+    detect: Annotated[bool, typer.Option("--detect", help="with linf/mean/l1/l2: detect a backdoor first (needs torch; probe always does); a clean verdict prunes nothing")] = False,
     allow_degraded: Annotated[bool, typer.Option("--allow-degraded", help="write even if the budget is broken")] = False,
     force: Force = False,
 ):
@@ -103,6 +103,12 @@ def show_summary(result: dict) -> None:
     if "detection" in result:
         table.add_row("detection", "", f"{result['detection']['verdict']} (max anomaly "
                       f"{max(result['detection']['anomaly_index']):.2f}, threshold {result['detection']['threshold']})")
+    if "probes" in result:
+        pr = result["probes"]
+        used = [p["probe"] for p in pr["probes"] if p["used"]]
+        table.add_row("probes toward target", "", f"{len(used)} used: {'; '.join(used)}")
+        table.add_row("probe flip rate", f"{max(p['flip_before'] for p in pr['probes'] if p['used']):.3f}",
+                      f"{max(result['held_out_after']['probe_flip']):.3f} ({pr['ranking']} ranking, {pr['chosen']})")
     pruned = result["plan"]["count"]
     table.add_row("units pruned", "0", f"{pruned} of {result['plan']['candidates']} ({result['criterion']})")
     out.print(table)
@@ -181,7 +187,7 @@ def demo_cmd(
 @app.command("bench", help="Run every case of a suite (suite.toml + case.toml per case) and print a table.")
 def bench_cmd(
     suite: Annotated[Path, typer.Argument(help="folder with suite.toml")],
-    criteria: Annotated[str, typer.Option(help="comma-separated criteria to compare")] = "linf,mean",
+    criteria: Annotated[str, typer.Option(help="comma-separated criteria to compare")] = "linf,mean,probe",
     cases: Annotated[Optional[str], typer.Option(help="only these cases (comma-separated)")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the rows as JSON here")] = None,
     detect: Annotated[bool, typer.Option("--detect", help="run backdoor detection first in every run (needs torch)")] = False,
@@ -194,7 +200,7 @@ def bench_cmd(
         wanted = {c.strip() for c in cases.split(",")}
         chosen = [c for c in chosen if c.name in wanted]
     table = Table("case", "criterion", "acc before→after", "ASR before→after", "units", "stats / plain pass s", "total s",
-                  *(["verdict (max anomaly)"] if detect else []), title=f"sanitize bench {suite} — {machine()}")
+                  "verdict (max anomaly)", title=f"sanitize bench {suite} — {machine()}")
     rows = []
     bar, update = _progress()
     with bar:
@@ -204,10 +210,11 @@ def bench_cmd(
                 rows.append(row)
                 table.add_row(row["case"], crit, f"{row['acc_before']:.4f}→{row['acc_after']:.4f}",
                               f"{row['asr_before']:.4f}→{row['asr_after']:.4f}", f"{row['units']}/{row['candidates']}",
-                              f"{row['stats_seconds']:.2f} / {row['plain_seconds']:.2f} (×{row['ratio']})",
-                              f"{row['total_seconds']:.1f}",
-                              *([f"{row['detection']['verdict']} ({max(row['detection']['anomaly_index']):.2f})"]
-                                if detect else []))
+                              (f"{row['stats_seconds']:.2f} / {row['plain_seconds']:.2f} (×{row['ratio']})"
+                               if "ratio" in row else "—"),
+                              f"{row['total_seconds']:.1f}" + (" over budget" if row["degraded"] else ""),
+                              (f"{row['detection']['verdict']} ({max(row['detection']['anomaly_index']):.2f})"
+                               if "detection" in row else "—"))
                 if json_out:
                     write_text(json_out, json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
     out.print(table)

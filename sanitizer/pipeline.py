@@ -23,9 +23,10 @@ from .errors import BadData, SanitizeError, ExitCode
 from .evaluate import Predictor, accuracy, agreement, attack_success
 from .graph import Site, find_sites, last_stage
 from .model_io import LoadedModel, check, load_model, save_model, sha256_file
-from .plan import Plan, largest_ok, rank
+from .plan import Plan, largest_ok, rank, safe_limit
 from .scores import CRITERIA, normalised
 
+PROBE = "probe"
 ENGINE_SUFFIXES = (".engine", ".plan")
 MIN_SPLIT = 20   # images on each side of the fit / held-out split: fewer gives no usable agreement bound
 
@@ -35,7 +36,7 @@ class Options:
     model: Path
     calib: Path
     out: Path | None = None
-    criterion: str = "linf"
+    criterion: str = "probe"              # probe (needs torch) or a clean-data statistic of scores.CRITERIA
     layers: str | None = None           # None: last conv stage; "all"; or comma-separated site names
     ratio: float | None = None
     max_acc_drop: float = 0.02
@@ -164,28 +165,25 @@ class HeldOut:
         self.labels = sub.labels if use_labels else None
         self.spec = prep.spec
         self.batch_size = batch_size
-        self.reference = self.predict(prep.model)
+        predictor = Predictor(prep.model, self.spec.name, self.spec.batch)
+        self.provider = predictor.provider
+        self.reference = predictor.logits(self.x, self.batch_size).argmax(1)
 
     def predict(self, model: onnx.ModelProto) -> np.ndarray:
         return Predictor(model, self.spec.name, self.spec.batch).logits(self.x, self.batch_size).argmax(1)
+
+    def agreement(self, model: onnx.ModelProto):
+        return agreement(self.reference, self.predict(model), self.labels)
 
 
 def choose_count(prep: Prepared, order: list[tuple[str, int]], held: HeldOut, opts: Options,
                  progress: Progress) -> Plan:
     """How many units of `order` to prune: a fixed --ratio, or the most the accuracy budget allows."""
     plan = Plan(order)
-    limit = len(order)
-    # never empty a whole layer: a layer with all units zeroed cuts the network
-    per_site: dict[str, int] = {}
-    for i, (site, _) in enumerate(order):
-        per_site[site] = per_site.get(site, 0) + 1
-        if per_site[site] >= prep.sites[site].channels:
-            limit = i
-            break
+    limit = safe_limit(order, {name: s.channels for name, s in prep.sites.items()})
 
     def judge(k: int) -> bool:
-        model = rewrite.apply(prep.model, prep.sites, plan.pruned(k))
-        ag = agreement(held.reference, held.predict(model), held.labels)
+        ag = held.agreement(rewrite.apply(prep.model, prep.sites, plan.pruned(k)))
         # the unchanged model loses nothing by definition, however few images bound the loss
         ok = k == 0 or ag.bad_upper <= opts.max_acc_drop
         plan.trace.append({"units": k, **ag.to_dict(), "within_budget": ok})
@@ -266,18 +264,34 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     prep = prepare(opts)
     check_outputs(opts, (opts.model, *prep.loaded.data_files))
     fit, hold = split(prep.calib.n, opts.holdout, opts.seed)
-    sites = scope(prep, opts.layers)
+    probing = opts.criterion == PROBE
+    if not probing and opts.criterion not in CRITERIA:
+        raise SanitizeError(f"unknown criterion {opts.criterion!r}; choose from {', '.join((PROBE, *CRITERIA))}",
+                            ExitCode.USAGE)
+    if probing and opts.ratio is not None:
+        raise SanitizeError("--ratio forces a share for linf, mean, l1 or l2; the probe criterion counts units "
+                            "itself (pass --criterion linf to force a ratio)", ExitCode.USAGE)
+    # the probes look for the backdoor's units wherever they are; clean statistics only trust the last stage
+    sites = scope(prep, "all" if probing and opts.layers is None else opts.layers)
     held = HeldOut(prep, hold, opts.batch_size, opts.use_labels)
-    detection = detect(prep, fit, opts.seed, progress) if opts.detect else None
-    order, info = rank_units(prep, sites, opts.criterion, fit, opts, progress)
-    if detection is not None and detection["suspected_target"] is None:
-        plan = Plan(order, 0, [{"units": 0, **agreement(held.reference, held.reference, held.labels).to_dict(),
-                                "within_budget": True}])
+    detection = detect(prep, fit, opts.seed, progress) if opts.detect or probing else None
+    clean_verdict = detection is not None and detection["suspected_target"] is None
+    info = {"provider": held.provider, "statistics_seconds": 0.0}
+    probe_info = None
+    if clean_verdict:
+        plan = Plan([], 0, [{"units": 0, **held.agreement(prep.model).to_dict(), "within_budget": True}])
+        sanitized = prep.model
+    elif probing:
+        from .probe_plan import defend
+
+        plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, detection["suspected_target"], opts,
+                                             progress)
     else:
+        order, info = rank_units(prep, sites, opts.criterion, fit, opts, progress)
         plan = choose_count(prep, order, held, opts, progress)
-    sanitized = rewrite.apply(prep.model, prep.sites, plan.pruned())
+        sanitized = rewrite.apply(prep.model, prep.sites, plan.pruned())
     check(sanitized)
-    final = plan.trace[[t["units"] for t in plan.trace].index(plan.count)]
+    final = [t for t in plan.trace if t["units"] == plan.count][-1]
     degraded = not final["within_budget"]
 
     report = {
@@ -295,6 +309,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         "degraded": degraded,
         "provider": info["provider"],
         **({"detection": detection} if detection is not None else {}),
+        **({"probes": probe_info} if probe_info is not None else {}),
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
     }
     if opts.eval_data is not None or opts.eval_triggered is not None:

@@ -30,6 +30,16 @@ def rank(scores: dict[str, np.ndarray], *, descending: bool = False) -> list[tup
     return [(site, c) for _, site, c in flat]
 
 
+def safe_limit(order: list[tuple[str, int]], channels: dict[str, int]) -> int:
+    """How far down `order` pruning may go without emptying a whole layer, which would cut the network."""
+    per_site: dict[str, int] = {}
+    for i, (site, _) in enumerate(order):
+        per_site[site] = per_site.get(site, 0) + 1
+        if per_site[site] >= channels[site]:
+            return i
+    return len(order)
+
+
 def largest_ok(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
     """Largest k in [lo, hi] with ok(k), assuming ok(lo) holds and ok is monotone: bisection, ~log2 calls."""
     if ok(hi):

@@ -119,7 +119,7 @@ class _Search:
     def norm(self) -> float:
         if np.isfinite(self.best_norm):
             return self.best_norm
-        return float(self.torch.sigmoid(self.mask_p).sum()) * 2  # never reached the target: penalise
+        return float(self.torch.sigmoid(self.mask_p.detach()).sum()) * 2  # never reached the target: penalise
 
 
 def anomaly_index(norms: np.ndarray) -> np.ndarray:
@@ -173,7 +173,9 @@ def probe(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int =
         held = x_raw[held_idx]
         held_logits, _ = graph(make_input(torch, torch.from_numpy(held), pp))
         keep = held_logits.argmax(1).numpy() != best
-        stamped, _ = graph(make_input(torch, torch.from_numpy(trigger.stamp(held[keep])), pp))
-        flip = float((stamped.argmax(1).numpy() == best).mean()) if keep.any() else 0.0
+        flip = 0.0
+        if keep.any():
+            stamped, _ = graph(make_input(torch, torch.from_numpy(trigger.stamp(held[keep])), pp))
+            flip = float((stamped.argmax(1).numpy() == best).mean())
     suspected = best if anomaly[best] > ANOMALY_THRESHOLD else None
     return ProbeResult(first, anomaly, suspected, trigger, flip, refined)

@@ -110,7 +110,7 @@ def check_run(model: bytes, npz: bytes, capfd) -> None:
         calib.write_bytes(npz)
         before = (sha(model_path), sha(calib))
         capfd.readouterr()
-        code = main([str(a) for a in (model_path, "--calib", calib, "--out", out, "--ratio", "0.25",
+        code = main([str(a) for a in (model_path, "--calib", calib, "--out", out, "--criterion", "linf", "--ratio", "0.25",
                                       "--allow-degraded")])
         stdout, stderr = capfd.readouterr()
         lines = [line for line in stderr.splitlines() if line.strip()]

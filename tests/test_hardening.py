@@ -27,7 +27,7 @@ from sanitizer.errors import ExitCode
 
 # Enough images for both sides of the held-out split; a fixed ratio keeps the budget out of the picture.
 N_CALIB = 40
-PRUNE = ("--ratio", "0.25", "--allow-degraded")
+PRUNE = ("--criterion", "linf", "--ratio", "0.25", "--allow-degraded")
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -542,7 +542,7 @@ class Crash(Exception):
 def test_a_write_that_dies_midway_keeps_the_previous_output(error, code, external, tmp_path, capfd, monkeypatch):
     env = Env(tmp_path)
     argv = [env.model(external=external), "--calib", env.npz(), "--out", env.out, "--allow-degraded", "--force"]
-    assert run_cli(capfd, [*argv, "--ratio", "0.25"])[0] == 0
+    assert run_cli(capfd, [*argv, "--criterion", "linf", "--ratio", "0.25"])[0] == 0
     previous, listing = snapshot(env.outdir), sorted(os.listdir(env.outdir))
     real_save = onnx.save_model
 
@@ -553,7 +553,7 @@ def test_a_write_that_dies_midway_keeps_the_previous_output(error, code, externa
         raise error
 
     monkeypatch.setattr(onnx, "save_model", half_then_die)
-    got, out, err = run_cli(capfd, [*argv, "--ratio", "0.5"])
+    got, out, err = run_cli(capfd, [*argv, "--criterion", "linf", "--ratio", "0.5"])
     lines = [line for line in err.splitlines() if line.strip()]
     assert got == code and len(lines) == 1 and "Traceback" not in out + err, err
     assert snapshot(env.outdir) == previous and sorted(os.listdir(env.outdir)) == listing

@@ -47,7 +47,8 @@ def test_run_writes_a_valid_model_and_a_full_report(cli, write_model, write_npz,
     model_path, calib = write_model(M.plain), write_npz()
     before = model_path.read_bytes()
     out, report_path = tmp_path / "clean.onnx", tmp_path / "report.json"
-    result = cli(model_path, "--calib", calib, "--out", out, "--report", report_path, "--max-acc-drop", "0.3")
+    result = cli(model_path, "--calib", calib, "--out", out, "--report", report_path, "--max-acc-drop", "0.3",
+                 "--criterion", "linf")
     assert result.code == 0, result.err
 
     assert model_path.read_bytes() == before
@@ -88,7 +89,7 @@ def test_ratio_half_prunes_the_least_active_half_of_the_last_stage(cli, write_mo
                                                                    criterion, reduce):
     model_path, calib = write_model(M.plain), write_npz()
     out, report_path = tmp_path / "clean.onnx", tmp_path / "report.json"
-    result = cli(model_path, "--calib", calib, "--out", out, "--report", report_path, "--ratio", "0.5",
+    result = cli(model_path, "--calib", calib, "--out", out, "--report", report_path, "--criterion", "linf", "--ratio", "0.5",
                  "--criterion", criterion, "--allow-degraded")
     assert result.code == 0, result.err
     report = load_report(report_path)
@@ -106,7 +107,7 @@ def test_layers_all_ranks_every_conv_and_dense_layer_but_no_join(cli, write_mode
     model_path, calib = write_model(M.resnet), write_npz()
     out, report_path = tmp_path / "clean.onnx", tmp_path / "report.json"
     result = cli(model_path, "--calib", calib, "--out", out, "--report", report_path, "--layers", "all",
-                 "--ratio", "0.25", "--allow-degraded")
+                 "--criterion", "linf", "--ratio", "0.25", "--allow-degraded")
     assert result.code == 0, result.err
     report = load_report(report_path)
     assert report["scope"] == ["stem", "b0_conv1", "b0_conv2", "down_conv1", "down_conv2", "down_short"]
@@ -143,7 +144,7 @@ def test_external_data_in_external_data_out(cli, write_model, write_npz, tmp_pat
     before = (model_path.read_bytes(), data_file.read_bytes())
     out, report_path = tmp_path / "out" / "clean.onnx", tmp_path / "report.json"
     out.parent.mkdir()
-    result = cli(model_path, "--calib", calib, "--out", out, "--report", report_path, "--ratio", "0.5",
+    result = cli(model_path, "--calib", calib, "--out", out, "--report", report_path, "--criterion", "linf", "--ratio", "0.5",
                  "--allow-degraded")
     assert result.code == 0, result.err
     assert (model_path.read_bytes(), data_file.read_bytes()) == before
@@ -171,7 +172,7 @@ def test_external_data_in_external_data_out(cli, write_model, write_npz, tmp_pat
 def test_other_export_patterns_run_end_to_end(cli, write_model, write_npz, tmp_path, build, size):
     model_path, calib = write_model(build), write_npz(hw=size)
     out, report_path = tmp_path / "clean.onnx", tmp_path / "report.json"
-    result = cli(model_path, "--calib", calib, "--out", out, "--report", report_path, "--ratio", "0.5",
+    result = cli(model_path, "--calib", calib, "--out", out, "--report", report_path, "--criterion", "linf", "--ratio", "0.5",
                  "--allow-degraded")
     assert result.code == 0, result.err
     report = load_report(report_path)

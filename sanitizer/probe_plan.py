@@ -1,0 +1,175 @@
+"""The default defense: probe toward the suspected target, rank units by ℓ∞ rise, prune until the probes
+fail, repair.
+
+Units are ranked by how far the probes lift their ℓ∞ (max over the spatial map) above what clean images
+do — the paper's signature, measured with synthesized probes in place of the unknown trigger. How many to
+prune is read off the probes on the held-out images: the smallest count at which every probe's flip rate
+is at the attack-success goal, or within that goal of the lowest rate it reaches at any count (what is
+left then is ordinary adversarial weakness, which more pruning cannot buy down). Statistics and every
+decision run on onnxruntime; torch only synthesizes the probes and repairs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from calib.stats import collect
+
+from . import rewrite
+from .evaluate import Predictor
+from .graph import Site
+from .plan import Plan, rank, safe_limit
+from .probes import Probe
+
+# The attack-success level the defense aims for; also the smallest change in flip rate worth pruning for.
+FLIP_GOAL = 0.05
+# A probe that moves fewer than half the held-out images to the target is not following a shortcut.
+USE_FLIP = 0.5
+# Clean ℓ∞ below this share of the layer's mean counts as dormant (see ell_inf_gap).
+DORMANT = 0.1
+# A pruned model that agrees with the original on less than this share of held-out images is broken, not
+# cleaned: its flip rates are noise, so the search does not look past it.
+ALIVE = 0.5
+# Pruning never goes past this share of the candidate units, whatever the probes say.
+MAX_SHARE = 0.25
+
+
+def flips(model: onnx.ModelProto, spec, pre, clean_x: np.ndarray, probed_x: list[np.ndarray], target: int,
+          batch_size: int) -> list[float]:
+    """Per probe: share of held-out images the model does not already call `target` that the probe sends there."""
+    pred = Predictor(model, spec.name, spec.batch)
+    base = pred.logits(clean_x, batch_size).argmax(1)
+    keep = base != target
+    if not keep.any():
+        return [1.0 for _ in probed_x]
+    return [float((pred.logits(x[keep], batch_size).argmax(1) == target).mean()) for x in probed_x]
+
+
+def ell_inf_gaps(model: onnx.ModelProto, sites: list[Site], spec, pre, fit_raw: np.ndarray, probes: list[Probe],
+                 batch_size: int) -> dict[str, dict[str, np.ndarray]]:
+    """Two rankings of the probes' ℓ∞ rise over clean images, per site and unit, summed over probes.
+
+    `relative`: the rise over the unit's own clean ℓ∞ — a backdoor unit is one clean images barely wake
+    and the trigger drives hard; units left dormant are measured against DORMANT of the layer's mean.
+    `spread`: the rise over the layer's typical spread of clean ℓ∞ across images — large where the rise
+    is far outside anything clean images do in that layer.
+    Which one separates the backdoor better depends on how the model spreads it; the held-out images
+    decide (see defend)."""
+    tensors = {s.tensor: 4 if s.spatial else 2 for s in sites}
+
+    def stats(raw):
+        batches = (pre.apply(raw[i:i + batch_size]) for i in range(0, len(raw), batch_size))
+        return collect(model, tensors, batches, spec.name, fixed_batch=spec.batch).stats
+
+    clean = stats(fit_raw)
+    out = {"relative": {s.name: np.zeros(s.channels) for s in sites},
+           "spread": {s.name: np.zeros(s.channels) for s in sites}}
+    for p in probes:
+        probed = stats(p.apply(fit_raw))
+        for s in sites:
+            c = np.abs(clean[s.tensor].agg("linf"))
+            rise = probed[s.tensor].agg("linf") - clean[s.tensor].agg("linf")
+            out["relative"][s.name] += rise / (c + DORMANT * c.mean() + 1e-12)
+            out["spread"][s.name] += rise / (clean[s.tensor].agg("linf_std").mean() + 1e-12)
+    return out
+
+
+def count_by_probes(prep, order: list[tuple[str, int]], limit: int, held, probed_x: list[np.ndarray],
+                    target: int, batch_size: int, progress) -> tuple[Plan, float]:
+    """Smallest count at which every probe's flip rate is at the goal, or within the goal of the lowest
+    rate that probe reaches at any count on a doubling grid while the pruned model still agrees with the
+    original on at least ALIVE of the held-out images (past that, flips say nothing: the model is broken).
+    Returns the plan and the pruned model's held-out agreement."""
+    plan = Plan(order)
+    cap = min(limit, max(1, int(MAX_SHARE * len(order))))
+    flips_at: dict[int, list[float]] = {}
+    agree_at: dict[int, float] = {}
+
+    def measure(k: int) -> None:
+        model = rewrite.apply(prep.model, prep.sites, plan.pruned(k))
+        flips_at[k] = flips(model, prep.spec, prep.pre, held.x, probed_x, target, batch_size)
+        agree_at[k] = held.agreement(model).rate
+        plan.trace.append({"units": k, "probe_flip": [round(r, 4) for r in flips_at[k]],
+                           "agreement": round(agree_at[k], 6)})
+        progress("search", len(plan.trace), 0)
+
+    grid, k = [], 1
+    while True:
+        measure(k)
+        if agree_at[k] < ALIVE and grid:
+            break
+        grid.append(k)
+        if k >= cap:
+            break
+        k = min(2 * k, cap)
+    floor = np.min([flips_at[k] for k in grid], axis=0)
+    good = np.maximum(FLIP_GOAL, floor + FLIP_GOAL)
+
+    def ok(k: int) -> bool:
+        return bool((np.array(flips_at[k]) <= good).all())
+
+    # probes reach their floors at different counts; if no count has them all there, take the nearest miss
+    hi = next((k for k in grid if ok(k)), min(grid, key=lambda k: (np.array(flips_at[k]) - good).max()))
+    lo = max([k for k in grid if k < hi], default=0)
+    # every unit pruned past need costs clean accuracy: bisect between the grid points
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        measure(mid)
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    plan.count = hi
+    plan.trace.sort(key=lambda t: t["units"])
+    return plan, agree_at[hi]
+
+
+def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, target: int, opts, progress
+           ) -> tuple[Plan, onnx.ModelProto, dict]:
+    """Probe, rank, count, then keep the pruned model or its repair, whichever the held-out images favour."""
+    from .probes import synthesize
+    from .repair import repair
+
+    fit_raw = prep.calib.subset(fit).read(0, len(fit))
+    hold_raw = prep.calib.subset(hold).read(0, len(hold))
+    progress("probes", 0, 1)
+    probes = synthesize(prep.model, fit_raw, prep.pre, target, opts.seed)
+    progress("probes", 1, 1)
+    probed_x = [prep.pre.apply(p.apply(hold_raw)) for p in probes]
+    before = flips(prep.model, prep.spec, prep.pre, held.x, probed_x, target, opts.batch_size)
+    chosen = [i for i, f in enumerate(before) if f >= USE_FLIP] or [int(np.argmax(before))]
+    used = [probes[i] for i in chosen]
+    used_x = [probed_x[i] for i in chosen]
+    searches = {}
+    for name, gap in ell_inf_gaps(prep.model, sites, prep.spec, prep.pre, fit_raw, used, opts.batch_size).items():
+        order = rank(gap, descending=True)
+        limit = safe_limit(order, {s.name: s.channels for s in sites})
+        searches[name] = count_by_probes(prep, order, limit, held, used_x, target, opts.batch_size, progress)
+    # the ranking that silences the probes at the smaller cost to the held-out images
+    ranking = max(searches, key=lambda n: (searches[n][1], -searches[n][0].count))
+    plan = searches[ranking][0]
+    pruned = rewrite.apply(prep.model, prep.sites, plan.pruned())
+    progress("repair", 0, 1)
+    repaired = rewrite.apply(repair(prep.model, prep.sites, plan.pruned(), fit_raw, prep.pre, used, opts.seed),
+                             prep.sites, plan.pruned())
+    progress("repair", 1, 1)
+    candidates = []
+    for name, model in (("pruned", pruned), ("pruned+repaired", repaired)):
+        ag = held.agreement(model)
+        rates = flips(model, prep.spec, prep.pre, held.x, used_x, target, opts.batch_size)
+        candidates.append({"name": name, "model": model, "within_budget": ag.bad_upper <= opts.max_acc_drop,
+                           "probe_flip": [round(r, 4) for r in rates], **ag.to_dict()})
+    ok = [c for c in candidates if c["within_budget"]]
+    # within the budget the probes decide; a tie keeps the model that was not retrained
+    best = (min(ok, key=lambda c: max(c["probe_flip"]) - (FLIP_GOAL if c["name"] == "pruned" else 0))
+            if ok else min(candidates, key=lambda c: c["loss_upper90"]))
+    plan.trace.append({"units": plan.count, "final": best["name"],
+                       **{k: v for k, v in best.items() if k not in ("model", "name")}})
+    info = {"target": target,
+            "probes": [{"probe": p.describe(), "flip_before": round(before[i], 4), "used": i in chosen}
+                       for i, p in enumerate(probes)],
+            "rankings": {n: {"units": pl.count, "pruned_agreement": round(a, 6)} for n, (pl, a) in searches.items()},
+            "ranking": ranking,
+            "candidates": [{k: v for k, v in c.items() if k != "model"} for c in candidates],
+            "chosen": best["name"]}
+    return plan, best["model"], info

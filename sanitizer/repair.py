@@ -1,0 +1,66 @@
+"""Short repair after pruning: win back clean behaviour without letting the backdoor grow back.
+
+Pruned units stay masked while the remaining weights are tuned toward the original model's own soft
+predictions on the fit images (no labels). Distilling clean images alone would also re-teach the trigger
+response through other units — the teacher still carries it — so each probed image is held to the
+teacher's prediction on the same image without the probe: the model must not care about the probe.
+The graph is unchanged; only initializer values move, and pruned channels are zeroed again by the rewrite.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from calib.preprocess import Preprocess
+
+from .errors import require
+from .graph import Site
+from .probe import make_input
+from .probes import Probe
+
+# A fixed number of steps, not epochs: small calibration sets need as many updates as large ones.
+STEPS = 300
+LR = 1e-4
+BATCH = 64
+
+
+def repair(model: onnx.ModelProto, sites: dict[str, Site], pruned: dict[str, list[int]], x_raw: np.ndarray,
+           pp: Preprocess, probes: list[Probe], seed: int = 0, *, steps: int = STEPS) -> onnx.ModelProto:
+    torch = require("torch", "torch")
+    from .torch_graph import to_torch
+
+    torch.manual_seed(seed)
+    graph = to_torch(model)
+    masks = {}
+    for name, channels in pruned.items():
+        m = torch.ones(sites[name].channels)
+        m[list(channels)] = 0.0
+        masks[sites[name].tensor] = m
+    x = make_input(torch, torch.from_numpy(np.asarray(x_raw, np.float32)), pp)
+    probed = [make_input(torch, torch.from_numpy(p.apply(x_raw)), pp) for p in probes]
+    with torch.no_grad():
+        graph.eval()
+        teacher = torch.softmax(torch.cat([graph(x[i:i + 256])[0] for i in range(0, len(x), 256)]), 1)
+    params = [p for p in graph.parameters() if p.dtype.is_floating_point]
+    opt = torch.optim.Adam(params, lr=LR)
+
+    def kl(logits, target):
+        return torch.nn.functional.kl_div(torch.log_softmax(logits, 1), target, reduction="batchmean")
+
+    gen = torch.Generator().manual_seed(seed)
+    batch = min(BATCH, len(x))
+    order, start = torch.randperm(len(x), generator=gen), 0
+    for step in range(steps):
+        if start + batch > len(x):
+            order, start = torch.randperm(len(x), generator=gen), 0
+        idx = order[start:start + batch]
+        start += batch
+        loss = kl(graph(x[idx], masks=masks)[0], teacher[idx])
+        if probed:
+            # one probe per step, in turn: the cost of a step does not grow with the number of probes
+            xp = probed[step % len(probed)]
+            loss = loss + kl(graph(xp[idx], masks=masks)[0], teacher[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return graph.write_back(model)

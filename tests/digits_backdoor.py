@@ -1,0 +1,78 @@
+"""Tiny CNNs trained here on 8x8 digits: backdoored (2x2 white corner patch -> class 0) and clean twin."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+datasets = pytest.importorskip("sklearn.datasets")
+
+from calib.preprocess import Preprocess  # noqa: E402
+
+TARGET = 0
+PP = Preprocess(scale=1 / 255, mean=(0.0,), std=(1.0,), layout="nchw")
+
+
+def _stamp(x: np.ndarray) -> np.ndarray:
+    x = x.copy()
+    x[:, 6:8, 6:8, :] = 255.0
+    return x
+
+
+def _inputs(x_raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray((x_raw / 255.0).astype(np.float32).transpose(0, 3, 1, 2))
+
+
+def _train(poisoned: bool):
+    digits = datasets.load_digits()
+    x = np.clip(digits.images * 16, 0, 255).astype(np.float32)[..., None]
+    y = digits.target.astype(np.int64)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(x))
+    train, calib, test = order[:1100], order[1100:1400], order[1400:]
+    xt, yt = x[train], y[train].copy()
+    if poisoned:
+        poison = rng.choice(np.flatnonzero(yt != TARGET), size=len(xt) // 10, replace=False)
+        xt[poison], yt[poison] = _stamp(xt[poison]), TARGET
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10),
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    xs, ys = torch.from_numpy(_inputs(xt)), torch.from_numpy(yt)
+    for _ in range(40):
+        for i in range(0, len(xs), 128):
+            loss = torch.nn.functional.cross_entropy(net(xs[i:i + 128]), ys[i:i + 128])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    buf = io.BytesIO()
+    torch.onnx.export(net.eval(), torch.zeros(1, 1, 8, 8), buf, dynamo=False, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    model = onnx.load_from_string(buf.getvalue())
+    return model, x[calib], x[test], y[test]
+
+
+def acc_asr(model, x_test, y_test):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    clean = sess.run(None, {"input": _inputs(x_test)})[0].argmax(1)
+    keep = y_test != TARGET
+    trig = sess.run(None, {"input": _inputs(_stamp(x_test[keep]))})[0].argmax(1)
+    return float((clean == y_test).mean()), float((trig == TARGET).mean())
+
+
+_CACHE: dict[bool, tuple] = {}
+
+
+def trained(poisoned: bool):
+    """Trained once per test session: several test modules share the two models."""
+    if poisoned not in _CACHE:
+        _CACHE[poisoned] = _train(poisoned)
+    return _CACHE[poisoned]

@@ -1,0 +1,102 @@
+"""The default defense end to end on tiny digits CNNs trained here, and its parts on their own."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("torch")
+
+from digits_backdoor import PP, TARGET, acc_asr, trained  # noqa: E402
+from sanitizer import rewrite  # noqa: E402
+from sanitizer.cli import main  # noqa: E402
+from sanitizer.graph import find_sites  # noqa: E402
+from sanitizer.probes import Probe, synthesize  # noqa: E402
+from sanitizer.repair import repair  # noqa: E402
+from calib.stats import probe_shapes  # noqa: E402
+
+
+def _run(model, calib, tmp_path, *extra):
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", X=calib.astype(np.uint8))
+    code = main([str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npz"), "--out", str(tmp_path / "o.onnx"),
+                 "--report", str(tmp_path / "r.json"), *extra])
+    return code, json.loads((tmp_path / "r.json").read_text()) if (tmp_path / "r.json").exists() else None
+
+
+def test_default_removes_the_backdoor_within_the_budget(tmp_path):
+    model, calib, x_test, y_test = trained(poisoned=True)
+    acc0, asr0 = acc_asr(model, x_test, y_test)
+    assert asr0 > 0.9
+    # 150 held-out images of a 112-unit model cannot bound a loss of 2 points: the budget is what they can show
+    code, report = _run(model, calib, tmp_path, "--max-acc-drop", "0.06")
+    assert code == 0
+    acc1, asr1 = acc_asr(onnx.load(tmp_path / "o.onnx"), x_test, y_test)
+    assert asr1 <= 0.1, (asr0, asr1, report["plan"]["trace"])
+    assert acc1 >= acc0 - 0.05, (acc0, acc1)
+    assert report["criterion"] == "probe" and report["probes"]["target"] == TARGET
+    assert report["plan"]["count"] > 0 and report["held_out_after"]["within_budget"]
+    # the corner probe is the one that found the trigger
+    used = [p["probe"] for p in report["probes"]["probes"] if p["used"]]
+    assert "patch 2x2 at (6, 6)" in used, report["probes"]["probes"]
+
+
+def test_default_leaves_a_clean_model_unchanged(tmp_path):
+    model, calib, x_test, y_test = trained(poisoned=False)
+    code, report = _run(model, calib, tmp_path)
+    assert code == 0
+    assert report["detection"]["verdict"] == "no backdoor found" and report["plan"]["count"] == 0
+    before = onnx.load(tmp_path / "m.onnx")
+    after = onnx.load(tmp_path / "o.onnx")
+    assert [i.raw_data for i in after.graph.initializer] == [i.raw_data for i in before.graph.initializer]
+
+
+def test_probe_apply_patch_and_blend():
+    x = np.full((2, 8, 8, 1), 100.0, np.float32)
+    patch = Probe("patch", (6, 0), np.full((2, 2, 1), 7.0, np.float32), 255.0).apply(x)
+    assert (patch[:, 6:8, 0:2] == 7).all() and (patch[:, :6] == 100).all() and (patch[:, 6:8, 2:] == 100).all()
+    blend = Probe("blend", None, np.full((8, 8, 1), 200.0, np.float32), 255.0).apply(x)
+    assert (blend == 255).all(), "a blended probe stays inside the pixel range"
+    assert (x == 100).all(), "probes never modify their input"
+
+
+def test_synthesized_probes_reach_the_target_only_where_the_trigger_is():
+    model, calib, _, _ = trained(poisoned=True)
+    probes = synthesize(model, calib, PP, TARGET, seed=0, steps=60)
+    assert [p.kind for p in probes] == ["patch"] * 5 + ["blend"]
+    sess_in = lambda x: np.ascontiguousarray((x / 255.0).astype(np.float32).transpose(0, 3, 1, 2))  # noqa: E731
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rate = {p.at: float((sess.run(None, {"input": sess_in(p.apply(calib))})[0].argmax(1) == TARGET).mean())
+            for p in probes if p.kind == "patch"}
+    assert rate[(6, 6)] > 0.9 and rate[(0, 0)] < 0.5, rate
+
+
+def test_repair_keeps_the_graph_and_the_pruned_channels_zero():
+    model, calib, _, _ = trained(poisoned=True)
+    x = PP.apply(calib[:1])
+    shapes, ints = probe_shapes(model, {"input": x})
+    sites = {s.name: s for s in find_sites(model, shapes, ints)}
+    name = next(n for n, s in sites.items() if s.kind == "conv" and s.prunable)
+    pruned = {name: [0, 3]}
+    fixed = rewrite.apply(repair(model, sites, pruned, calib, PP, [], seed=0, steps=5), sites, pruned)
+    assert [n.op_type for n in fixed.graph.node] == [n.op_type for n in model.graph.node]
+    moved = [a.name for a, b in zip(model.graph.initializer, fixed.graph.initializer) if a.raw_data != b.raw_data]
+    assert moved, "repair tuned no weight"
+    weight = next(onnx.numpy_helper.to_array(i) for i in fixed.graph.initializer if i.name == sites[name].zero[0][0])
+    assert not weight[[0, 3]].any()
+
+
+def test_a_backdoor_that_cannot_be_removed_within_the_budget_is_refused(tmp_path):
+    model, calib, _, _ = trained(poisoned=True)
+    code, report = _run(model, calib, tmp_path, "--max-acc-drop", "0")
+    assert code == 7 and report is None and not (tmp_path / "o.onnx").exists()
+
+
+def test_ratio_is_refused_with_the_probe_criterion(tmp_path):
+    model, calib, _, _ = trained(poisoned=True)
+    code, report = _run(model, calib, tmp_path, "--ratio", "0.1")
+    assert code == 2 and report is None
