@@ -62,6 +62,8 @@ def run_cmd(
     report: Annotated[Optional[Path], typer.Option(help="write a JSON report here")] = None,
     seed: int = 0,
     detect: Annotated[bool, typer.Option("--detect", help="with linf/mean/l1/l2: detect a backdoor first (needs torch; probe always does); a clean verdict prunes nothing")] = False,
+    suspect: Annotated[Optional[Path], typer.Option("--suspect", help="images you believe carry the trigger: rank by their ℓ∞ rise instead of synthesized probes")] = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", help="write PNG figures (pruning curve, ℓ∞ histograms, probes) to this folder; needs the plots extra")] = None,
     allow_degraded: Annotated[bool, typer.Option("--allow-degraded", help="write even if the budget is broken")] = False,
     force: Force = False,
 ):
@@ -71,7 +73,7 @@ def run_cmd(
                    max_acc_drop=max_acc_drop, holdout=holdout, scale=scale, mean=parse_floats(mean),
                    std=parse_floats(std), layout=layout, input_name=input_name, eval_data=eval_data,
                    eval_triggered=eval_triggered, target=target, report=report, force=force,
-                   allow_degraded=allow_degraded, seed=seed, detect=detect)
+                   allow_degraded=allow_degraded, seed=seed, detect=detect, suspect=suspect, plots=plots)
     bar, update = _progress()
     with bar:
         result = sanitize(opts, update)

@@ -28,6 +28,7 @@ from .scores import CRITERIA, normalised
 
 PROBE = "probe"
 ENGINE_SUFFIXES = (".engine", ".plan")
+MIN_SUSPECTS = 5  # per half of --suspect
 MIN_SPLIT = 20   # images on each side of the fit / held-out split: fewer gives no usable agreement bound
 
 
@@ -56,6 +57,8 @@ class Options:
     batch_size: int = 64
     use_labels: bool = True             # judge the stop rule on accuracy when --calib is labeled
     detect: bool = False                # synthesize a trigger per class first (needs torch); clean verdict → prune nothing
+    suspect: Path | None = None         # images believed to carry the trigger: they replace detection and probes
+    plots: Path | None = None           # folder for the PNG figures (needs matplotlib)
 
 
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
@@ -242,9 +245,36 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress) -> di
     }
 
 
+def write_plots(opts: Options, prep: Prepared, plan: Plan, report: dict, figures: dict) -> list[Path]:
+    from . import plots
+
+    asr_curve = None
+    if opts.eval_triggered is not None and opts.target is not None:
+        triggered = open_data(opts.eval_triggered, prep.spec)
+        counts = sorted({t["units"] for t in plan.trace if "agreement" in t})
+        asr_curve = {k: attack_success(predict(Predictor(rewrite.apply(prep.model, prep.sites, plan.pruned(k)),
+                                                         prep.spec.name, prep.spec.batch),
+                                               triggered, prep.pre, opts.batch_size), opts.target)
+                     for k in counts}
+    return plots.write(opts.plots, report, figures, asr_curve)
+
+
+def read_suspects(prep: Prepared, opts: Options) -> tuple[np.ndarray, int]:
+    """The user's suspicious images and the class the original model sends most of them to (the target)."""
+    data = open_data(opts.suspect, prep.spec)
+    if data.n < 2 * MIN_SUSPECTS:
+        raise BadData(f"--suspect: {data.n} images; need at least {2 * MIN_SUSPECTS} (half rank the units, "
+                      "half count them)")
+    raw = data.read(0, data.n)
+    pred = Predictor(prep.model, prep.spec.name, prep.spec.batch).logits(prep.pre.apply(raw), opts.batch_size).argmax(1)
+    target = int(np.bincount(pred).argmax())
+    return raw, target
+
+
 def check_outputs(opts: Options, models: tuple[Path, ...]) -> Path | None:
     """Refuse, before any work, outputs that would replace an input or each other; return the ONNX path."""
-    inputs = tuple(p for p in (*models, opts.calib, opts.eval_data, opts.eval_triggered) if p is not None)
+    inputs = tuple(p for p in (*models, opts.calib, opts.eval_data, opts.eval_triggered, opts.suspect)
+                   if p is not None)
     out_onnx = None
     if opts.out is not None:
         check_writable(opts.out, force=opts.force, inputs=inputs)
@@ -263,6 +293,10 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     out_onnx = check_outputs(opts, (opts.model,))
     prep = prepare(opts)
     check_outputs(opts, (opts.model, *prep.loaded.data_files))
+    if opts.plots is not None:
+        from . import plots
+
+        plots.check(opts.plots, opts.force, (opts.model, *prep.loaded.data_files, opts.calib))
     fit, hold = split(prep.calib.n, opts.holdout, opts.seed)
     probing = opts.criterion == PROBE
     if not probing and opts.criterion not in CRITERIA:
@@ -274,8 +308,15 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     # the probes look for the backdoor's units wherever they are; clean statistics only trust the last stage
     sites = scope(prep, "all" if probing and opts.layers is None else opts.layers)
     held = HeldOut(prep, hold, opts.batch_size, opts.use_labels)
-    detection = detect(prep, fit, opts.seed, progress) if opts.detect or probing else None
-    clean_verdict = detection is not None and detection["suspected_target"] is None
+    if opts.suspect is not None and not probing:
+        raise SanitizeError("--suspect works with the probe criterion", ExitCode.USAGE)
+    suspects, detection = None, None
+    if opts.suspect is not None:
+        suspects, target = read_suspects(prep, opts)
+    elif opts.detect or probing:
+        detection = detect(prep, fit, opts.seed, progress)
+        target = detection["suspected_target"]
+    clean_verdict = detection is not None and target is None
     info = {"provider": held.provider, "statistics_seconds": 0.0}
     probe_info = None
     if clean_verdict:
@@ -284,13 +325,13 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     elif probing:
         from .probe_plan import defend
 
-        plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, detection["suspected_target"], opts,
-                                             progress)
+        plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, target, opts, progress, suspects)
     else:
         order, info = rank_units(prep, sites, opts.criterion, fit, opts, progress)
         plan = choose_count(prep, order, held, opts, progress)
         sanitized = rewrite.apply(prep.model, prep.sites, plan.pruned())
     check(sanitized)
+    figures = (probe_info or {}).pop("_figures", {})
     final = [t for t in plan.trace if t["units"] == plan.count][-1]
     degraded = not final["within_budget"]
 
@@ -317,15 +358,19 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         report["evaluation"] = {"before": evaluate(prep.model, prep.spec, prep.pre, **kw),
                                 "after": evaluate(sanitized, prep.spec, prep.pre, **kw)}
     if degraded and not opts.allow_degraded:
-        raise SanitizeError(
-            f"pruning {plan.count} units breaks the accuracy budget (loss bound {final['loss_upper90']:.3f} > "
-            f"{opts.max_acc_drop}); nothing written (pass --allow-degraded to write it anyway)", ExitCode.DEGRADED)
+        why = (f"breaks the accuracy budget (loss bound {final['loss_upper90']:.3f} > {opts.max_acc_drop})"
+               if final["loss_upper90"] > opts.max_acc_drop else
+               f"leaves the backdoor's probes working (flip rate {max(final['probe_flip']):.3f})")
+        raise SanitizeError(f"pruning {plan.count} units {why}; nothing written (pass --allow-degraded to write it "
+                            "anyway)", ExitCode.DEGRADED)
     timings = {"statistics": info["statistics_seconds"], "total": round(time.perf_counter() - t0, 3)}
     report["timings_seconds"] = timings
     if out_onnx is not None:
         written = save_model(sanitized, out_onnx, external=prep.loaded.external)
         report["output"] = {"onnx": str(out_onnx), "sha256": sha256_file(out_onnx),
                             "files": [str(p) for p in written]}
+    if opts.plots is not None:
+        report["plots"] = [str(p) for p in write_plots(opts, prep, plan, report, figures)]
     if opts.report is not None:
         write_text(opts.report, json.dumps(report, indent=2, sort_keys=True) + "\n")
     report["_model"] = sanitized

@@ -19,7 +19,6 @@ from . import rewrite
 from .evaluate import Predictor
 from .graph import Site
 from .plan import Plan, rank, safe_limit
-from .probes import Probe
 
 # The attack-success level the defense aims for; also the smallest change in flip rate worth pruning for.
 FLIP_GOAL = 0.05
@@ -34,10 +33,13 @@ ALIVE = 0.5
 MAX_SHARE = 0.25
 
 
-def flips(model: onnx.ModelProto, spec, pre, clean_x: np.ndarray, probed_x: list[np.ndarray], target: int,
+def flips(model: onnx.ModelProto, spec, pre, clean_x: np.ndarray | None, probed_x: list[np.ndarray], target: int,
           batch_size: int) -> list[float]:
-    """Per probe: share of held-out images the model does not already call `target` that the probe sends there."""
+    """Per probe: share of held-out images the model does not already call `target` that the probe sends there.
+    Without clean counterparts (a user's suspicious samples), the share of the probed images called `target`."""
     pred = Predictor(model, spec.name, spec.batch)
+    if clean_x is None:
+        return [float((pred.logits(x, batch_size).argmax(1) == target).mean()) for x in probed_x]
     base = pred.logits(clean_x, batch_size).argmax(1)
     keep = base != target
     if not keep.any():
@@ -45,9 +47,9 @@ def flips(model: onnx.ModelProto, spec, pre, clean_x: np.ndarray, probed_x: list
     return [float((pred.logits(x[keep], batch_size).argmax(1) == target).mean()) for x in probed_x]
 
 
-def ell_inf_gaps(model: onnx.ModelProto, sites: list[Site], spec, pre, fit_raw: np.ndarray, probes: list[Probe],
-                 batch_size: int) -> dict[str, dict[str, np.ndarray]]:
-    """Two rankings of the probes' ℓ∞ rise over clean images, per site and unit, summed over probes.
+def ell_inf_gaps(model: onnx.ModelProto, sites: list[Site], spec, pre, fit_raw: np.ndarray,
+                 probed_sets: list[np.ndarray], batch_size: int) -> dict[str, dict[str, np.ndarray]]:
+    """Two rankings of the probed images' ℓ∞ rise over clean images, per site and unit, summed over sets.
 
     `relative`: the rise over the unit's own clean ℓ∞ — a backdoor unit is one clean images barely wake
     and the trigger drives hard; units left dormant are measured against DORMANT of the layer's mean.
@@ -64,8 +66,8 @@ def ell_inf_gaps(model: onnx.ModelProto, sites: list[Site], spec, pre, fit_raw: 
     clean = stats(fit_raw)
     out = {"relative": {s.name: np.zeros(s.channels) for s in sites},
            "spread": {s.name: np.zeros(s.channels) for s in sites}}
-    for p in probes:
-        probed = stats(p.apply(fit_raw))
+    for raw in probed_sets:
+        probed = stats(raw)
         for s in sites:
             c = np.abs(clean[s.tensor].agg("linf"))
             rise = probed[s.tensor].agg("linf") - clean[s.tensor].agg("linf")
@@ -74,12 +76,13 @@ def ell_inf_gaps(model: onnx.ModelProto, sites: list[Site], spec, pre, fit_raw: 
     return out
 
 
-def count_by_probes(prep, order: list[tuple[str, int]], limit: int, held, probed_x: list[np.ndarray],
-                    target: int, batch_size: int, progress) -> tuple[Plan, float]:
+def count_by_probes(prep, order: list[tuple[str, int]], limit: int, held, clean_x: np.ndarray | None,
+                    probed_x: list[np.ndarray], target: int, batch_size: int, progress
+                    ) -> tuple[Plan, float, np.ndarray]:
     """Smallest count at which every probe's flip rate is at the goal, or within the goal of the lowest
     rate that probe reaches at any count on a doubling grid while the pruned model still agrees with the
     original on at least ALIVE of the held-out images (past that, flips say nothing: the model is broken).
-    Returns the plan and the pruned model's held-out agreement."""
+    Returns the plan, the pruned model's held-out agreement and the flip rate each probe must get under."""
     plan = Plan(order)
     cap = min(limit, max(1, int(MAX_SHARE * len(order))))
     flips_at: dict[int, list[float]] = {}
@@ -87,7 +90,7 @@ def count_by_probes(prep, order: list[tuple[str, int]], limit: int, held, probed
 
     def measure(k: int) -> None:
         model = rewrite.apply(prep.model, prep.sites, plan.pruned(k))
-        flips_at[k] = flips(model, prep.spec, prep.pre, held.x, probed_x, target, batch_size)
+        flips_at[k] = flips(model, prep.spec, prep.pre, clean_x, probed_x, target, batch_size)
         agree_at[k] = held.agreement(model).rate
         plan.trace.append({"units": k, "probe_flip": [round(r, 4) for r in flips_at[k]],
                            "agreement": round(agree_at[k], 6)})
@@ -121,55 +124,84 @@ def count_by_probes(prep, order: list[tuple[str, int]], limit: int, held, probed
             lo = mid
     plan.count = hi
     plan.trace.sort(key=lambda t: t["units"])
-    return plan, agree_at[hi]
+    return plan, agree_at[hi], good
 
 
-def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, target: int, opts, progress
-           ) -> tuple[Plan, onnx.ModelProto, dict]:
-    """Probe, rank, count, then keep the pruned model or its repair, whichever the held-out images favour."""
-    from .probes import synthesize
+def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, target: int, opts, progress,
+           suspects: np.ndarray | None = None) -> tuple[Plan, onnx.ModelProto, dict]:
+    """Probe, rank, count, then keep the pruned model or its repair, whichever the held-out images favour.
+
+    With `suspects` (raw images a user believes carry the trigger) those replace the synthesized probes:
+    half of them rank the units, the other half count them."""
     from .repair import repair
 
     fit_raw = prep.calib.subset(fit).read(0, len(fit))
-    hold_raw = prep.calib.subset(hold).read(0, len(hold))
-    progress("probes", 0, 1)
-    probes = synthesize(prep.model, fit_raw, prep.pre, target, opts.seed)
-    progress("probes", 1, 1)
-    probed_x = [prep.pre.apply(p.apply(hold_raw)) for p in probes]
-    before = flips(prep.model, prep.spec, prep.pre, held.x, probed_x, target, opts.batch_size)
-    chosen = [i for i, f in enumerate(before) if f >= USE_FLIP] or [int(np.argmax(before))]
-    used = [probes[i] for i in chosen]
+    if suspects is None:
+        from .probes import synthesize
+
+        hold_raw = prep.calib.subset(hold).read(0, len(hold))
+        progress("probes", 0, 1)
+        probes = synthesize(prep.model, fit_raw, prep.pre, target, opts.seed)
+        progress("probes", 1, 1)
+        probed_x = [prep.pre.apply(p.apply(hold_raw)) for p in probes]
+        before = flips(prep.model, prep.spec, prep.pre, held.x, probed_x, target, opts.batch_size)
+        chosen = [i for i, f in enumerate(before) if f >= USE_FLIP] or [int(np.argmax(before))]
+        used = [probes[i] for i in chosen]
+        rank_sets = [p.apply(fit_raw) for p in used]
+        described = [{"probe": p.describe(), "flip_before": round(before[i], 4), "used": i in chosen}
+                     for i, p in enumerate(probes)]
+        clean_x = held.x
+    else:
+        order = np.random.default_rng(opts.seed).permutation(len(suspects))
+        half = len(suspects) // 2
+        rank_sets, probed_x, chosen = [suspects[order[:half]]], [prep.pre.apply(suspects[order[half:]])], [0]
+        used, clean_x = [], None
+        before = flips(prep.model, prep.spec, prep.pre, None, probed_x, target, opts.batch_size)
+        described = [{"probe": f"{len(suspects)} suspicious samples", "flip_before": round(before[0], 4), "used": True}]
     used_x = [probed_x[i] for i in chosen]
-    searches = {}
-    for name, gap in ell_inf_gaps(prep.model, sites, prep.spec, prep.pre, fit_raw, used, opts.batch_size).items():
+    searches: dict[str, tuple[Plan, float, np.ndarray]] = {}
+    for name, gap in ell_inf_gaps(prep.model, sites, prep.spec, prep.pre, fit_raw, rank_sets, opts.batch_size).items():
         order = rank(gap, descending=True)
         limit = safe_limit(order, {s.name: s.channels for s in sites})
-        searches[name] = count_by_probes(prep, order, limit, held, used_x, target, opts.batch_size, progress)
+        searches[name] = count_by_probes(prep, order, limit, held, clean_x, used_x, target, opts.batch_size,
+                                         progress)
     # the ranking that silences the probes at the smaller cost to the held-out images
     ranking = max(searches, key=lambda n: (searches[n][1], -searches[n][0].count))
-    plan = searches[ranking][0]
+    plan, _, good = searches[ranking]
     pruned = rewrite.apply(prep.model, prep.sites, plan.pruned())
     progress("repair", 0, 1)
-    repaired = rewrite.apply(repair(prep.model, prep.sites, plan.pruned(), fit_raw, prep.pre, used, opts.seed),
-                             prep.sites, plan.pruned())
+    # suspicious samples have no clean twin to hold them to: the repair keeps them off the target instead
+    avoid = None if suspects is None else (rank_sets[0], target)
+    repaired = rewrite.apply(repair(prep.model, prep.sites, plan.pruned(), fit_raw, prep.pre, used, opts.seed,
+                                    avoid=avoid), prep.sites, plan.pruned())
     progress("repair", 1, 1)
     candidates = []
     for name, model in (("pruned", pruned), ("pruned+repaired", repaired)):
         ag = held.agreement(model)
-        rates = flips(model, prep.spec, prep.pre, held.x, used_x, target, opts.batch_size)
+        rates = flips(model, prep.spec, prep.pre, clean_x, used_x, target, opts.batch_size)
         candidates.append({"name": name, "model": model, "within_budget": ag.bad_upper <= opts.max_acc_drop,
+                           "probes_silenced": bool((np.array(rates) <= good).all()),
                            "probe_flip": [round(r, 4) for r in rates], **ag.to_dict()})
-    ok = [c for c in candidates if c["within_budget"]]
-    # within the budget the probes decide; a tie keeps the model that was not retrained
-    best = (min(ok, key=lambda c: max(c["probe_flip"]) - (FLIP_GOAL if c["name"] == "pruned" else 0))
-            if ok else min(candidates, key=lambda c: c["loss_upper90"]))
+    # a repair can teach the backdoor back: a candidate counts only if the probes stay silenced
+    ok = [c for c in candidates if c["within_budget"] and c["probes_silenced"]]
+    best = (min(ok, key=lambda c: max(c["probe_flip"]) - (FLIP_GOAL if c["name"] == "pruned" else 0)) if ok else
+            min(candidates, key=lambda c: (not c["probes_silenced"], c["loss_upper90"])))
+    best["within_budget"] = bool(ok)
     plan.trace.append({"units": plan.count, "final": best["name"],
                        **{k: v for k, v in best.items() if k not in ("model", "name")}})
-    info = {"target": target,
-            "probes": [{"probe": p.describe(), "flip_before": round(before[i], 4), "used": i in chosen}
-                       for i, p in enumerate(probes)],
-            "rankings": {n: {"units": pl.count, "pruned_agreement": round(a, 6)} for n, (pl, a) in searches.items()},
+    info = {"target": target, "source": "synthesized" if suspects is None else "suspicious samples",
+            "probes": described,
+            "rankings": {n: {"units": pl.count, "pruned_agreement": round(a, 6)} for n, (pl, a, _) in searches.items()},
             "ranking": ranking,
             "candidates": [{k: v for k, v in c.items() if k != "model"} for c in candidates],
             "chosen": best["name"]}
+    if opts.plots is not None:
+        from .plots import linf_histograms
+        from .probe import pixel_range
+
+        shown = [(p.describe(), p.apply(fit_raw[:1])[0]) for p in used] or [
+            (f"suspicious sample {i}", img) for i, img in enumerate(rank_sets[0][:4])]
+        info["_figures"] = {"hi": pixel_range(fit_raw), "probe_images": shown,
+                            "linf": linf_histograms(prep.model, prep.sites, plan.order, prep.spec, prep.pre, fit_raw,
+                                                    rank_sets[0], opts.batch_size)}
     return plan, best["model"], info

@@ -25,7 +25,9 @@ BATCH = 64
 
 
 def repair(model: onnx.ModelProto, sites: dict[str, Site], pruned: dict[str, list[int]], x_raw: np.ndarray,
-           pp: Preprocess, probes: list[Probe], seed: int = 0, *, steps: int = STEPS) -> onnx.ModelProto:
+           pp: Preprocess, probes: list[Probe], seed: int = 0, *, steps: int = STEPS,
+           avoid: tuple[np.ndarray, int] | None = None) -> onnx.ModelProto:
+    """`avoid`: (raw images, class) — images that must not go to that class (a user's triggered samples)."""
     torch = require("torch", "torch")
     from .torch_graph import to_torch
 
@@ -41,6 +43,9 @@ def repair(model: onnx.ModelProto, sites: dict[str, Site], pruned: dict[str, lis
     with torch.no_grad():
         graph.eval()
         teacher = torch.softmax(torch.cat([graph(x[i:i + 256])[0] for i in range(0, len(x), 256)]), 1)
+    shunned = None
+    if avoid is not None:
+        shunned = make_input(torch, torch.from_numpy(np.asarray(avoid[0], np.float32)), pp)
     params = [p for p in graph.parameters() if p.dtype.is_floating_point]
     opt = torch.optim.Adam(params, lr=LR)
 
@@ -60,6 +65,10 @@ def repair(model: onnx.ModelProto, sites: dict[str, Site], pruned: dict[str, lis
             # one probe per step, in turn: the cost of a step does not grow with the number of probes
             xp = probed[step % len(probed)]
             loss = loss + kl(graph(xp[idx], masks=masks)[0], teacher[idx])
+        if shunned is not None:
+            pick = torch.randint(len(shunned), (batch,), generator=gen)
+            p_target = torch.softmax(graph(shunned[pick], masks=masks)[0], 1)[:, avoid[1]]
+            loss = loss - torch.log1p(-p_target.clamp(max=1 - 1e-6)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -100,3 +100,56 @@ def test_ratio_is_refused_with_the_probe_criterion(tmp_path):
     model, calib, _, _ = trained(poisoned=True)
     code, report = _run(model, calib, tmp_path, "--ratio", "0.1")
     assert code == 2 and report is None
+
+
+def _suspects_and_rest(x_test, y_test):
+    from digits_backdoor import _stamp
+
+    others = np.flatnonzero(y_test != TARGET)
+    return _stamp(x_test[others[:120]]), others[120:]
+
+
+def test_suspect_samples_replace_the_probes(tmp_path):
+    model, calib, x_test, y_test = trained(poisoned=True)
+    suspects, rest = _suspects_and_rest(x_test, y_test)
+    np.savez(tmp_path / "suspects.npz", X=suspects.astype(np.uint8))
+    code, report = _run(model, calib, tmp_path, "--suspect", str(tmp_path / "suspects.npz"), "--max-acc-drop", "0.06")
+    assert code == 0
+    assert "detection" not in report and report["probes"]["source"] == "suspicious samples"
+    assert report["probes"]["target"] == TARGET, "the target is the class the model gives the suspects"
+    keep = np.concatenate([rest, np.flatnonzero(y_test == TARGET)])
+    acc0, _ = acc_asr(model, x_test, y_test)
+    acc1, asr1 = acc_asr(onnx.load(tmp_path / "o.onnx"), x_test[keep], y_test[keep])
+    assert asr1 <= 0.1 and acc1 >= acc0 - 0.05, (acc0, acc1, asr1)
+
+
+def test_suspect_needs_enough_images_and_the_probe_criterion(tmp_path):
+    model, calib, x_test, y_test = trained(poisoned=True)
+    suspects, _ = _suspects_and_rest(x_test, y_test)
+    np.savez(tmp_path / "few.npz", X=suspects[:6].astype(np.uint8))
+    code, _ = _run(model, calib, tmp_path, "--suspect", str(tmp_path / "few.npz"))
+    assert code == 5 and not (tmp_path / "o.onnx").exists()
+    np.savez(tmp_path / "s.npz", X=suspects.astype(np.uint8))
+    code, _ = _run(model, calib, tmp_path, "--suspect", str(tmp_path / "s.npz"), "--criterion", "linf")
+    assert code == 2
+
+
+def test_plots_are_written_as_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from digits_backdoor import _stamp
+
+    model, calib, x_test, y_test = trained(poisoned=True)
+    keep = y_test != TARGET
+    np.savez(tmp_path / "trig.npz", X=_stamp(x_test[keep]).astype(np.uint8), y=y_test[keep])
+    code, report = _run(model, calib, tmp_path, "--max-acc-drop", "0.06", "--plots", str(tmp_path / "figs"),
+                        "--eval-triggered", str(tmp_path / "trig.npz"), "--target", str(TARGET))
+    assert code == 0
+    names = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert names == ["linf_hist.png", "probes.png", "pruning_curve.png"]
+    for name in names:
+        assert (tmp_path / "figs" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(report["plots"]) == sorted(str(tmp_path / "figs" / n) for n in names)
+    # an existing figure is not replaced without --force, and nothing else is written either
+    (tmp_path / "o.onnx").unlink()
+    code, _ = _run(model, calib, tmp_path, "--max-acc-drop", "0.06", "--plots", str(tmp_path / "figs"))
+    assert code == 6 and not (tmp_path / "o.onnx").exists()

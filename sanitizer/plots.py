@@ -1,0 +1,121 @@
+"""`--plots DIR`: the figures a reviewer asks for, as PNG files written atomically.
+
+pruning_curve.png  held-out agreement (and probe flip rate, and ASR when --eval-triggered is given)
+                   against units pruned, from the plan's trace
+linf_hist.png      per-image ℓ∞ of the top suspect units on clean vs probed images
+probes.png         the probes (synthesized triggers, or the user's suspicious samples) on a clean image
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import check_writable, write_bytes
+from .errors import BadOutput, require
+
+FILES = ("pruning_curve.png", "linf_hist.png", "probes.png")
+TOP_UNITS = 4
+
+
+def check(folder: Path, force: bool, inputs: tuple[Path, ...]) -> None:
+    """Before any work: matplotlib is there, the folder may be created, and no figure replaces an input or,
+    without --force, an existing file."""
+    require("matplotlib", "plots")
+    if folder.exists() and not folder.is_dir():
+        raise BadOutput(f"--plots {folder} exists and is not a folder")
+    if folder.is_dir():
+        for name in FILES:
+            check_writable(folder / name, force=force, inputs=inputs)
+    elif not folder.parent.is_dir():
+        raise BadOutput(f"--plots {folder}: folder {folder.parent} does not exist")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _to_image(x: np.ndarray, hi: float) -> np.ndarray:
+    img = np.clip(x / hi, 0, 1)
+    return img[..., 0] if img.shape[-1] == 1 else img
+
+
+def write(folder: Path, report: dict, figures: dict, asr_curve: dict[int, float] | None) -> list[Path]:
+    """`figures`: trace-free data the report does not carry (per-image ℓ∞ arrays, probe images)."""
+    require("matplotlib", "plots")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    trace = [t for t in report["plan"]["trace"] if "final" not in t and "agreement" in t]
+    units = [t["units"] for t in trace]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(units, [t["agreement"] for t in trace], "o-", label="held-out agreement")
+    if trace and "probe_flip" in trace[0]:
+        ax.plot(units, [max(t["probe_flip"]) for t in trace], "s--", label="worst probe flip rate")
+    if asr_curve:
+        ks = sorted(asr_curve)
+        ax.plot(ks, [asr_curve[k] for k in ks], "^:", label="ASR (--eval-triggered)")
+    ax.axvline(report["plan"]["count"], color="grey", lw=0.8, label=f"chosen: {report['plan']['count']}")
+    if units and max(units) > 8:
+        ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("units pruned")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title(f"pruning curve ({report['criterion']})")
+    write_bytes(folder / FILES[0], _png(fig))
+    written.append(folder / FILES[0])
+    plt.close(fig)
+
+    hist = figures.get("linf")
+    if hist:
+        fig, axes = plt.subplots(1, len(hist), figsize=(3 * len(hist), 2.8), squeeze=False)
+        for ax, (label, clean, probed) in zip(axes[0], hist):
+            bins = np.linspace(min(clean.min(), probed.min()), max(clean.max(), probed.max()) + 1e-9, 30)
+            ax.hist(clean, bins=bins, alpha=0.6, label="clean")
+            ax.hist(probed, bins=bins, alpha=0.6, label="probe")
+            ax.set_title(label, fontsize=7)
+            ax.set_xlabel("ℓ∞ per image", fontsize=7)
+        axes[0][0].legend(fontsize=7)
+        write_bytes(folder / FILES[1], _png(fig))
+        written.append(folder / FILES[1])
+        plt.close(fig)
+
+    images = figures.get("probe_images")
+    if images:
+        fig, axes = plt.subplots(1, len(images), figsize=(2 * len(images), 2.4), squeeze=False)
+        for ax, (label, img) in zip(axes[0], images):
+            ax.imshow(_to_image(img, figures["hi"]), cmap="gray" if img.shape[-1] == 1 else None,
+                      interpolation="nearest")
+            ax.set_title(label, fontsize=7)
+            ax.axis("off")
+        write_bytes(folder / FILES[2], _png(fig))
+        written.append(folder / FILES[2])
+        plt.close(fig)
+    return written
+
+
+def linf_histograms(model, sites_by_name, order, spec, pre, clean_raw, probed_raw, batch_size) -> list:
+    """Per-image ℓ∞ of the first TOP_UNITS units of `order` on clean and probed images (onnxruntime)."""
+    from calib.stats import collect
+
+    top = order[:TOP_UNITS]
+    tensors = {sites_by_name[s].tensor: 4 if sites_by_name[s].spatial else 2 for s, _ in top}
+
+    def per_image(raw):
+        batches = (pre.apply(raw[i:i + batch_size]) for i in range(0, len(raw), batch_size))
+        return collect(model, tensors, batches, spec.name, fixed_batch=spec.batch, keep_per_image=True).stats
+
+    clean, probed = per_image(clean_raw), per_image(probed_raw)
+    out = []
+    for site, ch in top:
+        t = sites_by_name[site].tensor
+        out.append((f"{site} #{ch}", clean[t].per_image["linf"][:, ch], probed[t].per_image["linf"][:, ch]))
+    return out
