@@ -134,8 +134,9 @@ def model_inputs(data: Dataset, pre: Preprocess, batch_size: int, indices: np.nd
         yield pre.apply(raw)
 
 
-def predict(predictor: Predictor, data: Dataset, pre: Preprocess, batch_size: int) -> np.ndarray:
-    parts = [predictor.logits(x, batch_size).argmax(1) for x in model_inputs(data, pre, batch_size)]
+def predict(predictor: Predictor, data: Dataset, pre: Preprocess, batch_size: int,
+            indices: np.ndarray | None = None) -> np.ndarray:
+    parts = [predictor.logits(x, batch_size).argmax(1) for x in model_inputs(data, pre, batch_size, indices)]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
@@ -160,20 +161,34 @@ def evaluate(model: onnx.ModelProto, prep_spec: InputSpec, pre: Preprocess, *, d
 
 
 class HeldOut:
-    """Held-out calibration inputs kept in memory (a few hundred images) and the original's predictions."""
+    """The held-out calibration images, read and preprocessed batch by batch at every prediction (nothing
+    per image is kept beyond its index, its label and the original model's prediction)."""
 
     def __init__(self, prep: Prepared, indices: np.ndarray, batch_size: int, use_labels: bool = True):
-        sub = prep.calib.subset(indices)
-        self.x = np.concatenate(list(model_inputs(sub, prep.pre, batch_size)))
-        self.labels = sub.labels if use_labels else None
+        self.data = prep.calib
+        self.pre = prep.pre
+        self.indices = np.asarray(indices)
+        self.labels = prep.calib.subset(self.indices).labels if use_labels else None
         self.spec = prep.spec
         self.batch_size = batch_size
         predictor = Predictor(prep.model, self.spec.name, self.spec.batch)
         self.provider = predictor.provider
-        self.reference = predictor.logits(self.x, self.batch_size).argmax(1)
+        self.reference = self._predict(predictor)
+
+    def batches(self):
+        """Preprocessed model inputs, `batch_size` images at a time, in index order."""
+        return model_inputs(self.data, self.pre, self.batch_size, self.indices)
+
+    def inputs(self) -> np.ndarray:
+        """All held-out inputs as one array, built anew on each call: only the probe path (small calibration
+        sets, torch) asks for it."""
+        return np.concatenate(list(self.batches()))
+
+    def _predict(self, predictor: Predictor) -> np.ndarray:
+        return predict(predictor, self.data, self.pre, self.batch_size, self.indices)
 
     def predict(self, model: onnx.ModelProto) -> np.ndarray:
-        return Predictor(model, self.spec.name, self.spec.batch).logits(self.x, self.batch_size).argmax(1)
+        return self._predict(Predictor(model, self.spec.name, self.spec.batch))
 
     def agreement(self, model: onnx.ModelProto):
         return agreement(self.reference, self.predict(model), self.labels)

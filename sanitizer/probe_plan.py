@@ -144,13 +144,13 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
         probes = synthesize(prep.model, fit_raw, prep.pre, target, opts.seed)
         progress("probes", 1, 1)
         probed_x = [prep.pre.apply(p.apply(hold_raw)) for p in probes]
-        before = flips(prep.model, prep.spec, prep.pre, held.x, probed_x, target, opts.batch_size)
+        clean_x = held.inputs()
+        before = flips(prep.model, prep.spec, prep.pre, clean_x, probed_x, target, opts.batch_size)
         chosen = [i for i, f in enumerate(before) if f >= USE_FLIP] or [int(np.argmax(before))]
         used = [probes[i] for i in chosen]
         rank_sets = [p.apply(fit_raw) for p in used]
         described = [{"probe": p.describe(), "flip_before": round(before[i], 4), "used": i in chosen}
                      for i, p in enumerate(probes)]
-        clean_x = held.x
     else:
         order = np.random.default_rng(opts.seed).permutation(len(suspects))
         half = len(suspects) // 2
