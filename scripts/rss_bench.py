@@ -4,7 +4,8 @@
 
 Builds synthetic calibration sets (scikit-learn digits upscaled to 16x16 like the shipped demo, with
 pixel noise so no two images are equal), sanitizes the demo model with each one in a fresh subprocess
-and prints that process's peak RSS.
+and prints that process's peak RSS. Runs `--criterion linf`, the clean-data path whose memory issue 5
+bounds: the default probe criterion needs torch and holds its (small) calibration set in memory.
 
 The peak is the child's own VmHWM, read from /proc/self/status at interpreter exit. Not ru_maxrss:
 Linux carries a process's peak RSS across fork+exec into the child's ru_maxrss, so every run would
@@ -103,9 +104,10 @@ def main() -> int:
                 data = write_set(x, y, fmt, work)
                 del x, y
                 out = work / f"out_{fmt}_{n}.onnx"
-                cmd = [str(MODEL), "--calib", str(data), "--out", str(out), "--force"]
+                cmd = [str(MODEL), "--calib", str(data), "--criterion", "linf", "--out", str(out), "--force"]
                 rss, secs, code, err = peak_rss(cmd, work / "hwm.txt")
-                shown = shlex.join(["sanitize", "sanitizer/demo/model.onnx", "--calib", data.name, "--out", out.name, "--force"])
+                shown = shlex.join(["sanitize", "sanitizer/demo/model.onnx", "--calib", data.name, "--criterion", "linf",
+                                    "--out", out.name, "--force"])
                 print(f"  ran: {shown}  (exit {code}, {secs:.1f} s)", flush=True)
                 if code != 0:
                     print(f"  stderr: {err}", file=sys.stderr)
