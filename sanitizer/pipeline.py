@@ -3,6 +3,7 @@
 Nothing here prints or exits; progress goes through a callback and failures are SanitizeError."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
 import time
@@ -305,6 +306,9 @@ def check_outputs(opts: Options, models: tuple[Path, ...]) -> Path | None:
 def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     """Run the job; write the sanitized ONNX (and report) atomically; return the report."""
     t0 = time.perf_counter()
+    if opts.criterion == PROBE and importlib.util.find_spec("torch") is None:
+        raise SanitizeError("the default criterion 'probe' needs torch: pip install "
+                            "'onnx-backdoor-sanitizer[torch]', or pass --criterion linf", ExitCode.MISSING_DEP)
     out_onnx = check_outputs(opts, (opts.model,))
     prep = prepare(opts)
     check_outputs(opts, (opts.model, *prep.loaded.data_files))

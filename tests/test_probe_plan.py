@@ -153,3 +153,14 @@ def test_plots_are_written_as_png(tmp_path):
     (tmp_path / "o.onnx").unlink()
     code, _ = _run(model, calib, tmp_path, "--max-acc-drop", "0.06", "--plots", str(tmp_path / "figs"))
     assert code == 6 and not (tmp_path / "o.onnx").exists()
+
+
+def test_without_torch_the_default_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    model, calib, _, _ = trained(poisoned=True)
+    code, report = _run(model, calib, tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 9 and report is None and len(err) == 1 and "--criterion linf" in err[0]
