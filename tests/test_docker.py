@@ -20,7 +20,7 @@ def test_hadolint_passes(name):
 
 
 @pytest.mark.parametrize("name, base, extra", [("Dockerfile", "nvcr.io/nvidia/tensorrt:", ".[gpu,torch]"),
-                                               ("Dockerfile.cpu", "python:3.11", ".[cpu]")])
+                                               ("Dockerfile.cpu", "python:3.11", ".[cpu,torch]")])
 def test_images_are_pinned_and_run_sanitize(name, base, extra):
     text = (DOCKER / name).read_text()
     (from_line,) = [line for line in text.splitlines() if line.startswith("FROM ")]
