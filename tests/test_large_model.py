@@ -13,6 +13,7 @@ import pytest
 from onnx import numpy_helper
 
 import models as M
+from calib import session
 from sanitizer import model_io
 from sanitizer.cli import main
 from sanitizer.errors import BadModel
@@ -67,9 +68,14 @@ def test_the_large_model_route_gives_the_in_memory_result(tmp_path, monkeypatch,
 
     checker_calls.clear()
     monkeypatch.setattr(model_io, "PROTO_LIMIT", 0)
+    monkeypatch.setattr(session, "PROTO_LIMIT", 0)
+    staged = []
+    real = session._session_from_file
+    monkeypatch.setattr(session, "_session_from_file", lambda *a: staged.append(1) or real(*a))
     large = _sanitize(model, calib, tmp_path / "large")
     # the input model (from its own file) and the sanitized one (staged to a temp file) both went by path
     assert checker_calls == ["path", "path"]
+    assert staged, "no onnxruntime session was created from a file"
     assert large == small
     assert small[2]["plan"]["count"] > 0, "nothing pruned: the comparison would be trivial"
 
