@@ -13,6 +13,7 @@ from pathlib import Path
 from calib.stats import collect, plain_pass
 
 from .errors import BadData
+from .graph import stat_tensors
 from .scores import CRITERIA
 from .pipeline import Options, model_inputs, prepare, sanitize, split
 
@@ -54,7 +55,7 @@ def stats_overhead(opts: Options, sites: list[str], repeats: int = 3) -> dict:
     `repeats`: single passes of a few hundred images are too short to compare without noise."""
     prep = prepare(opts)
     fit, _ = split(prep.calib.n, opts.holdout, opts.seed)
-    tensors = {prep.sites[s].tensor: 4 if prep.sites[s].spatial else 2 for s in sites}
+    tensors = stat_tensors(prep.sites[s] for s in sites)
     plain, stats = [], []
     for _ in range(repeats):
         plain.append(plain_pass(prep.model, model_inputs(prep.calib, prep.pre, opts.batch_size, fit), prep.spec.name,

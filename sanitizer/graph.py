@@ -59,6 +59,11 @@ class Site:
         return self.strategy != "blocked"
 
 
+def stat_tensors(sites) -> dict[str, int]:
+    """The tensors to reduce for `sites`, with their rank: 4-D maps (ℓ∞ over H×W) or 2-D dense vectors."""
+    return {s.tensor: 4 if s.spatial else 2 for s in sites}
+
+
 class Graph:
     """Index of a model's nodes, initializers and (probed) tensor shapes."""
 

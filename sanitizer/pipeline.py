@@ -22,7 +22,7 @@ from . import rewrite
 from .atomic import check_writable, write_text
 from .errors import BadData, SanitizeError, ExitCode
 from .evaluate import Predictor, accuracy, agreement, attack_success
-from .graph import Site, find_sites, last_stage
+from .graph import Site, find_sites, last_stage, stat_tensors
 from .model_io import LoadedModel, check, load_model, save_model, sha256_file
 from .plan import Plan, largest_ok, rank, safe_limit
 from .scores import CRITERIA, normalised
@@ -225,7 +225,7 @@ def rank_units(prep: Prepared, sites: list[Site], criterion: str, fit: np.ndarra
                progress: Progress) -> tuple[list[tuple[str, int]], dict]:
     if criterion not in CRITERIA:
         raise SanitizeError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}", ExitCode.USAGE)
-    tensors = {s.tensor: 4 if s.spatial else 2 for s in sites}
+    tensors = stat_tensors(sites)
     batches = model_inputs(prep.calib, prep.pre, opts.batch_size, fit)
     done = [0]
 

@@ -32,10 +32,13 @@ def check(folder: Path, force: bool, inputs: tuple[Path, ...]) -> None:
         raise BadOutput(f"--plots {folder}: folder {folder.parent} does not exist")
 
 
-def _png(fig) -> bytes:
+def _save(plt, fig, path: Path) -> Path:
+    """Render to memory, write atomically, release the figure."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+    return path
 
 
 def _to_image(x: np.ndarray, hi: float) -> np.ndarray:
@@ -70,50 +73,45 @@ def write(folder: Path, report: dict, figures: dict, asr_curve: dict[int, float]
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
     ax.set_title(f"pruning curve ({report['criterion']})")
-    write_bytes(folder / FILES[0], _png(fig))
-    written.append(folder / FILES[0])
-    plt.close(fig)
+    written.append(_save(plt, fig, folder / FILES[0]))
+
+    def row(n: int, width: float, height: float):
+        fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+        return fig, axes[0]
 
     hist = figures.get("linf")
     if hist:
-        fig, axes = plt.subplots(1, len(hist), figsize=(3 * len(hist), 2.8), squeeze=False)
-        for ax, (label, clean, probed) in zip(axes[0], hist):
+        fig, axes = row(len(hist), 3, 2.8)
+        for ax, (label, clean, probed) in zip(axes, hist):
             bins = np.linspace(min(clean.min(), probed.min()), max(clean.max(), probed.max()) + 1e-9, 30)
             ax.hist(clean, bins=bins, alpha=0.6, label="clean")
             ax.hist(probed, bins=bins, alpha=0.6, label="probe")
             ax.set_title(label, fontsize=7)
             ax.set_xlabel("ℓ∞ per image", fontsize=7)
-        axes[0][0].legend(fontsize=7)
-        write_bytes(folder / FILES[1], _png(fig))
-        written.append(folder / FILES[1])
-        plt.close(fig)
+        axes[0].legend(fontsize=7)
+        written.append(_save(plt, fig, folder / FILES[1]))
 
     images = figures.get("probe_images")
     if images:
-        fig, axes = plt.subplots(1, len(images), figsize=(2 * len(images), 2.4), squeeze=False)
-        for ax, (label, img) in zip(axes[0], images):
+        fig, axes = row(len(images), 2, 2.4)
+        for ax, (label, img) in zip(axes, images):
             ax.imshow(_to_image(img, figures["hi"]), cmap="gray" if img.shape[-1] == 1 else None,
                       interpolation="nearest")
             ax.set_title(label, fontsize=7)
             ax.axis("off")
-        write_bytes(folder / FILES[2], _png(fig))
-        written.append(folder / FILES[2])
-        plt.close(fig)
+        written.append(_save(plt, fig, folder / FILES[2]))
     return written
 
 
 def linf_histograms(model, sites_by_name, order, spec, pre, clean_raw, probed_raw, batch_size) -> list:
     """Per-image ℓ∞ of the first TOP_UNITS units of `order` on clean and probed images (onnxruntime)."""
-    from calib.stats import collect
+    from .graph import stat_tensors
+    from .probe_plan import raw_stats
 
     top = order[:TOP_UNITS]
-    tensors = {sites_by_name[s].tensor: 4 if sites_by_name[s].spatial else 2 for s, _ in top}
-
-    def per_image(raw):
-        batches = (pre.apply(raw[i:i + batch_size]) for i in range(0, len(raw), batch_size))
-        return collect(model, tensors, batches, spec.name, fixed_batch=spec.batch, keep_per_image=True).stats
-
-    clean, probed = per_image(clean_raw), per_image(probed_raw)
+    tensors = stat_tensors(sites_by_name[s] for s, _ in top)
+    clean, probed = (raw_stats(model, tensors, spec, pre, raw, batch_size, keep_per_image=True)
+                     for raw in (clean_raw, probed_raw))
     out = []
     for site, ch in top:
         t = sites_by_name[site].tensor

@@ -17,7 +17,7 @@ from calib.stats import collect
 
 from . import rewrite
 from .evaluate import Predictor
-from .graph import Site
+from .graph import Site, stat_tensors
 from .plan import Plan, rank, safe_limit
 
 # The attack-success level the defense aims for; also the smallest change in flip rate worth pruning for.
@@ -47,6 +47,13 @@ def flips(model: onnx.ModelProto, spec, pre, clean_x: np.ndarray | None, probed_
     return [float((pred.logits(x[keep], batch_size).argmax(1) == target).mean()) for x in probed_x]
 
 
+def raw_stats(model: onnx.ModelProto, tensors: dict[str, int], spec, pre, raw: np.ndarray, batch_size: int,
+              keep_per_image: bool = False):
+    """Statistics of `tensors` over raw images held in memory (probed copies, suspicious samples)."""
+    batches = (pre.apply(raw[i:i + batch_size]) for i in range(0, len(raw), batch_size))
+    return collect(model, tensors, batches, spec.name, fixed_batch=spec.batch, keep_per_image=keep_per_image).stats
+
+
 def ell_inf_gaps(model: onnx.ModelProto, sites: list[Site], spec, pre, fit_raw: np.ndarray,
                  probed_sets: list[np.ndarray], batch_size: int) -> dict[str, dict[str, np.ndarray]]:
     """Two rankings of the probed images' ℓ∞ rise over clean images, per site and unit, summed over sets.
@@ -57,17 +64,12 @@ def ell_inf_gaps(model: onnx.ModelProto, sites: list[Site], spec, pre, fit_raw: 
     is far outside anything clean images do in that layer.
     Which one separates the backdoor better depends on how the model spreads it; the held-out images
     decide (see defend)."""
-    tensors = {s.tensor: 4 if s.spatial else 2 for s in sites}
-
-    def stats(raw):
-        batches = (pre.apply(raw[i:i + batch_size]) for i in range(0, len(raw), batch_size))
-        return collect(model, tensors, batches, spec.name, fixed_batch=spec.batch).stats
-
-    clean = stats(fit_raw)
+    tensors = stat_tensors(sites)
+    clean = raw_stats(model, tensors, spec, pre, fit_raw, batch_size)
     out = {"relative": {s.name: np.zeros(s.channels) for s in sites},
            "spread": {s.name: np.zeros(s.channels) for s in sites}}
     for raw in probed_sets:
-        probed = stats(raw)
+        probed = raw_stats(model, tensors, spec, pre, raw, batch_size)
         for s in sites:
             c = np.abs(clean[s.tensor].agg("linf"))
             rise = probed[s.tensor].agg("linf") - clean[s.tensor].agg("linf")
