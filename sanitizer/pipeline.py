@@ -192,7 +192,11 @@ class HeldOut:
         return self._predict(Predictor(model, self.spec.name, self.spec.batch))
 
     def agreement(self, model: onnx.ModelProto):
-        return agreement(self.reference, self.predict(model), self.labels)
+        return self.agreement_of(self.predict(model))
+
+    def agreement_of(self, pred: np.ndarray):
+        """Agreement of predictions already made on these images, in index order."""
+        return agreement(self.reference, pred, self.labels)
 
 
 def choose_count(prep: Prepared, order: list[tuple[str, int]], held: HeldOut, opts: Options,

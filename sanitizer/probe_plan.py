@@ -33,18 +33,19 @@ ALIVE = 0.5
 MAX_SHARE = 0.25
 
 
-def flips(model: onnx.ModelProto, spec, pre, clean_x: np.ndarray | None, probed_x: list[np.ndarray], target: int,
-          batch_size: int) -> list[float]:
-    """Per probe: share of held-out images the model does not already call `target` that the probe sends there.
-    Without clean counterparts (a user's suspicious samples), the share of the probed images called `target`."""
+def flips(model: onnx.ModelProto, spec, clean_x: np.ndarray, probed_x: list[np.ndarray], target: int,
+          batch_size: int, paired: bool = True) -> tuple[np.ndarray, list[float]]:
+    """The model's predictions on the clean held-out images (for the agreement, one session for both) and
+    per probe the share of them it does not already call `target` that the probe sends there. Unpaired
+    probed images (a user's suspicious samples) count as the share of them called `target`."""
     pred = Predictor(model, spec.name, spec.batch)
-    if clean_x is None:
-        return [float((pred.logits(x, batch_size).argmax(1) == target).mean()) for x in probed_x]
     base = pred.logits(clean_x, batch_size).argmax(1)
+    if not paired:
+        return base, [float((pred.logits(x, batch_size).argmax(1) == target).mean()) for x in probed_x]
     keep = base != target
     if not keep.any():
-        return [1.0 for _ in probed_x]
-    return [float((pred.logits(x[keep], batch_size).argmax(1) == target).mean()) for x in probed_x]
+        return base, [1.0 for _ in probed_x]
+    return base, [float((pred.logits(x[keep], batch_size).argmax(1) == target).mean()) for x in probed_x]
 
 
 def raw_stats(model: onnx.ModelProto, tensors: dict[str, int], spec, pre, raw: np.ndarray, batch_size: int,
@@ -78,8 +79,8 @@ def ell_inf_gaps(model: onnx.ModelProto, sites: list[Site], spec, pre, fit_raw: 
     return out
 
 
-def count_by_probes(prep, order: list[tuple[str, int]], limit: int, held, clean_x: np.ndarray | None,
-                    probed_x: list[np.ndarray], target: int, batch_size: int, progress
+def count_by_probes(prep, order: list[tuple[str, int]], limit: int, held, clean_x: np.ndarray,
+                    probed_x: list[np.ndarray], paired: bool, target: int, batch_size: int, progress
                     ) -> tuple[Plan, float, np.ndarray]:
     """Smallest count at which every probe's flip rate is at the goal, or within the goal of the lowest
     rate that probe reaches at any count on a doubling grid while the pruned model still agrees with the
@@ -92,8 +93,8 @@ def count_by_probes(prep, order: list[tuple[str, int]], limit: int, held, clean_
 
     def measure(k: int) -> None:
         model = rewrite.apply(prep.model, prep.sites, plan.pruned(k))
-        flips_at[k] = flips(model, prep.spec, prep.pre, clean_x, probed_x, target, batch_size)
-        agree_at[k] = held.agreement(model).rate
+        base, flips_at[k] = flips(model, prep.spec, clean_x, probed_x, target, batch_size, paired)
+        agree_at[k] = held.agreement_of(base).rate
         plan.trace.append({"units": k, "probe_flip": [round(r, 4) for r in flips_at[k]],
                            "agreement": round(agree_at[k], 6)})
         progress("search", len(plan.trace), 0)
@@ -138,7 +139,8 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
     from .repair import repair
 
     fit_raw = prep.calib.subset(fit).read(0, len(fit))
-    if suspects is None:
+    clean_x, paired = held.inputs(), suspects is None
+    if paired:
         from .probes import synthesize
 
         hold_raw = prep.calib.subset(hold).read(0, len(hold))
@@ -146,8 +148,7 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
         probes = synthesize(prep.model, fit_raw, prep.pre, target, opts.seed)
         progress("probes", 1, 1)
         probed_x = [prep.pre.apply(p.apply(hold_raw)) for p in probes]
-        clean_x = held.inputs()
-        before = flips(prep.model, prep.spec, prep.pre, clean_x, probed_x, target, opts.batch_size)
+        _, before = flips(prep.model, prep.spec, clean_x, probed_x, target, opts.batch_size)
         chosen = [i for i, f in enumerate(before) if f >= USE_FLIP] or [int(np.argmax(before))]
         used = [probes[i] for i in chosen]
         rank_sets = [p.apply(fit_raw) for p in used]
@@ -157,30 +158,30 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
         order = np.random.default_rng(opts.seed).permutation(len(suspects))
         half = len(suspects) // 2
         rank_sets, probed_x, chosen = [suspects[order[:half]]], [prep.pre.apply(suspects[order[half:]])], [0]
-        used, clean_x = [], None
-        before = flips(prep.model, prep.spec, prep.pre, None, probed_x, target, opts.batch_size)
+        used = []
+        _, before = flips(prep.model, prep.spec, clean_x, probed_x, target, opts.batch_size, paired=False)
         described = [{"probe": f"{len(suspects)} suspicious samples", "flip_before": round(before[0], 4), "used": True}]
     used_x = [probed_x[i] for i in chosen]
     searches: dict[str, tuple[Plan, float, np.ndarray]] = {}
     for name, gap in ell_inf_gaps(prep.model, sites, prep.spec, prep.pre, fit_raw, rank_sets, opts.batch_size).items():
         order = rank(gap, descending=True)
         limit = safe_limit(order, {s.name: s.channels for s in sites})
-        searches[name] = count_by_probes(prep, order, limit, held, clean_x, used_x, target, opts.batch_size,
-                                         progress)
+        searches[name] = count_by_probes(prep, order, limit, held, clean_x, used_x, paired, target,
+                                         opts.batch_size, progress)
     # the ranking that silences the probes at the smaller cost to the held-out images
     ranking = max(searches, key=lambda n: (searches[n][1], -searches[n][0].count))
     plan, _, good = searches[ranking]
     pruned = rewrite.apply(prep.model, prep.sites, plan.pruned())
     progress("repair", 0, 1)
     # suspicious samples have no clean twin to hold them to: the repair keeps them off the target instead
-    avoid = None if suspects is None else (rank_sets[0], target)
+    avoid = None if paired else (rank_sets[0], target)
     repaired = rewrite.apply(repair(prep.model, prep.sites, plan.pruned(), fit_raw, prep.pre, used, opts.seed,
                                     avoid=avoid), prep.sites, plan.pruned())
     progress("repair", 1, 1)
     candidates = []
     for name, model in (("pruned", pruned), ("pruned+repaired", repaired)):
-        ag = held.agreement(model)
-        rates = flips(model, prep.spec, prep.pre, clean_x, used_x, target, opts.batch_size)
+        base, rates = flips(model, prep.spec, clean_x, used_x, target, opts.batch_size, paired)
+        ag = held.agreement_of(base)
         candidates.append({"name": name, "model": model, "within_budget": ag.bad_upper <= opts.max_acc_drop,
                            "probes_silenced": bool((np.array(rates) <= good).all()),
                            "probe_flip": [round(r, 4) for r in rates], **ag.to_dict()})
@@ -191,7 +192,7 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
     best["within_budget"] = bool(ok)
     plan.trace.append({"units": plan.count, "final": best["name"],
                        **{k: v for k, v in best.items() if k not in ("model", "name")}})
-    info = {"target": target, "source": "synthesized" if suspects is None else "suspicious samples",
+    info = {"target": target, "source": "synthesized" if paired else "suspicious samples",
             "probes": described,
             "rankings": {n: {"units": pl.count, "pruned_agreement": round(a, 6)} for n, (pl, a, _) in searches.items()},
             "ranking": ranking,
