@@ -103,8 +103,9 @@ def show_summary(result: dict) -> None:
             if ev["before"][key] is not None:
                 table.add_row(label, f"{ev['before'][key]:.4f}", f"{ev['after'][key]:.4f}")
     if "detection" in result:
-        table.add_row("detection", "", f"{result['detection']['verdict']} (max anomaly "
-                      f"{max(result['detection']['anomaly_index']):.2f}, threshold {result['detection']['threshold']})")
+        from .pipeline import evidence
+
+        table.add_row("detection", "", f"{result['detection']['verdict']} ({evidence(result['detection'])})")
     if "probes" in result:
         pr = result["probes"]
         used = [p["probe"] for p in pr["probes"] if p["used"]]
@@ -202,7 +203,7 @@ def bench_cmd(
         wanted = {c.strip() for c in cases.split(",")}
         chosen = [c for c in chosen if c.name in wanted]
     table = Table("case", "criterion", "acc before→after", "ASR before→after", "units", "stats / plain pass s", "total s",
-                  "verdict (max anomaly)", title=f"sanitize bench {suite} — {machine()}")
+                  "detection", title=f"sanitize bench {suite} — {machine()}")
     rows = []
     bar, update = _progress()
     with bar:
@@ -215,7 +216,8 @@ def bench_cmd(
                               (f"{row['stats_seconds']:.2f} / {row['plain_seconds']:.2f} (×{row['ratio']})"
                                if "ratio" in row else "—"),
                               f"{row['total_seconds']:.1f}" + (" over budget" if row["degraded"] else ""),
-                              (f"{row['detection']['verdict']} ({max(row['detection']['anomaly_index']):.2f})"
+                              (row["detection"]["verdict"] + (f" ({row['detection']['found_by']})"
+                                                              if row["detection"]["found_by"] else "")
                                if "detection" in row else "—"))
                 if json_out:
                     write_text(json_out, json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")

@@ -246,23 +246,44 @@ def rank_units(prep: Prepared, sites: list[Site], criterion: str, fit: np.ndarra
 
 
 def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress) -> dict:
-    """Neural-Cleanse-style probe on the fit images: per class the anomaly of its smallest trigger mask."""
-    from .probe import ANOMALY_THRESHOLD, probe
+    """Which class, if any, a backdoor sends images to, judged on the fit images only.
 
-    progress("detection", 0, 1)
+    First a short patch probe toward every class (cheap, and decisive for patch triggers); when no patch
+    finds a target, the Neural-Cleanse mask search, whose smallest-mask anomaly also catches triggers that
+    are not a patch (blended, full-image)."""
+    from .probe import ANOMALY_THRESHOLD, probe
+    from .probes import SCAN_FLIP, scan
+
+    progress("detection", 0, 2)
     start = time.perf_counter()
-    found = probe(prep.model, prep.calib.subset(fit).read(0, len(fit)), prep.pre, seed)
-    progress("detection", 1, 1)
-    target = found.suspected_target
-    return {
-        "verdict": "no backdoor found" if target is None else f"backdoor suspected, target class {target}",
-        "suspected_target": target,
-        "anomaly_index": [round(float(a), 4) for a in found.anomaly],
-        "mask_l1": [round(float(m), 3) for m in found.mask_norms],
-        "threshold": ANOMALY_THRESHOLD,
-        "synthesized_trigger_flip_rate": round(found.flip_rate, 4),
-        "seconds": round(time.perf_counter() - start, 1),
-    }
+    raw = prep.calib.subset(fit).read(0, len(fit))
+    patch = scan(prep.model, raw, prep.pre, seed)
+    out = {"patch_scan": {"best_flip": [round(float(f), 4) for f in patch.best_flip], "threshold": SCAN_FLIP}}
+    target, how = patch.suspected_target, "patch scan"
+    progress("detection", 1, 2)
+    if target is None:
+        found = probe(prep.model, raw, prep.pre, seed)
+        target, how = found.suspected_target, "mask anomaly"
+        out["neural_cleanse"] = {"anomaly_index": [round(float(a), 4) for a in found.anomaly],
+                                 "mask_l1": [round(float(m), 3) for m in found.mask_norms],
+                                 "threshold": ANOMALY_THRESHOLD,
+                                 "synthesized_trigger_flip_rate": round(found.flip_rate, 4)}
+    progress("detection", 2, 2)
+    return {"verdict": "no backdoor found" if target is None else f"backdoor suspected, target class {target}",
+            "suspected_target": target, "found_by": how if target is not None else None, **out,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def evidence(detection: dict) -> str:
+    """One line on what the verdict rests on, for summaries."""
+    flips = detection["patch_scan"]["best_flip"]
+    top = int(np.argmax(flips))
+    parts = [f"best patch probe sends {flips[top]:.2f} of images to class {top}, "
+             f"threshold {detection['patch_scan']['threshold']}"]
+    if "neural_cleanse" in detection:
+        nc = detection["neural_cleanse"]
+        parts.append(f"max mask anomaly {max(nc['anomaly_index']):.2f}, threshold {nc['threshold']}")
+    return "; ".join(parts)
 
 
 def write_plots(opts: Options, prep: Prepared, plan: Plan, report: dict, figures: dict) -> list[Path]:

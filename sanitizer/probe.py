@@ -60,7 +60,7 @@ def make_input(torch, x_raw, pp: Preprocess):
     return x.permute(0, 3, 1, 2) if pp.layout == "nchw" else x
 
 
-def _check(x_raw: np.ndarray) -> np.ndarray:
+def check_images(x_raw: np.ndarray) -> np.ndarray:
     if x_raw.ndim != 4 or len(x_raw) < 8:
         raise BadData(f"need at least 8 calibration images as an NHWC array, got shape {x_raw.shape}")
     return np.asarray(x_raw, np.float32)
@@ -134,7 +134,7 @@ def probe(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int =
     torch = require("torch", "torch")
     from .torch_graph import to_torch
 
-    x_raw = _check(x_raw)
+    x_raw = check_images(x_raw)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x_raw))
     opt_idx, held_idx = order[: min(n_images, len(x_raw) // 2)], order[min(n_images, len(x_raw) // 2):]

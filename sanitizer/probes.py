@@ -17,7 +17,7 @@ import onnx
 from calib.preprocess import Preprocess
 
 from .errors import require
-from .probe import make_input, pixel_range
+from .probe import check_images, make_input, pixel_range
 
 # Patch side as a share of the image side: patch triggers in the literature cover ~1-4 % of the image.
 PATCH_SIDE = 0.15
@@ -25,6 +25,13 @@ PATCH_SIDE = 0.15
 BLEND_EPS = 0.1
 STEPS = 100
 N_IMAGES = 64
+# Share of held-back images one patch probe must send to a class to call it a backdoor target: a patch
+# trigger works on nearly every image (that is its attack success rate), while the universal patches a
+# model admits without a backdoor reach a fraction of them (0.3-0.55 on the suite's models, see README).
+SCAN_FLIP = 0.9
+# The scan probes every class, so each probe gets a fifth of the steps and half the images of a final probe.
+SCAN_STEPS = 20
+SCAN_IMAGES = 32
 
 
 @dataclass
@@ -53,43 +60,100 @@ def _locations(h: int, w: int, s: int) -> list[tuple[int, int]]:
     return [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), ((h - s) // 2, (w - s) // 2)]
 
 
-def synthesize(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target: int, seed: int = 0, *,
-               steps: int = STEPS, n_images: int = N_IMAGES) -> list[Probe]:
-    """One probe per location plus one full-image probe, each optimised to send `x_raw` to `target`."""
-    torch = require("torch", "torch")
-    from .torch_graph import to_torch
+class _Optimiser:
+    """Probes toward one class at a time on a fixed set of clean images, through one torch copy of the model."""
 
-    x_raw = np.asarray(x_raw, np.float32)
-    rng = np.random.default_rng(seed)
-    x = torch.from_numpy(x_raw[np.sort(rng.permutation(len(x_raw))[:n_images])])
-    graph = to_torch(model)
-    for p in graph.parameters():
-        p.requires_grad_(False)
-    hi = pixel_range(x_raw)
-    h, w, ch = x.shape[1:]
-    s = max(2, int(round(PATCH_SIDE * min(h, w))))
-    labels = torch.full((len(x),), target, dtype=torch.long)
-    torch.manual_seed(seed)
+    def __init__(self, model: onnx.ModelProto, x_fit: np.ndarray, pp: Preprocess, hi: float):
+        self.torch = torch = require("torch", "torch")
+        from .torch_graph import to_torch
 
-    def optimise(shape, paint):
+        self.graph = to_torch(model)
+        for p in self.graph.parameters():
+            p.requires_grad_(False)
+        self.pp, self.hi = pp, hi
+        self.x = torch.from_numpy(x_fit)
+        h, w, self.ch = self.x.shape[1:]
+        self.side = max(2, int(round(PATCH_SIDE * min(h, w))))
+        self.locations = _locations(h, w, self.side)
+
+    def _fit(self, x, target: int, shape, paint, steps: int):
+        torch = self.torch
+        labels = torch.full((len(x),), target, dtype=torch.long)
         param = torch.zeros(shape, requires_grad=True)
         opt = torch.optim.Adam([param], lr=0.1)
         for _ in range(steps):
-            logits, _ = graph(make_input(torch, paint(param), pp))
+            logits, _ = self.graph(make_input(torch, paint(x, param), self.pp))
             loss = torch.nn.functional.cross_entropy(logits, labels)
             opt.zero_grad()
             loss.backward()
             opt.step()
         return param.detach()
 
-    probes = []
-    for r, c in _locations(h, w, s):
-        def paint(p, r=r, c=c):
-            out = x.clone()
-            out[:, r:r + s, c:c + s, :] = torch.sigmoid(p * 4) * hi
-            return out
-        p = optimise((s, s, ch), paint)
-        probes.append(Probe("patch", (r, c), (torch.sigmoid(p * 4) * hi).numpy().astype(np.float32), hi))
-    p = optimise((h, w, ch), lambda p: (x + torch.tanh(p) * BLEND_EPS * hi).clamp(0, hi))
-    probes.append(Probe("blend", None, (torch.tanh(p) * BLEND_EPS * hi).numpy().astype(np.float32), hi))
-    return probes
+    def patches(self, target: int, steps: int, x=None) -> list[Probe]:
+        x = self.x if x is None else x
+        s, torch = self.side, self.torch
+        out = []
+        for r, c in self.locations:
+            def paint(x, p, r=r, c=c):
+                x = x.clone()
+                x[:, r:r + s, c:c + s, :] = torch.sigmoid(p * 4) * self.hi
+                return x
+            p = self._fit(x, target, (s, s, self.ch), paint, steps)
+            out.append(Probe("patch", (r, c), (torch.sigmoid(p * 4) * self.hi).numpy().astype(np.float32), self.hi))
+        return out
+
+    def blend(self, target: int, steps: int) -> Probe:
+        torch, eps = self.torch, BLEND_EPS * self.hi
+        p = self._fit(self.x, target, tuple(self.x.shape[1:]),
+                      lambda x, p: (x + torch.tanh(p) * eps).clamp(0, self.hi), steps)
+        return Probe("blend", None, (torch.tanh(p) * eps).numpy().astype(np.float32), self.hi)
+
+    def logits(self, x_raw: np.ndarray) -> np.ndarray:
+        with self.torch.no_grad():
+            return self.graph(make_input(self.torch, self.torch.from_numpy(x_raw), self.pp))[0].numpy()
+
+
+def _split(x_raw: np.ndarray, n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n_images` of `x_raw` (in file order) to fit probes on, and the rest."""
+    x_raw = np.asarray(x_raw, np.float32)
+    chosen = np.zeros(len(x_raw), bool)
+    chosen[np.random.default_rng(seed).permutation(len(x_raw))[:n_images]] = True
+    return x_raw[chosen], x_raw[~chosen]
+
+
+def synthesize(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target: int, seed: int = 0, *,
+               steps: int = STEPS, n_images: int = N_IMAGES) -> list[Probe]:
+    """One probe per location plus one full-image probe, each optimised to send `x_raw` to `target`."""
+    x_fit, _ = _split(x_raw, n_images, seed)
+    opt = _Optimiser(model, x_fit, pp, pixel_range(x_raw))
+    return [*opt.patches(target, steps), opt.blend(target, steps)]
+
+
+@dataclass
+class Scan:
+    best_flip: np.ndarray          # per class: the highest share of test images one patch probe sends there
+    suspected_target: int | None
+
+
+def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 0, *,
+         steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES) -> Scan:
+    """A short patch probe toward every class; a class some patch sends nearly every image to is the target.
+
+    That is what a patch backdoor is — a small stamp that works on any image — while the universal patches
+    a clean model admits reach a fraction of the images. Probes are fitted on `n_images` of `x_raw` and
+    tested on the rest (half each when there are few), in both cases on images the model does not already
+    put in the class."""
+    x_raw = check_images(x_raw)
+    x_fit, x_test = _split(x_raw, min(n_images, len(x_raw) // 2), seed)
+    opt = _Optimiser(model, x_fit, pp, pixel_range(x_raw))
+    fit_logits = opt.logits(x_fit)
+    fit_pred, test_pred = fit_logits.argmax(1), opt.logits(x_test).argmax(1)
+    best = np.zeros(fit_logits.shape[1])
+    for c in range(len(best)):
+        # images already in c say nothing about reaching it
+        fit, test = x_fit[fit_pred != c], x_test[test_pred != c]
+        if len(fit) and len(test):
+            best[c] = max(float((opt.logits(p.apply(test)).argmax(1) == c).mean())
+                          for p in opt.patches(c, steps, opt.torch.from_numpy(fit)))
+    top = int(np.argmax(best))
+    return Scan(best, top if best[top] >= SCAN_FLIP else None)

@@ -9,7 +9,9 @@ import pytest
 
 pytest.importorskip("torch")
 
+from sanitizer import probes  # noqa: E402
 from sanitizer.probe import probe  # noqa: E402
+from sanitizer.probes import SCAN_FLIP, scan  # noqa: E402
 from digits_backdoor import PP, TARGET, acc_asr, trained  # noqa: E402
 
 
@@ -63,4 +65,42 @@ def test_detect_with_a_clean_verdict_prunes_nothing(clean, tmp_path):
     assert code == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["detection"]["verdict"] == "no backdoor found"
-    assert report["plan"]["count"] == 0 and len(report["detection"]["anomaly_index"]) == 10
+    # no patch probe reached the bar, so the mask search ran too; both leave a score per class
+    assert report["plan"]["count"] == 0 and report["detection"]["found_by"] is None
+    assert len(report["detection"]["patch_scan"]["best_flip"]) == 10
+    assert len(report["detection"]["neural_cleanse"]["anomaly_index"]) == 10
+
+
+def test_scan_names_the_patch_target_and_passes_the_clean_twin(backdoored, clean):
+    found = scan(backdoored[0], backdoored[1], PP, seed=0)
+    assert found.suspected_target == TARGET and found.best_flip[TARGET] >= SCAN_FLIP
+    others = np.delete(found.best_flip, TARGET)
+    assert others.max() < 0.5, found.best_flip
+    clean_scan = scan(clean[0], clean[1], PP, seed=0)
+    assert clean_scan.suspected_target is None and clean_scan.best_flip.max() < 0.5, clean_scan.best_flip
+
+
+def _detect(model, calib, tmp_path):
+    from sanitizer.cli import main
+
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", X=calib.astype(np.uint8))
+    code = main([str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npz"), "--detect", "--criterion", "linf",
+                 "--report", str(tmp_path / "r.json"), "--allow-degraded"])
+    assert code == 0
+    return json.loads((tmp_path / "r.json").read_text())["detection"]
+
+
+def test_a_patch_found_by_the_scan_skips_the_mask_search(backdoored, tmp_path):
+    found = _detect(backdoored[0], backdoored[1], tmp_path)
+    assert found["suspected_target"] == TARGET and found["found_by"] == "patch scan"
+    assert "neural_cleanse" not in found
+
+
+def test_the_mask_search_decides_when_no_patch_reaches_the_bar(backdoored, tmp_path, monkeypatch):
+    # a bar no flip rate can reach stands in for a trigger the patch probes cannot imitate
+    monkeypatch.setattr(probes, "SCAN_FLIP", 1.01)
+    found = _detect(backdoored[0], backdoored[1], tmp_path)
+    assert found["patch_scan"]["threshold"] == 1.01
+    assert found["suspected_target"] == TARGET and found["found_by"] == "mask anomaly"
+    assert max(found["neural_cleanse"]["anomaly_index"]) > 2
