@@ -1,8 +1,10 @@
-"""The default defense: probe toward the suspected target, rank units by ℓ∞ rise, prune until the probes
-fail, repair.
+"""The default defense: probe toward the suspected target, rank units, prune until the probes fail, repair.
 
-Units are ranked by how far the probes lift their ℓ∞ (max over the spatial map) above what clean images
-do — the paper's signature, measured with synthesized probes in place of the unknown trigger. How many to
+Units are ranked three ways, and the held-out images pick one: by how far the probes lift their ℓ∞ (max
+over the spatial map) above what clean images do — the paper's signature, measured with synthesized probes
+in place of the unknown trigger — in two normalisations, and by how much the probes' margin toward the
+target rests on each unit (attribution.py), which finds the units that matter to the decision among
+those that merely fire. How many to
 prune is read off the probes on the held-out images: the smallest count at which every probe's flip rate
 is at the attack-success goal, or within that goal of the lowest rate it reaches at any count (what is
 left then is ordinary adversarial weakness, which more pruning cannot buy down). Statistics and every
@@ -136,6 +138,7 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
 
     With `suspects` (raw images a user believes carry the trigger) those replace the synthesized probes:
     half of them rank the units, the other half count them."""
+    from .attribution import margin_gradients
     from .repair import repair
 
     fit_raw = prep.calib.subset(fit).read(0, len(fit))
@@ -163,7 +166,9 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
         described = [{"probe": f"{len(suspects)} suspicious samples", "flip_before": round(before[0], 4), "used": True}]
     used_x = [probed_x[i] for i in chosen]
     searches: dict[str, tuple[Plan, float, np.ndarray]] = {}
-    for name, gap in ell_inf_gaps(prep.model, sites, prep.spec, prep.pre, fit_raw, rank_sets, opts.batch_size).items():
+    scores = ell_inf_gaps(prep.model, sites, prep.spec, prep.pre, fit_raw, rank_sets, opts.batch_size)
+    scores["attribution"] = margin_gradients(prep.model, sites, prep.pre, rank_sets, fit_raw, target, opts.batch_size)
+    for name, gap in scores.items():
         order = rank(gap, descending=True)
         limit = safe_limit(order, {s.name: s.channels for s in sites})
         searches[name] = count_by_probes(prep, order, limit, held, clean_x, used_x, paired, target,
