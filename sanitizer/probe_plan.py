@@ -5,9 +5,10 @@ over the spatial map) above what clean images do — the paper's signature, meas
 in place of the unknown trigger — in two normalisations, and by how much the probes' margin toward the
 target rests on each unit (attribution.py), which finds the units that matter to the decision among
 those that merely fire. How many to
-prune is read off the probes on the held-out images: the smallest count at which every probe's flip rate
-is at the attack-success goal, or within that goal of the lowest rate it reaches at any count (what is
-left then is ordinary adversarial weakness, which more pruning cannot buy down). Statistics and every
+prune is read off the probes on the held-out images: the smallest count at which every probe that
+pruning can silence is at the attack-success goal; probes that no count silences before the model breaks
+are ordinary adversarial weakness and do not count (unless no probe falls, then each must reach the
+lowest rate it gets to). Statistics and every
 decision run on onnxruntime; torch only synthesizes the probes and repairs.
 """
 from __future__ import annotations
@@ -84,10 +85,12 @@ def ell_inf_gaps(model: onnx.ModelProto, sites: list[Site], spec, pre, fit_raw: 
 def count_by_probes(prep, order: list[tuple[str, int]], limit: int, held, clean_x: np.ndarray,
                     probed_x: list[np.ndarray], paired: bool, target: int, batch_size: int, progress
                     ) -> tuple[Plan, float, np.ndarray]:
-    """Smallest count at which every probe's flip rate is at the goal, or within the goal of the lowest
-    rate that probe reaches at any count on a doubling grid while the pruned model still agrees with the
-    original on at least ALIVE of the held-out images (past that, flips say nothing: the model is broken).
-    Returns the plan, the pruned model's held-out agreement and the flip rate each probe must get under."""
+    """Smallest count at which every probe that some count silences is at the goal (within the goal of its
+    lowest rate); only when none is silenced, every probe within the goal of its lowest rate. Rates are read
+    on a doubling grid while the pruned model still agrees with the original on at least ALIVE of the
+    held-out images (past that, flips say nothing: the model is broken).
+    Returns the plan, the pruned model's held-out agreement and the flip rate each probe must get under
+    (inf: the probe does not count)."""
     plan = Plan(order)
     cap = min(limit, max(1, int(MAX_SHARE * len(order))))
     flips_at: dict[int, list[float]] = {}
@@ -112,6 +115,12 @@ def count_by_probes(prep, order: list[tuple[str, int]], limit: int, held, clean_
         k = min(2 * k, cap)
     floor = np.min([flips_at[k] for k in grid], axis=0)
     good = np.maximum(FLIP_GOAL, floor + FLIP_GOAL)
+    # A probe no count short of breaking the model silences is ordinary adversarial weakness: pruning only
+    # wears it down with the model's accuracy, so it does not set the count while some probe does fall to
+    # the goal — that one follows the shortcut.
+    silenced = floor <= FLIP_GOAL
+    if silenced.any():
+        good = np.where(silenced, good, np.inf)
 
     def ok(k: int) -> bool:
         return bool((np.array(flips_at[k]) <= good).all())
