@@ -82,6 +82,16 @@ def ell_inf_gaps(model: onnx.ModelProto, sites: list[Site], spec, pre, fit_raw: 
     return out
 
 
+def bars(floor: np.ndarray) -> np.ndarray:
+    """Per probe, the flip rate a count must bring it under, from the lowest rate it reaches on the grid."""
+    good = np.maximum(FLIP_GOAL, floor + FLIP_GOAL)
+    # A probe no count short of breaking the model silences is ordinary adversarial weakness: pruning only
+    # wears it down with the model's accuracy, so it does not set the count while some probe does fall to
+    # the goal — that one follows the shortcut.
+    silenced = floor <= FLIP_GOAL
+    return np.where(silenced, good, np.inf) if silenced.any() else good
+
+
 def count_by_probes(prep, order: list[tuple[str, int]], limit: int, held, clean_x: np.ndarray,
                     probed_x: list[np.ndarray], paired: bool, target: int, batch_size: int, progress
                     ) -> tuple[Plan, float, np.ndarray]:
@@ -113,14 +123,7 @@ def count_by_probes(prep, order: list[tuple[str, int]], limit: int, held, clean_
         if k >= cap:
             break
         k = min(2 * k, cap)
-    floor = np.min([flips_at[k] for k in grid], axis=0)
-    good = np.maximum(FLIP_GOAL, floor + FLIP_GOAL)
-    # A probe no count short of breaking the model silences is ordinary adversarial weakness: pruning only
-    # wears it down with the model's accuracy, so it does not set the count while some probe does fall to
-    # the goal — that one follows the shortcut.
-    silenced = floor <= FLIP_GOAL
-    if silenced.any():
-        good = np.where(silenced, good, np.inf)
+    good = bars(np.min([flips_at[k] for k in grid], axis=0))
 
     def ok(k: int) -> bool:
         return bool((np.array(flips_at[k]) <= good).all())

@@ -75,6 +75,15 @@ def test_synthesized_probes_reach_the_target_only_where_the_trigger_is():
     assert rate[(6, 6)] > 0.9 and rate[(0, 0)] < 0.5, rate
 
 
+def test_only_probes_that_pruning_silences_set_the_count():
+    from sanitizer.probe_plan import FLIP_GOAL, bars
+
+    # trigger-like probes reach the goal (one within the goal of a small floor); the third never falls
+    np.testing.assert_allclose(bars(np.array([0.0, 0.04, 0.3])), [FLIP_GOAL, 0.04 + FLIP_GOAL, np.inf])
+    # when no probe falls, each must come within the goal of its own floor
+    np.testing.assert_allclose(bars(np.array([0.2, 0.3])), [0.2 + FLIP_GOAL, 0.3 + FLIP_GOAL])
+
+
 def test_repair_keeps_the_graph_and_the_pruned_channels_zero():
     model, calib, _, _ = trained(poisoned=True)
     x = PP.apply(calib[:1])
