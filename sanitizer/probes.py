@@ -19,8 +19,11 @@ from calib.preprocess import Preprocess
 from .errors import require
 from .probe import check_images, make_input, pixel_range
 
-# Patch side as a share of the image side: patch triggers in the literature cover ~1-4 % of the image.
+# Patch sides as a share of the image side: patch triggers in the literature cover ~1-4 % of the image,
+# i.e. a side of 10-20 %. A probe smaller than the trigger can be silenced while the trigger still works,
+# so the defense probes at both ends; the detection scan, run for every class, at the smaller side only.
 PATCH_SIDE = 0.15
+LARGE_PATCH_SIDE = 0.2
 # ℓ∞ bound of the full-image probe, as a share of the pixel range (a blended trigger at α 0.1-0.2).
 BLEND_EPS = 0.1
 STEPS = 100
@@ -73,8 +76,7 @@ class _Optimiser:
         self.pp, self.hi = pp, hi
         self.x = torch.from_numpy(x_fit)
         h, w, self.ch = self.x.shape[1:]
-        self.side = max(2, int(round(PATCH_SIDE * min(h, w))))
-        self.locations = _locations(h, w, self.side)
+        self.h, self.w = h, w
 
     def _fit(self, x, target: int, shape, paint, steps: int):
         torch = self.torch
@@ -89,11 +91,14 @@ class _Optimiser:
             opt.step()
         return param.detach()
 
-    def patches(self, target: int, steps: int, x=None) -> list[Probe]:
+    def side(self, share: float) -> int:
+        return max(2, int(round(share * min(self.h, self.w))))
+
+    def patches(self, target: int, steps: int, x=None, share: float = PATCH_SIDE) -> list[Probe]:
         x = self.x if x is None else x
-        s, torch = self.side, self.torch
+        s, torch = self.side(share), self.torch
         out = []
-        for r, c in self.locations:
+        for r, c in _locations(self.h, self.w, s):
             def paint(x, p, r=r, c=c):
                 x = x.clone()
                 x[:, r:r + s, c:c + s, :] = torch.sigmoid(p * 4) * self.hi
@@ -123,10 +128,12 @@ def _split(x_raw: np.ndarray, n_images: int, seed: int) -> tuple[np.ndarray, np.
 
 def synthesize(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target: int, seed: int = 0, *,
                steps: int = STEPS, n_images: int = N_IMAGES) -> list[Probe]:
-    """One probe per location plus one full-image probe, each optimised to send `x_raw` to `target`."""
+    """One probe per location and patch side plus one full-image probe, each optimised to send `x_raw` to
+    `target`."""
     x_fit, _ = _split(x_raw, n_images, seed)
     opt = _Optimiser(model, x_fit, pp, pixel_range(x_raw))
-    return [*opt.patches(target, steps), opt.blend(target, steps)]
+    sides = {opt.side(share): share for share in (PATCH_SIDE, LARGE_PATCH_SIDE)}
+    return [p for share in sides.values() for p in opt.patches(target, steps, share=share)] + [opt.blend(target, steps)]
 
 
 @dataclass
