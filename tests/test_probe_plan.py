@@ -43,6 +43,22 @@ def test_default_removes_the_backdoor_within_the_budget(tmp_path):
     assert "patch 2x2 at (6, 6)" in used, report["probes"]["probes"]
 
 
+def test_default_removes_a_trigger_larger_than_the_small_probe(tmp_path):
+    # the shipped demo: 16x16 digits, 3x3 trigger; the 15 % probe is 2x2, so only the 20 % probe covers it
+    from sanitizer.demo import DEMO
+
+    code = main([str(DEMO["model"]), "--calib", str(DEMO["calib"]), "--out", str(tmp_path / "o.onnx"),
+                 "--report", str(tmp_path / "r.json"), "--allow-degraded", "--eval-data", str(DEMO["clean"]),
+                 "--eval-triggered", str(DEMO["triggered"]), "--target", str(DEMO["target"])])
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    sizes = {p["probe"].split(" at ")[0] for p in report["probes"]["probes"] if p["probe"].startswith("patch")}
+    assert sizes == {"patch 2x2", "patch 3x3"}
+    before, after = report["evaluation"]["before"], report["evaluation"]["after"]
+    assert before["asr"] > 0.9 and after["asr"] <= 0.1, (before, after)
+    assert after["clean_acc"] >= before["clean_acc"] - 0.03, (before, after)
+
+
 def test_default_leaves_a_clean_model_unchanged(tmp_path):
     model, calib, x_test, y_test = trained(poisoned=False)
     code, report = _run(model, calib, tmp_path)
