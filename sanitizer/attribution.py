@@ -26,9 +26,7 @@ def margin_gradients(model: onnx.ModelProto, sites: list[Site], pp: Preprocess, 
     torch = require("torch", "torch")
     from .torch_graph import to_torch
 
-    graph = to_torch(model)
-    for p in graph.parameters():
-        p.requires_grad_(False)
+    graph = to_torch(model, frozen=True)
 
     def mean_gradient(sets: list[np.ndarray]) -> dict[str, np.ndarray]:
         masks = {s.tensor: torch.ones(s.channels, requires_grad=True) for s in sites}

@@ -139,9 +139,7 @@ def probe(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int =
     order = rng.permutation(len(x_raw))
     opt_idx, held_idx = order[: min(n_images, len(x_raw) // 2)], order[min(n_images, len(x_raw) // 2):]
     torch.manual_seed(seed)
-    graph = to_torch(model)
-    for p in graph.parameters():
-        p.requires_grad_(False)
+    graph = to_torch(model, frozen=True)
     hi = pixel_range(x_raw)
     x_all = torch.from_numpy(x_raw)
     with torch.no_grad():

@@ -70,13 +70,10 @@ class _Optimiser:
         self.torch = torch = require("torch", "torch")
         from .torch_graph import to_torch
 
-        self.graph = to_torch(model)
-        for p in self.graph.parameters():
-            p.requires_grad_(False)
+        self.graph = to_torch(model, frozen=True)
         self.pp, self.hi = pp, hi
         self.x = torch.from_numpy(x_fit)
-        h, w, self.ch = self.x.shape[1:]
-        self.h, self.w = h, w
+        self.h, self.w, self.ch = self.x.shape[1:]
 
     def _fit(self, x, target: int, shape, paint, steps: int):
         torch = self.torch

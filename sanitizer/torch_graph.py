@@ -399,5 +399,11 @@ class TorchGraph(torch.nn.Module):
         return out
 
 
-def to_torch(model: onnx.ModelProto) -> TorchGraph:
-    return TorchGraph(model)
+def to_torch(model: onnx.ModelProto, *, frozen: bool = False) -> TorchGraph:
+    """`frozen`: the weights take no gradient — for searches that differentiate only with respect to the
+    input or unit masks (detection, probes, attribution), not for the repair that tunes the weights."""
+    graph = TorchGraph(model)
+    if frozen:
+        for p in graph.parameters():
+            p.requires_grad_(False)
+    return graph
