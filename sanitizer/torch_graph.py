@@ -9,6 +9,7 @@ are evaluated eagerly on integer tensors in the same pass.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from typing import Callable, Mapping, Sequence
 
@@ -309,6 +310,8 @@ _OPS: dict[str, Callable] = {
     "Constant": _constant,
     "Range": _range,
     "ReduceMean": _reduce_mean,
+    "Min": lambda ins, a: functools.reduce(torch.minimum, ins),
+    "Max": lambda ins, a: functools.reduce(torch.maximum, ins),
     "Identity": lambda ins, a: ins[0],
     "Dropout": lambda ins, a: ins[0],
     "Softmax": _softmax,

@@ -1,0 +1,109 @@
+"""Activation bounds: the rewritten model equals the original with the site tensor clipped, computed apart.
+
+The reference runs the original up to the site tensor, clips it in numpy, and feeds the clipped tensor to a
+copy of the graph in which the site tensor is a graph input: nothing of the rewrite's own node surgery."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import models as M
+from calib.stats import probe_shapes
+from sanitizer.bound import apply_bounds
+from sanitizer.graph import find_sites
+
+
+def _sites(model):
+    feed = M.random_input(model, 2)
+    shapes, ints = probe_shapes(model, feed)
+    return {s.name: s for s in find_sites(model, shapes, ints)}
+
+
+def _with_output(model, tensor):
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.output.append(onnx.ValueInfoProto(name=tensor))
+    return out
+
+
+def _cut_at(model, tensor):
+    """The graph with `tensor` as an input of its own: its producer's output goes nowhere."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        node.output[:] = [f"{o}__cut" if o == tensor else o for o in node.output]
+    out.graph.input.append(helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    return out
+
+
+def clipped_reference(model, sites, bounds, feed):
+    """Outputs of `model` with each bounded site's tensor clipped to [-b, b] per unit, site by site in graph
+    order (a later site sees the earlier clip)."""
+    order = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    current, inputs = model, dict(feed)
+    for name in sorted(bounds, key=lambda n: order[sites[n].tensor]):
+        site = sites[name]
+        t = M.run(_with_output(current, site.tensor), inputs)[-1]
+        b = np.asarray(bounds[name], np.float32).reshape((1, -1) + (1,) * (t.ndim - 2))
+        inputs[site.tensor] = np.clip(t, -b, b)
+        current = _cut_at(current, site.tensor)
+    return M.run(current, inputs)
+
+
+@pytest.mark.parametrize("builder", [M.plain, M.with_bn, M.mobilenet, M.resnet])
+def test_bounds_equal_the_clipped_reference(builder):
+    model = builder()
+    sites = _sites(model)
+    feed = M.random_input(model, 4)
+    rng = np.random.default_rng(0)
+    # bounds that cut: around the median magnitude each unit reaches on these inputs
+    bounds = {}
+    for name, site in sites.items():
+        t = M.run(_with_output(model, site.tensor), feed)[-1]
+        axes = (0,) + tuple(range(2, t.ndim))
+        bounds[name] = np.median(np.abs(t), axis=axes) * rng.uniform(0.5, 1.5, site.channels)
+    got = M.run(apply_bounds(model, sites, bounds), feed)
+    want = clipped_reference(model, sites, bounds, feed)
+    assert np.abs(got[0] - want[0]).max() == 0.0
+    # the bounds cut for real: the output moved
+    assert np.abs(got[0] - M.run(model, feed)[0]).max() > 1e-3
+
+
+def test_bounds_keep_the_model_valid_and_its_weights():
+    model = M.resnet()
+    sites = _sites(model)
+    bounds = {n: np.ones(s.channels) for n, s in sites.items()}
+    out = apply_bounds(model, sites, bounds)
+    onnx.checker.check_model(out, full_check=True)
+    assert [t.SerializeToString() for t in out.graph.initializer] == [t.SerializeToString() for t in model.graph.initializer]
+    assert out.graph.output == model.graph.output
+    assert sum(n.op_type in ("Min", "Max") for n in out.graph.node) == 2 * len(sites)
+    assert len(out.graph.node) == len(model.graph.node) + 4 * len(sites)
+
+
+@pytest.mark.parametrize("bad", [lambda c: np.ones(c + 1), lambda c: -np.ones(c), lambda c: np.full(c, np.nan)])
+def test_bad_bounds_are_refused(bad):
+    model = M.plain()
+    sites = _sites(model)
+    name = next(iter(sites))
+    with pytest.raises(ValueError):
+        apply_bounds(model, sites, {name: bad(sites[name].channels)})
+
+
+def test_torch_path_runs_the_bounds_and_keeps_them_out_of_the_weights():
+    # the repair tunes a bounded model in torch: the bounds must act there and must not be tuned
+    torch = pytest.importorskip("torch")
+    from sanitizer.torch_graph import to_torch
+
+    model = M.resnet()
+    sites = _sites(model)
+    bounds = {n: np.full(s.channels, 0.5) for n, s in sites.items()}
+    bounded = apply_bounds(model, sites, bounds)
+    feed = M.random_input(model, 4)
+    graph = to_torch(bounded)
+    with torch.no_grad():
+        got = graph(torch.from_numpy(next(iter(feed.values()))))[0].numpy()
+    np.testing.assert_allclose(got, M.run(bounded, feed)[0], rtol=1e-5, atol=1e-5)
+    assert len(list(graph.parameters())) == len(model.graph.initializer)
