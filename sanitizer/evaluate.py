@@ -53,9 +53,16 @@ class Predictor:
 
 @dataclass
 class Agreement:
+    """How a changed model's predictions on the held-out images compare with the original's.
+
+    `change` holds, per image, the accuracy it is expected to lose: with labels 1 (was right, now wrong), -1
+    (was wrong, now right) or 0; without labels, on an image whose prediction changed, the original model's
+    own probability of its old class minus that of the new one (its best guess at which one is right), so an
+    image the original was unsure of counts as a fraction of a loss, and one it was sure of as a whole one.
+    The stop rule decides on the mean of `change` (an estimate of the accuracy drop, in [−1, 1])."""
     agree: int
     n: int
-    bad: int                   # disagreements, or originally-correct images now wrong when labels exist
+    change: np.ndarray
     labeled: bool
 
     @property
@@ -63,22 +70,51 @@ class Agreement:
         return self.agree / self.n if self.n else 0.0
 
     @property
-    def bad_upper(self) -> float:
-        return wilson(self.bad, self.n)[1]
+    def drop(self) -> float:
+        return float(self.change.mean()) if self.n else 0.0
+
+    @property
+    def drop_interval(self) -> tuple[float, float]:
+        """Two-sided 80 % normal interval of the mean drop (one-sided 90 % at each end)."""
+        if self.n < 2:
+            return -1.0, 1.0
+        half = Z * float(self.change.std(ddof=1)) / math.sqrt(self.n)
+        return self.drop - half, self.drop + half
+
+    def within(self, budget: float) -> bool:
+        return self.drop <= budget
 
     def to_dict(self) -> dict:
         lo, hi = wilson(self.agree, self.n)
+        dlo, dhi = self.drop_interval
         return {"agreement": round(self.rate, 6), "interval90": [round(lo, 6), round(hi, 6)], "n": self.n,
-                "loss_upper90": round(self.bad_upper, 6), "judged_on": "accuracy" if self.labeled else "agreement"}
+                "drop_estimate": round(self.drop, 6), "drop_interval90": [round(dlo, 6), round(dhi, 6)],
+                "judged_on": "accuracy" if self.labeled else "agreement weighted by the original's confidence"}
 
 
-def agreement(reference: np.ndarray, pred: np.ndarray, labels: np.ndarray | None = None) -> Agreement:
+def probabilities(out: np.ndarray) -> np.ndarray:
+    """Class probabilities from a model's [N, K] output: kept as they are when the rows already are
+    probabilities (non-negative, summing to 1 — a model that ends in Softmax), else softmax of the logits."""
+    out = np.asarray(out, np.float64)
+    if out.size and (out >= 0).all() and np.allclose(out.sum(1), 1.0, atol=1e-3):
+        return out
+    z = np.exp(out - out.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def agreement(reference: np.ndarray, pred: np.ndarray, labels: np.ndarray | None = None,
+              reference_prob: np.ndarray | None = None) -> Agreement:
+    """reference / pred / labels: int [N] classes; reference_prob: float [N, K] the original's probabilities
+    (label-free estimate; without it every changed prediction counts as a whole loss)."""
     agree = int((reference == pred).sum())
-    if labels is None:
-        bad = len(pred) - agree
+    if labels is not None:
+        change = (reference == labels).astype(np.float64) - (pred == labels)
     else:
-        bad = int(((reference == labels) & (pred != labels)).sum())
-    return Agreement(agree, len(pred), bad, labels is not None)
+        change = (reference != pred).astype(np.float64)
+        if reference_prob is not None and len(pred):
+            rows = np.arange(len(pred))
+            change *= reference_prob[rows, reference] - reference_prob[rows, pred]
+    return Agreement(agree, len(pred), change, labels is not None)
 
 
 def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:

@@ -19,6 +19,7 @@ import onnx
 from calib.stats import collect
 
 from . import rewrite
+from .bound import apply_bounds
 from .evaluate import Predictor
 from .graph import Site, stat_tensors
 from .plan import Plan, rank, safe_limit
@@ -34,6 +35,11 @@ DORMANT = 0.1
 ALIVE = 0.5
 # Pruning never goes past this share of the candidate units, whatever the probes say.
 MAX_SHARE = 0.25
+# Bounds tried, strongest last: each unit is capped at this quantile of its per-image clean ℓ∞ over the fit
+# images (1.0: the largest any fit image reaches).
+BOUND_QUANTILES = (1.0, 0.99, 0.95, 0.9, 0.8)
+# Share of the accuracy budget the bounds may spend; the rest is the pruning's and the repair's.
+BOUND_BUDGET = 0.5
 
 
 def flips(model: onnx.ModelProto, spec, clean_x: np.ndarray, probed_x: list[np.ndarray], target: int,
@@ -58,7 +64,7 @@ def raw_stats(model: onnx.ModelProto, tensors: dict[str, int], spec, pre, raw: n
     return collect(model, tensors, batches, spec.name, fixed_batch=spec.batch, keep_per_image=keep_per_image).stats
 
 
-def ell_inf_gaps(model: onnx.ModelProto, sites: list[Site], spec, pre, fit_raw: np.ndarray,
+def ell_inf_gaps(model: onnx.ModelProto, sites: list[Site], spec, pre, clean: dict,
                  probed_sets: list[np.ndarray], batch_size: int) -> dict[str, dict[str, np.ndarray]]:
     """Two rankings of the probed images' ℓ∞ rise over clean images, per site and unit, summed over sets.
 
@@ -66,10 +72,10 @@ def ell_inf_gaps(model: onnx.ModelProto, sites: list[Site], spec, pre, fit_raw: 
     and the trigger drives hard; units left dormant are measured against DORMANT of the layer's mean.
     `spread`: the rise over the layer's typical spread of clean ℓ∞ across images — large where the rise
     is far outside anything clean images do in that layer.
+    `clean`: raw_stats of the sites' tensors over the clean fit images.
     Which one separates the backdoor better depends on how the model spreads it; the held-out images
     decide (see defend)."""
     tensors = stat_tensors(sites)
-    clean = raw_stats(model, tensors, spec, pre, fit_raw, batch_size)
     out = {"relative": {s.name: np.zeros(s.channels) for s in sites},
            "spread": {s.name: np.zeros(s.channels) for s in sites}}
     for raw in probed_sets:
@@ -92,13 +98,15 @@ def bars(floor: np.ndarray) -> np.ndarray:
     return np.where(silenced, good, np.inf) if silenced.any() else good
 
 
-def count_by_probes(prep, order: list[tuple[str, int]], limit: int, held, clean_x: np.ndarray,
-                    probed_x: list[np.ndarray], paired: bool, target: int, batch_size: int, progress
-                    ) -> tuple[Plan, float, np.ndarray]:
+def count_by_probes(prep, base: onnx.ModelProto, order: list[tuple[str, int]], limit: int, held,
+                    clean_x: np.ndarray, probed_x: list[np.ndarray], paired: bool, target: int, batch_size: int,
+                    progress) -> tuple[Plan, float, np.ndarray]:
     """Smallest count at which every probe that some count silences is at the goal (within the goal of its
     lowest rate); only when none is silenced, every probe within the goal of its lowest rate. Rates are read
     on a doubling grid while the pruned model still agrees with the original on at least ALIVE of the
     held-out images (past that, flips say nothing: the model is broken).
+    Units are pruned from `base` (the original, or the original with its activations bounded); when `base`
+    already has every probe at the goal, nothing is pruned.
     Returns the plan, the pruned model's held-out agreement and the flip rate each probe must get under
     (inf: the probe does not count)."""
     plan = Plan(order)
@@ -107,13 +115,17 @@ def count_by_probes(prep, order: list[tuple[str, int]], limit: int, held, clean_
     agree_at: dict[int, float] = {}
 
     def measure(k: int) -> None:
-        model = rewrite.apply(prep.model, prep.sites, plan.pruned(k))
-        base, flips_at[k] = flips(model, prep.spec, clean_x, probed_x, target, batch_size, paired)
-        agree_at[k] = held.agreement_of(base).rate
+        model = rewrite.apply(base, prep.sites, plan.pruned(k))
+        pred, flips_at[k] = flips(model, prep.spec, clean_x, probed_x, target, batch_size, paired)
+        agree_at[k] = held.agreement_of(pred).rate
         plan.trace.append({"units": k, "probe_flip": [round(r, 4) for r in flips_at[k]],
                            "agreement": round(agree_at[k], 6)})
         progress("search", len(plan.trace), 0)
 
+    measure(0)
+    if max(flips_at[0]) <= FLIP_GOAL:
+        plan.count = 0
+        return plan, agree_at[0], np.full(len(probed_x), FLIP_GOAL)
     grid, k = [], 1
     while True:
         measure(k)
@@ -142,6 +154,44 @@ def count_by_probes(prep, order: list[tuple[str, int]], limit: int, held, clean_
     plan.count = hi
     plan.trace.sort(key=lambda t: t["units"])
     return plan, agree_at[hi], good
+
+
+def choose_bounds(prep, clean: dict, held, clean_x: np.ndarray, probed_x: list[np.ndarray], paired: bool,
+                  target: int, opts) -> tuple[onnx.ModelProto, dict]:
+    """The original with every site's units bounded at the strongest quantile of BOUND_QUANTILES whose
+    held-out accuracy drop stays within BOUND_BUDGET of the budget (bounds/bound.py; bounds tighten
+    monotonically, so the first quantile past it ends the search). Every site is bounded, blocked ones too:
+    inserting a bound needs no exact way to zero the unit.
+    `clean`: raw_stats over the fit images with per-image reductions kept. Returns the bounded model (the
+    original when even the loosest bound spends too much) and what was tried, for the report."""
+    per_image = {s.name: clean[s.tensor].per_image["linf"] for s in prep.sites.values()}
+    chosen, model, tried = None, prep.model, []
+    for q in BOUND_QUANTILES:
+        bounds = {name: np.quantile(v, q, axis=0) for name, v in per_image.items()}
+        bounded = apply_bounds(prep.model, prep.sites, bounds)
+        base, rates = flips(bounded, prep.spec, clean_x, probed_x, target, opts.batch_size, paired)
+        ag = held.agreement_of(base)
+        tried.append({"quantile": q, "probe_flip": [round(r, 4) for r in rates], **ag.to_dict()})
+        if not ag.within(BOUND_BUDGET * opts.max_acc_drop):
+            break
+        chosen, model = q, bounded
+    return model, {"quantile": chosen, "sites": len(per_image) if chosen is not None else 0, "tried": tried}
+
+
+def reattack(model: onnx.ModelProto, prep, fit_raw: np.ndarray, hold_raw: np.ndarray, clean_x: np.ndarray,
+             target: int, opts, progress) -> dict:
+    """Fresh probes synthesized against the sanitized `model` with the same budget as on the original: the
+    backdoor is judged by attacking the result, not by replaying probes it was pruned against. Returns per
+    probe its held-out flip rate toward `target`."""
+    from .probes import synthesize
+
+    progress("re-attack", 0, 1)
+    fresh = synthesize(model, fit_raw, prep.pre, target, opts.seed)
+    _, rates = flips(model, prep.spec, clean_x, [prep.pre.apply(p.apply(hold_raw)) for p in fresh], target,
+                     opts.batch_size)
+    progress("re-attack", 1, 1)
+    return {"fresh_probe_flip": {p.describe(): round(r, 4) for p, r in zip(fresh, rates)},
+            "max_fresh_flip": round(max(rates), 4)}
 
 
 def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, target: int, opts, progress,
@@ -178,38 +228,46 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
         described = [{"probe": f"{len(suspects)} suspicious samples", "flip_before": round(before[0], 4), "used": True}]
     used_x = [probed_x[i] for i in chosen]
     searches: dict[str, tuple[Plan, float, np.ndarray]] = {}
-    scores = ell_inf_gaps(prep.model, sites, prep.spec, prep.pre, fit_raw, rank_sets, opts.batch_size)
+    clean = raw_stats(prep.model, stat_tensors(prep.sites.values()), prep.spec, prep.pre, fit_raw, opts.batch_size,
+                      keep_per_image=True)
+    progress("bounds", 0, 1)
+    base, bound_info = choose_bounds(prep, clean, held, clean_x, used_x, paired, target, opts)
+    progress("bounds", 1, 1)
+    scores = ell_inf_gaps(prep.model, sites, prep.spec, prep.pre, clean, rank_sets, opts.batch_size)
     scores["attribution"] = margin_gradients(prep.model, sites, prep.pre, rank_sets, fit_raw, target, opts.batch_size)
     for name, gap in scores.items():
         order = rank(gap, descending=True)
         limit = safe_limit(order, {s.name: s.channels for s in sites})
-        searches[name] = count_by_probes(prep, order, limit, held, clean_x, used_x, paired, target,
+        searches[name] = count_by_probes(prep, base, order, limit, held, clean_x, used_x, paired, target,
                                          opts.batch_size, progress)
     # the ranking that silences the probes at the smaller cost to the held-out images
     ranking = max(searches, key=lambda n: (searches[n][1], -searches[n][0].count))
     plan, _, good = searches[ranking]
-    pruned = rewrite.apply(prep.model, prep.sites, plan.pruned())
+    pruned = rewrite.apply(base, prep.sites, plan.pruned())
     progress("repair", 0, 1)
     # suspicious samples have no clean twin to hold them to: the repair keeps them off the target instead
     avoid = None if paired else (rank_sets[0], target)
-    repaired = rewrite.apply(repair(prep.model, prep.sites, plan.pruned(), fit_raw, prep.pre, used, opts.seed,
+    repaired = rewrite.apply(repair(base, prep.sites, plan.pruned(), fit_raw, prep.pre, used, opts.seed,
                                     avoid=avoid), prep.sites, plan.pruned())
     progress("repair", 1, 1)
     candidates = []
     for name, model in (("pruned", pruned), ("pruned+repaired", repaired)):
         base, rates = flips(model, prep.spec, clean_x, used_x, target, opts.batch_size, paired)
         ag = held.agreement_of(base)
-        candidates.append({"name": name, "model": model, "within_budget": ag.bad_upper <= opts.max_acc_drop,
+        candidates.append({"name": name, "model": model, "within_budget": ag.within(opts.max_acc_drop),
                            "probes_silenced": bool((np.array(rates) <= good).all()),
                            "probe_flip": [round(r, 4) for r in rates], **ag.to_dict()})
     # a repair can teach the backdoor back: a candidate counts only if the probes stay silenced
     ok = [c for c in candidates if c["within_budget"] and c["probes_silenced"]]
     best = (min(ok, key=lambda c: max(c["probe_flip"]) - (FLIP_GOAL if c["name"] == "pruned" else 0)) if ok else
-            min(candidates, key=lambda c: (not c["probes_silenced"], c["loss_upper90"])))
+            min(candidates, key=lambda c: (not c["probes_silenced"], c["drop_estimate"])))
     best["within_budget"] = bool(ok)
     plan.trace.append({"units": plan.count, "final": best["name"],
                        **{k: v for k, v in best.items() if k not in ("model", "name")}})
     info = {"target": target, "source": "synthesized" if paired else "suspicious samples",
+            "bounds": bound_info,
+            **({"reattack": reattack(best["model"], prep, fit_raw, hold_raw, clean_x, target, opts, progress)}
+               if paired else {}),
             "probes": described,
             "rankings": {n: {"units": pl.count, "pruned_agreement": round(a, 6)} for n, (pl, a, _) in searches.items()},
             "ranking": ranking,
