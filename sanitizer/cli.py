@@ -170,8 +170,9 @@ def layers_cmd(model: Annotated[Path, typer.Argument()], input_name: InputName =
 @app.command("demo", help="Sanitize the shipped backdoored digits model and print a before/after table.")
 def demo_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", help="also write the sanitized ONNX here")] = None,
-    criterion: Annotated[str, typer.Option(help="criterion to demonstrate")] = "linf",
-    detect: Annotated[bool, typer.Option("--detect", help="probe for a backdoor first (needs torch)")] = False,
+    criterion: Annotated[str, typer.Option(help="criterion to demonstrate (the job's default: probe)")] = "probe",
+    detect: Annotated[bool, typer.Option("--detect", help="with linf/mean/l1/l2: probe for a backdoor first")] = False,
+    report: Annotated[Optional[Path], typer.Option("--report", help="JSON report of the run")] = None,
     force: Force = False,
 ):
     from .demo import DEMO
@@ -180,7 +181,7 @@ def demo_cmd(
     out_console_line(f"demo model: {DEMO['trigger']}; target class {DEMO['target']}")
     opts = Options(model=DEMO["model"], calib=DEMO["calib"], out=out, criterion=criterion, scale=DEMO["scale"],
                    eval_data=DEMO["clean"], eval_triggered=DEMO["triggered"], target=DEMO["target"],
-                   use_labels=False, force=force, detect=detect)
+                   use_labels=False, force=force, detect=detect, report=report)
     bar, update = _progress()
     with bar:
         result = sanitize(opts, update)

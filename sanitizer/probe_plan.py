@@ -159,8 +159,9 @@ def count_by_probes(prep, base: onnx.ModelProto, order: list[tuple[str, int]], l
 def choose_bounds(prep, clean: dict, held, clean_x: np.ndarray, probed_x: list[np.ndarray], paired: bool,
                   target: int, opts) -> tuple[onnx.ModelProto, dict]:
     """The original with every site's units bounded at the strongest quantile of BOUND_QUANTILES whose
-    held-out accuracy drop stays within BOUND_BUDGET of the budget (bounds/bound.py; bounds tighten
-    monotonically, so the first quantile past it ends the search). Every site is bounded, blocked ones too:
+    held-out accuracy drop stays within BOUND_BUDGET of the budget (bound.py; bounds tighten monotonically,
+    so the first quantile past it ends the search) and under which no probe still follows the shortcut
+    (flip < USE_FLIP); none when no quantile does. Every site is bounded, blocked ones too:
     inserting a bound needs no exact way to zero the unit.
     `clean`: raw_stats over the fit images with per-image reductions kept. Returns the bounded model (the
     original when even the loosest bound spends too much) and what was tried, for the report."""
@@ -169,12 +170,14 @@ def choose_bounds(prep, clean: dict, held, clean_x: np.ndarray, probed_x: list[n
     for q in BOUND_QUANTILES:
         bounds = {name: np.quantile(v, q, axis=0) for name, v in per_image.items()}
         bounded = apply_bounds(prep.model, prep.sites, bounds)
-        base, rates = flips(bounded, prep.spec, clean_x, probed_x, target, opts.batch_size, paired)
-        ag = held.agreement_of(base)
+        pred, rates = flips(bounded, prep.spec, clean_x, probed_x, target, opts.batch_size, paired)
+        ag = held.agreement_of(pred)
         tried.append({"quantile": q, "probe_flip": [round(r, 4) for r in rates], **ag.to_dict()})
         if not ag.within(BOUND_BUDGET * opts.max_acc_drop):
             break
-        chosen, model = q, bounded
+        # bounds that leave the probes' shortcut working (see USE_FLIP) only spend accuracy: pruning does it
+        if max(rates) < USE_FLIP:
+            chosen, model = q, bounded
     return model, {"quantile": chosen, "sites": len(per_image) if chosen is not None else 0, "tried": tried}
 
 

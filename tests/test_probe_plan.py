@@ -47,9 +47,8 @@ def test_default_removes_a_trigger_larger_than_the_small_probe(tmp_path):
     # the shipped demo: 16x16 digits, 3x3 trigger; the 15 % probe is 2x2, so only the 20 % probe covers it
     from sanitizer.demo import DEMO
 
-    code = main([str(DEMO["model"]), "--calib", str(DEMO["calib"]), "--out", str(tmp_path / "o.onnx"),
-                 "--report", str(tmp_path / "r.json"), "--allow-degraded", "--eval-data", str(DEMO["clean"]),
-                 "--eval-triggered", str(DEMO["triggered"]), "--target", str(DEMO["target"])])
+    # `sanitize demo` is the default defense on it, plain flags: it must ship (exit 0) with the backdoor gone
+    code = main(["demo", "--out", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json")])
     assert code == 0
     report = json.loads((tmp_path / "r.json").read_text())
     sizes = {p["probe"].split(" at ")[0] for p in report["probes"]["probes"] if p["probe"].startswith("patch")}
@@ -57,6 +56,13 @@ def test_default_removes_a_trigger_larger_than_the_small_probe(tmp_path):
     before, after = report["evaluation"]["before"], report["evaluation"]["after"]
     assert before["asr"] > 0.9 and after["asr"] <= 0.1, (before, after)
     assert after["clean_acc"] >= before["clean_acc"] - 0.03, (before, after)
+    # the result was attacked afresh: probes synthesized against it no longer reach the target either
+    assert report["probes"]["reattack"]["max_fresh_flip"] <= 0.1, report["probes"]["reattack"]
+    # bounds: tried loosest first; one is kept only within half the budget and with every probe broken
+    bounds = report["probes"]["bounds"]
+    assert [t["quantile"] for t in bounds["tried"]] == sorted((t["quantile"] for t in bounds["tried"]), reverse=True)
+    kept = [t for t in bounds["tried"] if t["quantile"] == bounds["quantile"]]
+    assert all(t["drop_estimate"] <= 0.01 and max(t["probe_flip"]) < 0.5 for t in kept)
 
 
 def test_default_leaves_a_clean_model_unchanged(tmp_path):
