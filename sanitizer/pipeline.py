@@ -411,6 +411,9 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
                    f"{final['drop_estimate']:.3f} (80 % interval {lo:.3f}..{hi:.3f}) > {opts.max_acc_drop} on "
                    f"{final['n']} held-out images")
             act = "more --calib images narrow the estimate; --max-acc-drop raises the budget"
+        elif not final.get("fresh_probes_silenced", True):
+            why = (f"leaves the backdoor in place: probes synthesized afresh against the result still reach the "
+                   f"target (flip rate {probe_info['reattack']['max_fresh_flip']:.3f})")
         else:
             why = f"leaves the backdoor's probes working (flip rate {max(final['probe_flip']):.3f})"
             act = "--suspect with triggered samples, if you have any, aims the search"
