@@ -161,11 +161,10 @@ def choose_bounds(prep, clean: dict, held, clean_x: np.ndarray, probed_x: list[n
     """The original with every site's units bounded at the strongest quantile of BOUND_QUANTILES whose
     held-out accuracy drop stays within BOUND_BUDGET of the budget (bound.py; bounds tighten monotonically,
     so the first quantile past it ends the search) and under which no probe still follows the shortcut
-    (flip < USE_FLIP); none when no quantile does. Every site is bounded, blocked ones too:
-    inserting a bound needs no exact way to zero the unit.
+    (flip < USE_FLIP); none when no quantile does. Every prunable site is bounded, residual joins too.
     `clean`: raw_stats over the fit images with per-image reductions kept. Returns the bounded model (the
     original when even the loosest bound spends too much) and what was tried, for the report."""
-    per_image = {s.name: clean[s.tensor].per_image["linf"] for s in prep.sites.values()}
+    per_image = {s.name: clean[s.tensor].per_image["linf"] for s in prep.sites.values() if s.prunable}
     chosen, model, tried = None, prep.model, []
     for q in BOUND_QUANTILES:
         bounds = {name: np.quantile(v, q, axis=0) for name, v in per_image.items()}
@@ -231,8 +230,8 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
         described = [{"probe": f"{len(suspects)} suspicious samples", "flip_before": round(before[0], 4), "used": True}]
     used_x = [probed_x[i] for i in chosen]
     searches: dict[str, tuple[Plan, float, np.ndarray]] = {}
-    clean = raw_stats(prep.model, stat_tensors(prep.sites.values()), prep.spec, prep.pre, fit_raw, opts.batch_size,
-                      keep_per_image=True)
+    clean = raw_stats(prep.model, stat_tensors(s for s in prep.sites.values() if s.prunable), prep.spec, prep.pre,
+                      fit_raw, opts.batch_size, keep_per_image=True)
     progress("bounds", 0, 1)
     base, bound_info = choose_bounds(prep, clean, held, clean_x, used_x, paired, target, opts)
     progress("bounds", 1, 1)
