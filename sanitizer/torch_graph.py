@@ -28,7 +28,8 @@ from .errors import BadModel, require
 torch = require("torch", "torch")
 F = torch.nn.functional
 
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.BFLOAT16}
 
 # The dtype each ONNX type is computed in (half types in float32, see the module docstring).
 _ONNX_TO_TORCH_DTYPE = {
@@ -147,9 +148,9 @@ def _clip(ins, attrs):
     lo = ins[1] if len(ins) > 1 and ins[1] is not None else attrs.get("min")
     hi = ins[2] if len(ins) > 2 and ins[2] is not None else attrs.get("max")
     if isinstance(lo, torch.Tensor):
-        lo = lo.item()
+        lo = lo.detach().item()
     if isinstance(hi, torch.Tensor):
-        hi = hi.item()
+        hi = hi.detach().item()
     if lo is None and hi is None:
         return x
     return torch.clamp(x, min=lo, max=hi)
@@ -290,7 +291,7 @@ def _constant(ins, attrs):
 
 
 def _range(ins, attrs):
-    start, limit, delta = (t.item() for t in ins[:3])
+    start, limit, delta = (t.detach().item() for t in ins[:3])
     return torch.arange(start, limit, delta, dtype=ins[0].dtype)
 
 
@@ -433,7 +434,7 @@ def _pad(ins, attrs):
         pads, value, axes = list(attrs["pads"]), attrs.get("value", 0.0), None
     else:
         pads = _ints(ins[1])
-        value = ins[2].item() if len(ins) > 2 and ins[2] is not None and ins[2].numel() else 0.0
+        value = ins[2].detach().item() if len(ins) > 2 and ins[2] is not None and ins[2].numel() else 0.0
         axes = _ints(ins[3]) if len(ins) > 3 and ins[3] is not None else None
     axes = [a % x.dim() for a in axes] if axes is not None else list(range(x.dim()))
     k = len(axes)
@@ -499,9 +500,9 @@ def _resize(ins, attrs):
     if "scales" in attrs:  # Upsample before opset 9
         scales, sizes = list(attrs["scales"]), None
     elif attrs["_op"] == "Upsample" or opset < 11:
-        scales, sizes = [float(v) for v in ins[1].reshape(-1).tolist()], None
+        scales, sizes = [float(v) for v in ins[1].detach().reshape(-1).tolist()], None
     else:
-        scales = [float(v) for v in ins[2].reshape(-1).tolist()] if len(ins) > 2 and ins[2] is not None \
+        scales = [float(v) for v in ins[2].detach().reshape(-1).tolist()] if len(ins) > 2 and ins[2] is not None \
             and ins[2].numel() else None
         sizes = _ints(ins[3]) if len(ins) > 3 and ins[3] is not None and ins[3].numel() else None
     axes = [a % x.dim() for a in attrs["axes"]] if "axes" in attrs else list(range(x.dim()))
