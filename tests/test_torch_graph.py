@@ -275,11 +275,17 @@ def test_fixed_batch_runs_any_batch_in_chunks_with_gradients(batch, n):
     graph = to_torch(model)
     assert graph.fixed_batch == batch
     xt = torch.from_numpy(x).requires_grad_(True)
-    out, cap = graph(xt, capture=["r", "w"])
+    mask = torch.ones(4, requires_grad=True)   # attribution's unit masks
+    out, cap = graph(xt, capture=["r", "w"], masks={"c": mask})
     np.testing.assert_allclose(out.detach().numpy(), ref, rtol=1e-5, atol=1e-5)
     assert cap["r"].shape == (n, 4, 4, 4) and cap["w"].shape == (4, 1, 3, 3)
     out.sum().backward()
     assert xt.grad.shape == x.shape and bool((xt.grad.abs().sum((1, 2, 3)) > 0).all())
+    # the mask's gradient counts each real image once, padding copies not at all
+    xr = torch.from_numpy(x).requires_grad_(False)
+    looped = torch.ones(4, requires_grad=True)
+    sum(graph(xr[i:i + 1].expand((batch,) + x.shape[1:]), masks={"c": looped})[0][0].sum() for i in range(n)).backward()
+    np.testing.assert_allclose(mask.grad.numpy(), looped.grad.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def _typed_model(x_type, w_type):
