@@ -832,7 +832,9 @@ class TorchGraph(torch.nn.Module):
             raise BadModel(f"the model has no input named {input_name!r}")
         self.input_name = chosen.name
         tensor_type = chosen.type.tensor_type
-        self.input_dtype = _ONNX_TO_TORCH_DTYPE.get(tensor_type.elem_type, torch.float32)
+        if tensor_type.elem_type not in _FLOAT_TYPES:
+            raise BadModel(f"input {chosen.name!r} is not a float tensor; the torch path differentiates through it")
+        self.input_dtype = _ONNX_TO_TORCH_DTYPE[tensor_type.elem_type]
         dims = tensor_type.shape.dim if tensor_type.HasField("shape") else []
         # A batch fixed in the input (dim_value > 0) is what constant Reshapes in the graph assume.
         self.fixed_batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 \

@@ -396,3 +396,34 @@ def test_missing_op_names_itself_and_the_flag_that_avoids_it(n, what):
         to_torch(_model([n], X, {}, 17))
     assert err.value.code == ExitCode.BAD_MODEL
     assert "pass --criterion linf" in str(err.value)
+
+
+def test_vit_block_as_exported():
+    """Patch embedding, a class token broadcast to the batch (Shape/ConstantOfShape/Expand), LayerNorm,
+    one attention head (MatMul, Softmax), GELU MLP, residual Adds, the class token read by Gather."""
+    d, t = 8, 4
+    nodes = [
+        node("Conv", ["x", "pw"], ["pe"], kernel_shape=[3, 3], strides=[3, 3]),
+        node("Reshape", ["pe", "tok_shape"], ["pr"]), node("Transpose", ["pr"], ["tok"], perm=[0, 2, 1]),
+        node("Shape", ["x"], ["xs"]), node("Slice", ["xs", "z1", "o1"], ["n"]),
+        node("Concat", ["n", "one_d"], ["cls_shape"], axis=0),
+        node("ConstantOfShape", ["cls_shape"], ["zeros"], value=numpy_helper.from_array(np.zeros(1, np.float32))),
+        node("Add", ["zeros", "cls"], ["cls_b"]),
+        node("Concat", ["cls_b", "tok"], ["seq"], axis=1),
+        node("LayerNormalization", ["seq", "g1", "b1"], ["h"], axis=-1),
+        node("MatMul", ["h", "wq"], ["q"]), node("MatMul", ["h", "wk"], ["k"]), node("MatMul", ["h", "wv"], ["v"]),
+        node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), node("MatMul", ["q", "kt"], ["att"]),
+        node("Mul", ["att", "scale"], ["atts"]), node("Softmax", ["atts"], ["p"], axis=-1),
+        node("MatMul", ["p", "v"], ["o"]), node("Add", ["seq", "o"], ["r1"]),
+        node("LayerNormalization", ["r1", "g2", "b2"], ["h2"], axis=-1),
+        node("MatMul", ["h2", "w1"], ["m1"]), node("Gelu", ["m1"], ["g"]), node("MatMul", ["g", "w2"], ["m2"]),
+        node("Add", ["r1", "m2"], ["r2"]), node("Gather", ["r2", "zero"], ["c"], axis=1),
+        node("Gemm", ["c", "head"], ["y"], transB=1),
+    ]
+    inits = {"pw": _w(d, 4, 3, 3), "tok_shape": np.array([0, d, -1], I64), "z1": np.array([0], I64),
+             "o1": np.array([1], I64), "one_d": np.array([1, d], I64), "cls": _w(1, 1, d),
+             "g1": _w(d), "b1": _w(d), "g2": _w(d), "b2": _w(d), "wq": _w(d, d), "wk": _w(d, d), "wv": _w(d, d),
+             "scale": np.float32(d ** -0.5), "w1": _w(d, 2 * d), "w2": _w(2 * d, d), "zero": np.array(0, I64),
+             "head": _w(3, d)}
+    assert X.shape[2] * X.shape[3] // 9 == t
+    check(nodes, inits=inits, opset=20, rtol=1e-4, atol=1e-4)
