@@ -40,7 +40,7 @@ _ONNX_TO_TORCH_DTYPE = {
     onnx.TensorProto.INT64: torch.int64,
     onnx.TensorProto.INT32: torch.int32,
     onnx.TensorProto.INT16: torch.int16,
-    onnx.TensorProto.UINT16: torch.int32,
+    onnx.TensorProto.UINT16: torch.int64,
     onnx.TensorProto.UINT32: torch.int64,
     onnx.TensorProto.INT8: torch.int8,
     onnx.TensorProto.UINT8: torch.uint8,
@@ -295,32 +295,16 @@ def _range(ins, attrs):
     return torch.arange(start, limit, delta, dtype=ins[0].dtype)
 
 
-def _reduce_mean(ins, attrs):
-    x = ins[0]
-    axes = _axes(ins, attrs)
-    keep = bool(attrs.get("keepdims", 1))
-    if not axes:
-        if attrs.get("noop_with_empty_axes", 0):
-            return x
-        axes = list(range(x.dim()))
-    return x.mean(dim=tuple(axes), keepdim=keep)
-
-
-def _softmax(ins, attrs):
-    x = ins[0]
-    if attrs["_opset"] >= 13:
-        return torch.softmax(x, dim=attrs.get("axis", -1))
-    # Before opset 13 Softmax flattens to 2-D at `axis` and normalizes the whole trailing block.
-    axis = attrs.get("axis", 1) % x.dim()
-    return torch.softmax(x.reshape(int(np.prod(x.shape[:axis])), -1), dim=1).reshape(x.shape)
-
-
-def _log_softmax(ins, attrs):
-    x = ins[0]
-    if attrs["_opset"] >= 13:
-        return torch.log_softmax(x, dim=attrs.get("axis", -1))
-    axis = attrs.get("axis", 1) % x.dim()
-    return torch.log_softmax(x.reshape(int(np.prod(x.shape[:axis])), -1), dim=1).reshape(x.shape)
+def _softmax(fn):
+    """Softmax / LogSoftmax; before opset 13 they flatten to 2-D at `axis` and normalize the whole
+    trailing block."""
+    def op(ins, attrs):
+        x = ins[0]
+        if attrs["_opset"] >= 13:
+            return fn(x, dim=attrs.get("axis", -1))
+        axis = attrs.get("axis", 1) % x.dim()
+        return fn(x.reshape(int(np.prod(x.shape[:axis])), -1), dim=1).reshape(x.shape)
+    return op
 
 
 def _reduce(fn, elementwise=lambda x: x):
@@ -613,7 +597,7 @@ def _prelu(ins, attrs):
 
 
 _QUANT_RANGE = {onnx.TensorProto.INT8: (-128, 127), onnx.TensorProto.UINT8: (0, 255),
-                onnx.TensorProto.INT16: (-32768, 32767), onnx.TensorProto.UINT16: (0, 65535)}
+                onnx.TensorProto.INT16: (-32768, 32767)}
 
 
 def _per_axis(v: "torch.Tensor", x: "torch.Tensor", attrs) -> "torch.Tensor":
@@ -634,7 +618,7 @@ def _quantize(ins, attrs):
         qtype = {torch.int8: onnx.TensorProto.INT8, torch.uint8: onnx.TensorProto.UINT8,
                  torch.int16: onnx.TensorProto.INT16}.get(zero.dtype)
     if qtype not in _QUANT_RANGE:
-        raise _unsupported("QuantizeLinear to a type other than int8/uint8/int16/uint16 is not supported")
+        raise _unsupported("QuantizeLinear to a type other than int8/uint8/int16 is not supported")
     lo, hi = _QUANT_RANGE[qtype]
     q = x / _per_axis(scale, x, attrs)
     if zero is not None:
@@ -733,7 +717,7 @@ _OPS: dict[str, Callable] = {
     "Concat": lambda ins, a: torch.cat([t for t in ins if t is not None], dim=a["axis"]),
     "Constant": _constant,
     "Range": _range,
-    "ReduceMean": _reduce_mean,
+    "ReduceMean": _reduce(lambda x, d, k: x.mean(dim=d, keepdim=k)),
     "ReduceSum": _reduce(lambda x, d, k: x.sum(dim=d, keepdim=k)),
     "ReduceMax": _reduce(lambda x, d, k: x.amax(dim=d, keepdim=k)),
     "ReduceMin": _reduce(lambda x, d, k: x.amin(dim=d, keepdim=k)),
@@ -748,8 +732,8 @@ _OPS: dict[str, Callable] = {
     "TopK": _topk,
     "Identity": lambda ins, a: ins[0],
     "Dropout": lambda ins, a: (ins[0], torch.ones_like(ins[0], dtype=torch.bool)),
-    "Softmax": _softmax,
-    "LogSoftmax": _log_softmax,
+    "Softmax": _softmax(torch.softmax),
+    "LogSoftmax": _softmax(torch.log_softmax),
     "Size": lambda ins, a: torch.tensor(ins[0].numel(), dtype=torch.int64),
     "ConstantOfShape": _constant_of_shape,
     "Expand": _expand,
