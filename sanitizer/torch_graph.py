@@ -502,7 +502,7 @@ def _resize(ins, attrs):
     else:
         sizes = [int(np.float32(s) * np.float32(i)) for i, s in zip(in_sizes, scales)]
     if opset < 11 or attrs["_op"] == "Upsample":
-        coord, nearest = "asymmetric", "floor"
+        coord, nearest = "asymmetric", "simple"
     else:
         coord = _str(attrs, "coordinate_transformation_mode", "half_pixel")
         nearest = _str(attrs, "nearest_mode", "round_prefer_floor")
@@ -528,7 +528,9 @@ def _resize(ins, attrs):
             x_orig = (out + f(0.5)) / s - f(0.5)
         x_orig = torch.from_numpy(np.asarray(x_orig, f))
         if mode == "nearest":
-            idx = _nearest(x_orig, nearest).long().clamp(0, size_in - 1)
+            # before opset 11 onnxruntime rounds down when upscaling an axis and up when downscaling it
+            rounding = ("ceil" if s < 1 else "floor") if nearest == "simple" else nearest
+            idx = _nearest(x_orig, rounding).long().clamp(0, size_in - 1)
             x = torch.index_select(x, a, idx)
             continue
         x_orig = x_orig.clamp(0, size_in - 1)
