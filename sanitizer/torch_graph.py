@@ -287,7 +287,8 @@ def _constant(ins, attrs):
                        ("value_int", torch.int64), ("value_ints", torch.int64)):
         if key in attrs:
             return torch.tensor(attrs[key], dtype=dtype)
-    raise BadModel(f"Constant node with attributes {sorted(attrs)} is not supported")
+    raise _unsupported(f"Constant node with attributes {sorted(k for k in attrs if not k.startswith('_'))} "
+                       "is not supported")
 
 
 def _range(ins, attrs):

@@ -294,7 +294,8 @@ def _typed_model(x_type, w_type):
     np_w = helper.tensor_dtype_to_np_dtype(w_type)
     nodes, w, fc = [], "w", "fc"
     if w_type != x_type:
-        nodes += [helper.make_node("Cast", ["w"], ["wc"], to=x_type), helper.make_node("Cast", ["fc"], ["fcc"], to=x_type)]
+        nodes += [helper.make_node("Cast", ["w"], ["wc"], to=x_type),
+                  helper.make_node("Cast", ["fc"], ["fcc"], to=x_type)]
         w, fc = "wc", "fcc"
     nodes += [
         helper.make_node("Flatten", ["x"], ["f"]),

@@ -207,6 +207,9 @@ def test_instance_and_group_normalization():
     check(node("InstanceNormalization", ["x", "s", "b"], epsilon=1e-3), inits={"s": _w(4), "b": _w(4)}, rtol=1e-4)
     check(node("GroupNormalization", ["x", "s", "b"], num_groups=2), inits={"s": _w(4), "b": _w(4)}, opset=21,
           rtol=1e-4)
+    # opset 18 scales per group
+    check(node("GroupNormalization", ["x", "s", "b"], num_groups=2), inits={"s": _w(2), "b": _w(2)}, opset=18,
+          rtol=1e-4)
 
 
 @pytest.mark.parametrize("size", [3, 5])  # onnxruntime refuses even sizes
