@@ -181,7 +181,7 @@ def demo_cmd(
     out_console_line(f"demo model: {DEMO['trigger']}; target class {DEMO['target']}")
     opts = Options(model=DEMO["model"], calib=DEMO["calib"], out=out, criterion=criterion, scale=DEMO["scale"],
                    eval_data=DEMO["clean"], eval_triggered=DEMO["triggered"], target=DEMO["target"],
-                   use_labels=False, force=force, detect=detect, report=report)
+                   force=force, detect=detect, report=report)
     bar, update = _progress()
     with bar:
         result = sanitize(opts, update)
