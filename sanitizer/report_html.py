@@ -114,8 +114,9 @@ def _curve(report: dict) -> str:
     for t in report["plan"]["trace"]:
         if "agreement" not in t:
             continue
+        # the probe search's rows carry agreement and flip rates; only its final row is judged on the budget
         rows.append([t["units"] if "final" not in t else f"{t['units']} ({t['final']})", rate(t["agreement"]),
-                     rate(t["loss_upper90"]), "yes" if t["within_budget"] else "no"]
+                     rate(t.get("loss_upper90")), {True: "yes", False: "no"}.get(t.get("within_budget"), "—")]
                     + ([rate(max(t["probe_flip"]))] if "probe_flip" in t else []))
     header = ["units pruned", "held-out agreement", "loss bound", "within budget"]
     if any(len(r) > 4 for r in rows):
