@@ -76,7 +76,8 @@ fi
 
 # the host's pip configuration, for the build only
 mounts=()
-python3 - "$TMP/pip.conf" "$TMP/mounts" <<'EOF'
+# the interpreter CI installs with (python), whose pip reads the host's configuration
+"$(command -v python || command -v python3)" - "$TMP/pip.conf" "$TMP/mounts" <<'EOF'
 import os, subprocess, sys
 from pathlib import Path
 
