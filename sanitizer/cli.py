@@ -5,6 +5,7 @@ are subcommands. Every user error is one line on stderr and a documented exit co
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -47,6 +48,7 @@ def _progress() -> tuple[Progress, callable]:
 
 @app.command("run", help="Sanitize MODEL (the default command: `sanitize MODEL --calib DIR --out OUT`).")
 def run_cmd(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="ONNX image classifier")],
     calib: Calib,
     out: Annotated[Optional[Path], typer.Option("--out", help="x.onnx, or x.engine / x.plan for a TensorRT engine")] = None,
@@ -60,6 +62,7 @@ def run_cmd(
     eval_triggered: Annotated[Optional[Path], typer.Option("--eval-triggered", help="triggered images for ASR")] = None,
     target: Annotated[Optional[int], typer.Option(help="attacker's target class, for ASR")] = None,
     report: Annotated[Optional[Path], typer.Option(help="write a JSON report here")] = None,
+    report_html: Annotated[Optional[Path], typer.Option("--report-html", help="write a self-contained HTML report here (figures need the plots extra)")] = None,
     seed: int = 0,
     detect: Annotated[bool, typer.Option("--detect", help="with linf/mean/l1/l2: detect a backdoor first (needs torch; probe always does); a clean verdict prunes nothing")] = False,
     suspect: Annotated[Optional[Path], typer.Option("--suspect", help="images you believe carry the trigger: rank by their ℓ∞ rise instead of synthesized probes")] = None,
@@ -73,7 +76,8 @@ def run_cmd(
                    max_acc_drop=max_acc_drop, holdout=holdout, scale=scale, mean=parse_floats(mean),
                    std=parse_floats(std), layout=layout, input_name=input_name, eval_data=eval_data,
                    eval_triggered=eval_triggered, target=target, report=report, force=force,
-                   allow_degraded=allow_degraded, seed=seed, detect=detect, suspect=suspect, plots=plots)
+                   allow_degraded=allow_degraded, seed=seed, detect=detect, suspect=suspect, plots=plots,
+                   report_html=report_html, command=(ctx.obj or {}).get("command"))
     bar, update = _progress()
     with bar:
         result = sanitize(opts, update)
@@ -238,12 +242,13 @@ COMMANDS = {"run", "evaluate", "layers", "demo", "bench", "build", "compare", "-
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["sanitize", *argv])   # as typed, for the HTML report
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv = ["run"] + argv   # `sanitize MODEL ...` is the main job
     try:
-        app(argv, standalone_mode=False)
+        app(argv, standalone_mode=False, obj={"command": command})
     except SanitizeError as e:
         if debug:
             raise

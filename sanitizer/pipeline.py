@@ -60,6 +60,12 @@ class Options:
     detect: bool = False                # synthesize a trigger per class first (needs torch); clean verdict → prune nothing
     suspect: Path | None = None         # images believed to carry the trigger: they replace detection and probes
     plots: Path | None = None           # folder for the PNG figures (needs matplotlib)
+    report_html: Path | None = None     # one self-contained HTML page (figures inlined when matplotlib is there)
+    command: str | None = None          # the command line that asked for this run, shown in the HTML report
+
+    @property
+    def figures_wanted(self) -> bool:
+        return self.plots is not None or self.report_html is not None
 
 
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
@@ -289,7 +295,7 @@ def evidence(detection: dict) -> str:
     return "; ".join(parts)
 
 
-def write_plots(opts: Options, prep: Prepared, plan: Plan, report: dict, figures: dict) -> list[Path]:
+def render_plots(opts: Options, prep: Prepared, plan: Plan, report: dict, figures: dict) -> dict[str, bytes]:
     from . import plots
 
     asr_curve = None
@@ -300,7 +306,7 @@ def write_plots(opts: Options, prep: Prepared, plan: Plan, report: dict, figures
                                                          prep.spec.name, prep.spec.batch),
                                                triggered, prep.pre, opts.batch_size), opts.target)
                      for k in counts}
-    return plots.write(opts.plots, report, figures, asr_curve)
+    return plots.render(report, figures, asr_curve)
 
 
 def read_suspects(prep: Prepared, opts: Options) -> tuple[np.ndarray, int]:
@@ -325,9 +331,12 @@ def check_outputs(opts: Options, models: tuple[Path, ...]) -> Path | None:
         out_onnx = opts.out.with_suffix(".onnx") if opts.out.suffix in ENGINE_SUFFIXES else opts.out
         if out_onnx != opts.out:
             check_writable(out_onnx, force=opts.force, inputs=inputs)
+    outputs = tuple(p for p in (opts.out, out_onnx) if p is not None)
     if opts.report is not None:
-        outputs = tuple(p for p in (opts.out, out_onnx) if p is not None)
         check_writable(opts.report, force=opts.force, inputs=inputs + outputs)
+    if opts.report_html is not None:
+        check_writable(opts.report_html, force=opts.force,
+                       inputs=inputs + outputs + ((opts.report,) if opts.report is not None else ()))
     return out_onnx
 
 
@@ -425,9 +434,18 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         written = save_model(sanitized, out_onnx, external=prep.loaded.external)
         report["output"] = {"onnx": str(out_onnx), "sha256": sha256_file(out_onnx),
                             "files": [str(p) for p in written]}
+    # without matplotlib the HTML report still has every number, in tables, and says what the figures need
+    pngs = (render_plots(opts, prep, plan, report, figures) if opts.plots is not None or
+            (opts.report_html is not None and importlib.util.find_spec("matplotlib") is not None) else {})
     if opts.plots is not None:
-        report["plots"] = [str(p) for p in write_plots(opts, prep, plan, report, figures)]
+        from . import plots
+
+        report["plots"] = [str(p) for p in plots.write(opts.plots, pngs)]
     if opts.report is not None:
         write_text(opts.report, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if opts.report_html is not None:
+        from .report_html import page
+
+        write_text(opts.report_html, page(report, pngs, opts.command))
     report["_model"] = sanitized
     return report

@@ -32,13 +32,12 @@ def check(folder: Path, force: bool, inputs: tuple[Path, ...]) -> None:
         raise BadOutput(f"--plots {folder}: folder {folder.parent} does not exist")
 
 
-def _save(plt, fig, path: Path) -> Path:
-    """Render to memory, write atomically, release the figure."""
+def _png(plt, fig) -> bytes:
+    """Render to memory and release the figure."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    write_bytes(path, buf.getvalue())
-    return path
+    return buf.getvalue()
 
 
 def _to_image(x: np.ndarray, hi: float) -> np.ndarray:
@@ -46,16 +45,28 @@ def _to_image(x: np.ndarray, hi: float) -> np.ndarray:
     return img[..., 0] if img.shape[-1] == 1 else img
 
 
-def write(folder: Path, report: dict, figures: dict, asr_curve: dict[int, float] | None) -> list[Path]:
-    """`figures`: trace-free data the report does not carry (per-image ℓ∞ arrays, probe images)."""
+def write(folder: Path, pngs: dict[str, bytes]) -> list[Path]:
+    """Write the figures `render` made into `folder`, each atomically; return their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, data in pngs.items():
+        write_bytes(folder / name, data)
+        written.append(folder / name)
+    return written
+
+
+def render(report: dict, figures: dict, asr_curve: dict[int, float] | None) -> dict[str, bytes]:
+    """The figures as PNG bytes by file name (FILES; the histograms and probes only when `figures` has them).
+
+    `figures`: trace-free data the report does not carry (per-image ℓ∞ arrays, probe images).
+    Raises SanitizeError (exit 9) without matplotlib."""
     require("matplotlib", "plots")
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
+    pngs = {}
 
     trace = [t for t in report["plan"]["trace"] if "final" not in t and "agreement" in t]
     units = [t["units"] for t in trace]
@@ -73,7 +84,7 @@ def write(folder: Path, report: dict, figures: dict, asr_curve: dict[int, float]
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
     ax.set_title(f"pruning curve ({report['criterion']})")
-    written.append(_save(plt, fig, folder / FILES[0]))
+    pngs[FILES[0]] = _png(plt, fig)
 
     def row(n: int, width: float, height: float):
         fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
@@ -89,7 +100,7 @@ def write(folder: Path, report: dict, figures: dict, asr_curve: dict[int, float]
             ax.set_title(label, fontsize=7)
             ax.set_xlabel("ℓ∞ per image", fontsize=7)
         axes[0].legend(fontsize=7)
-        written.append(_save(plt, fig, folder / FILES[1]))
+        pngs[FILES[1]] = _png(plt, fig)
 
     images = figures.get("probe_images")
     if images:
@@ -99,8 +110,8 @@ def write(folder: Path, report: dict, figures: dict, asr_curve: dict[int, float]
                       interpolation="nearest")
             ax.set_title(label, fontsize=7)
             ax.axis("off")
-        written.append(_save(plt, fig, folder / FILES[2]))
-    return written
+        pngs[FILES[2]] = _png(plt, fig)
+    return pngs
 
 
 def linf_histograms(model, sites_by_name, order, spec, pre, clean_raw, probed_raw, batch_size) -> list:

@@ -284,7 +284,7 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
             "ranking": ranking,
             "candidates": [{k: v for k, v in c.items() if k != "model"} for c in candidates],
             "chosen": best["name"]}
-    if opts.plots is not None:
+    if opts.figures_wanted:
         from .plots import linf_histograms
         from .probe import pixel_range
 
