@@ -51,7 +51,7 @@ def verdict(report: dict) -> tuple[str, str]:
     detection = report.get("detection")
     if detection is not None and detection["suspected_target"] is None:
         return "ok", "No backdoor found: nothing pruned, the model is unchanged."
-    budget = (f"held-out agreement {rate(held['agreement'])}, loss bound {rate(held['loss_upper90'])} "
+    budget = (f"held-out agreement {rate(held['agreement'])}, estimated accuracy drop {rate(held['drop_estimate'])} "
               f"(budget {report['max_acc_drop']:g})")
     if report["degraded"]:
         return "bad", (f"Degraded, written only because of --allow-degraded: {plan['count']} of {plan['candidates']} "
@@ -69,8 +69,9 @@ def _before_after(report: dict) -> list[list]:
     lo, hi = held["interval90"]
     rows = [["held-out agreement with the original", rate(1.0),
              f"{rate(held['agreement'])} (90 % interval {rate(lo)}–{rate(hi)}, n={held['n']})"],
-            [f"loss bound judged on {held['judged_on']} (upper 90 %)", "—",
-             f"{rate(held['loss_upper90'])} (budget {report['max_acc_drop']:g})"]]
+            [f"estimated accuracy drop, judged on {held['judged_on']}", "—",
+             f"{rate(held['drop_estimate'])} (80 % interval {rate(held['drop_interval90'][0])}–"
+             f"{rate(held['drop_interval90'][1])}; budget {report['max_acc_drop']:g})"]]
     ev = report.get("evaluation")
     if ev:
         for key, label in (("clean_acc", "clean accuracy (--eval-data)"), ("asr", "attack success rate (--eval-triggered)")):
@@ -103,10 +104,25 @@ def _probes(pr: dict, held: dict) -> str:
     out = (f"<p>Target class {_e(pr['target'])}, probes {_e(pr['source'])}; ranking kept: {_e(pr['ranking'])}; "
            f"model kept: {_e(pr['chosen'])}.</p>"
            + _table(["probe", "used", "flip rate before", "flip rate after (held-out)"], rows, {2, 3}))
-    rows = [[c["name"], rate(c["agreement"]), rate(c["loss_upper90"]), rate(max(c["probe_flip"])) if c["probe_flip"] else "—",
+    rows = [[c["name"], rate(c["agreement"]), rate(c["drop_estimate"]), rate(max(c["probe_flip"])) if c["probe_flip"] else "—",
              "yes" if c["probes_silenced"] else "no"] for c in pr["candidates"]]
-    return out + _table(["candidate", "held-out agreement", "loss bound", "worst probe flip", "probes silenced"],
-                        rows, {1, 2, 3})
+    out += _table(["candidate", "held-out agreement", "estimated drop", "worst probe flip", "probes silenced"],
+                  rows, {1, 2, 3})
+    bounds = pr.get("bounds")
+    if bounds:
+        kept = "none kept" if bounds["quantile"] is None else f"kept: quantile {bounds['quantile']:g} on {bounds['sites']} sites"
+        out += f"<p>Activation bounds (clean ℓ∞ quantile per unit), {_e(kept)}.</p>" + _table(
+            ["quantile", "held-out agreement", "estimated drop", "worst probe flip"],
+            [[f"{t['quantile']:g}", rate(t["agreement"]), rate(t["drop_estimate"]), rate(max(t["probe_flip"]))]
+             for t in bounds["tried"]], {1, 2, 3})
+    fresh = pr.get("reattack")
+    if fresh:
+        out += (f"<p>Re-attack: probes synthesized afresh against the result; backdoor "
+                f"{'removed' if fresh['silenced'] else '<b>still reachable</b>'}.</p>"
+                + _table(["fresh probe", "flip rate", "bar"],
+                         [[n, rate(f), rate(fresh["bars"].get(n)) if n in fresh["bars"] else "—"]
+                          for n, f in fresh["fresh_probe_flip"].items()], {1, 2}))
+    return out
 
 
 def _curve(report: dict) -> str:
@@ -116,9 +132,9 @@ def _curve(report: dict) -> str:
             continue
         # the probe search's rows carry agreement and flip rates; only its final row is judged on the budget
         rows.append([t["units"] if "final" not in t else f"{t['units']} ({t['final']})", rate(t["agreement"]),
-                     rate(t.get("loss_upper90")), {True: "yes", False: "no"}.get(t.get("within_budget"), "—")]
+                     rate(t.get("drop_estimate")), {True: "yes", False: "no"}.get(t.get("within_budget"), "—")]
                     + ([rate(max(t["probe_flip"]))] if "probe_flip" in t else []))
-    header = ["units pruned", "held-out agreement", "loss bound", "within budget"]
+    header = ["units pruned", "held-out agreement", "estimated drop", "within budget"]
     if any(len(r) > 4 for r in rows):
         header.append("worst probe flip")
         rows = [r + ["—"] * (5 - len(r)) for r in rows]

@@ -52,7 +52,7 @@ def test_page_carries_the_reports_numbers_and_nothing_outside_it(cli, tmp_path):
     held, ev, plan = report["held_out_after"], report["evaluation"], report["plan"]
     assert plan["count"] > 0
     assert f"Sanitized: {plan['count']} of {plan['candidates']} units pruned (linf)" in page
-    for number in (held["agreement"], *held["interval90"], held["loss_upper90"], ev["before"]["clean_acc"],
+    for number in (held["agreement"], *held["interval90"], held["drop_estimate"], ev["before"]["clean_acc"],
                    ev["after"]["clean_acc"], ev["before"]["asr"], ev["after"]["asr"]):
         assert rate(number) in page, number
     for t in plan["trace"]:   # the pruning curve's table, row by row
