@@ -376,7 +376,10 @@ class TorchGraph(torch.nn.Module):
 
         def masked(name, t):
             m = masks.get(name)
-            return t if m is None else t * m.reshape((1, -1) + (1,) * (t.dim() - 2))
+            if m is None:
+                return t
+            # a 1-D mask is per channel (axis 1); a site with another unit axis passes it shaped (Site.mask_shape)
+            return t * (m.reshape((1, -1) + (1,) * (t.dim() - 2)) if m.dim() == 1 else m)
 
         env: dict[str, torch.Tensor] = {self.input_name: masked(self.input_name, x)}
         for fn, ins, outs, attrs in self._nodes:
