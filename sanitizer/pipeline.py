@@ -314,11 +314,12 @@ def read_suspects(prep: Prepared, opts: Options) -> tuple[np.ndarray, int]:
 
 
 def pruned_units(sites: dict[str, Site], pruned: dict[str, list[int]]) -> dict:
-    """For verifiers, per layer with pruned units: the ONNX tensor they live in, its rank and unit axis, and the
-    units. The sanitized model equals the input with a 0/1 mask (0 at these units, along that axis) multiplied
-    into each tensor, which anyone can rebuild with onnx alone."""
+    """For verifiers, per layer with pruned units: the ONNX tensor they live in, its rank, unit axis and number
+    of units (`of`), and the pruned units. The pruned model equals the input with a 0/1 mask (0 at these units,
+    along that axis) multiplied into each tensor, which anyone can rebuild with onnx alone (a repaired model,
+    report["probes"]["chosen"], has other weights tuned as well)."""
     return {name: {"tensor": sites[name].tensor, "axis": sites[name].axis, "rank": sites[name].rank,
-                   "units": sorted(int(u) for u in units)}
+                   "of": sites[name].channels, "units": sorted(int(u) for u in units)}
             for name, units in pruned.items() if units}
 
 
