@@ -288,3 +288,20 @@ def test_layers_json_and_lines_keep_long_names(tmp_path, cli, monkeypatch):
     r = cli("layers", path)
     assert r.code == 0
     assert f"{long}\tdense\t12 units\ton h2 axis 2 of 3\tproducer" in r.out.splitlines()
+
+
+def test_float16_weights_behind_a_cast_are_zeroed_in_place():
+    """float16 weights inside a float32 graph (Cast to float before the layer): the float16 initializer is zeroed."""
+    model = M.plain()
+    for init in model.graph.initializer:
+        if init.name in ("conv1.weight", "conv2.weight"):
+            half = numpy_helper.to_array(init).astype(np.float16)
+            init.CopyFrom(numpy_helper.from_array(half, init.name + "_fp16"))
+            model.graph.node.insert(0, helper.make_node("Cast", [init.name], [init.name[:-5]], to=TensorProto.FLOAT))
+    shapes, sites = analyse(model)
+    assert {k: s.strategy for k, s in sites.items()} == {"conv1": "producer", "conv2": "producer"}
+    assert sites["conv2"].zero[0] == ("conv2.weight_fp16", 0)
+    assert exact(model, sites, shapes, {"conv1": [1, 4], "conv2": [0, 7]}) == 0
+    out = rewrite.apply(model, sites, {"conv2": [0, 7]})
+    w = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "conv2.weight_fp16"))
+    assert w.dtype == np.float16 and np.all(w[[0, 7]] == 0)
