@@ -208,7 +208,8 @@ def dequantized(g: Graph, node: onnx.NodeProto) -> onnx.NodeProto | None:
 
 
 def _follow_chain(g: Graph, start: str, channels: int, axis: int):
-    """Walk the single-consumer per-unit ops after `start`. Returns (site tensor, zero_ok, [(bias, unit dim)])."""
+    """Walk the single-consumer per-unit ops after `start`. Returns (site tensor, zero_ok, [(bias, unit dim)],
+    unit axis of the site tensor)."""
     tensor, zero_ok, biases = start, True, []
     shape = g.shapes.get(start)
     while shape is not None and (node := g.only_consumer(tensor)) is not None:
@@ -237,10 +238,15 @@ def _follow_chain(g: Graph, start: str, channels: int, axis: int):
                 break  # c / x, or 0 / 0
         elif op == "QuantizeLinear" and (dq := dequantized(g, node)) is not None:
             node = dq
+        elif op == "Reshape" and axis == len(shape) - 1 and (new := g.shapes.get(node.output[0])) \
+                and new[-1] == channels:
+            # units on the last axis stay there when the last axis is kept: dynamo's Gemm over [N*T, D] rows
+            # reshaped back to [N, T, D]
+            axis, shape = len(new) - 1, new
         else:
             break
         tensor = node.output[0]
-    return tensor, zero_ok, biases
+    return tensor, zero_ok, biases, axis
 
 
 def _weight(g: Graph, name: str) -> tuple[str, np.ndarray] | None:
@@ -457,6 +463,9 @@ def find_sites(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
     shapes: probed shapes of the float tensors (calib.stats.probe_shapes); ints: probed small integer tensors.
     May return no prunable site at all: the caller refuses (pipeline.scope) or lists why (`sanitize layers`)."""
     g = Graph(model, shapes, ints)
+    # the probe ran one image, or the fixed batch: a site tensor must keep that as its first axis
+    dims = next(i for i in model.graph.input if i.name not in g.inits).type.tensor_type.shape.dim
+    batch = (dims[0].dim_value if dims else 0) or 1
     sites: list[Site] = []
     for node in model.graph.node:
         if node.op_type in QOPERATOR:
@@ -476,10 +485,10 @@ def find_sites(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
             axis = 1 if kind == "conv" or node.op_type == "Gemm" else rank - 1
             if rank < 2 or shapes[out][axis] != n:
                 continue
-            tensor, zero_ok, biases = _follow_chain(g, out, n, axis)
+            tensor, zero_ok, biases, axis = _follow_chain(g, out, n, axis)
             if not _feeds_producer(g, tensor):
                 continue  # the class layer: its outputs are classes, not units
-            site = Site(node.name or out, kind, tensor, n, axis, rank, "producer")
+            site = Site(node.name or out, kind, tensor, n, axis, len(shapes[tensor]), "producer")
             if zero_ok:
                 site.zero = zero + biases
             else:
@@ -490,10 +499,16 @@ def find_sites(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
             if shape is None or len(shape) < 2 or any(shapes.get(i) != shape for i in node.input):
                 continue
             axis = _unit_axis(g, node.input[0])
-            tensor, _, _ = _follow_chain(g, node.output[0], shape[axis], axis)
-            site = Site(node.name or node.output[0], "join", tensor, shape[axis], axis, len(shape), "consumers")
+            tensor, _, _, axis = _follow_chain(g, node.output[0], shape[axis], axis)
+            site = Site(node.name or node.output[0], "join", tensor, shapes[tensor][axis], axis, len(shapes[tensor]),
+                        "consumers")
             _try_consumers(g, site)
             sites.append(site)
+    for site in sites:
+        if site.prunable and shapes[site.tensor][0] != batch:
+            # statistics are per image: rows that mix images and tokens would be read as images
+            site.strategy, site.why_blocked = "blocked", (f"{site.tensor} folds the batch into its rows "
+                                                          f"{shapes[site.tensor]}: no per-image units")
     return sites
 
 

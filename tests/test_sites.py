@@ -305,3 +305,37 @@ def test_float16_weights_behind_a_cast_are_zeroed_in_place():
     out = rewrite.apply(model, sites, {"conv2": [0, 7]})
     w = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "conv2.weight_fp16"))
     assert w.dtype == np.float16 and np.all(w[[0, 7]] == 0)
+
+
+def dynamo_tokens(back: bool) -> onnx.ModelProto:
+    """dynamo's linear over tokens: [N, T, D] → Reshape [N*T, D] → Gemm (addmm) → `back`: Reshape to [N, T, E] →
+    Relu → mean over tokens → class layer; else Relu → Reshape to [N, T*E] → class layer."""
+    r = RNG(3)
+    inits = {"shape": np.array([0, 3, 16], np.int64), "rows": np.array([-1, 3], np.int64), "W": w(r, 3, 8),
+             "b": (r.normal(size=8) * .1).astype(np.float32), "tok": np.array([-1, 16, 8], np.int64),
+             "img": np.array([-1, 128], np.int64), "Wh": w(r, 8, M.CLASSES), "Wf": w(r, 128, M.CLASSES)}
+    n = helper.make_node
+    nodes = [n("Reshape", ["x", "shape"], ["r"], name="patches"), n("Transpose", ["r"], ["t"], perm=[0, 2, 1]),
+             n("Reshape", ["t", "rows"], ["flat"], name="view"), n("Gemm", ["flat", "W", "b"], ["g"], name="addmm")]
+    if back:
+        nodes += [n("Reshape", ["g", "tok"], ["g3"], name="unview"), n("Relu", ["g3"], ["a"], name="relu"),
+                  n("ReduceMean", ["a"], ["pooled"], axes=[1], keepdims=0), n("MatMul", ["pooled", "Wh"], ["logits"])]
+    else:
+        nodes += [n("Relu", ["g"], ["a"], name="relu"), n("Reshape", ["a", "img"], ["f"], name="per_image"),
+                  n("MatMul", ["f", "Wf"], ["logits"])]
+    return finish(nodes, inits, [3, 4, 4], "dynamo_tokens", opset=17)
+
+
+def test_dense_rows_with_the_batch_folded_in_are_followed_back_to_tokens():
+    model = dynamo_tokens(back=True)
+    shapes, sites = analyse(model)
+    assert shapes["g"] == (16, 8)
+    site = sites["addmm"]
+    assert (site.strategy, site.tensor, site.axis, site.rank) == ("producer", "a", 2, 3)
+    assert exact(model, sites, shapes, {"addmm": [0, 2, 5]}) == 0
+    # rows reshaped into one vector per image: the units stay on [N*T, E] rows, which statistics would read as
+    # images, so the site is blocked (it was measured wrongly before)
+    model = dynamo_tokens(back=False)
+    shapes, sites = analyse(model)
+    assert (sites["addmm"].strategy, sites["addmm"].tensor) == ("blocked", "a")
+    assert "folds the batch" in sites["addmm"].why_blocked
