@@ -470,8 +470,10 @@ def find_sites(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
     for node in model.graph.node:
         if node.op_type in QOPERATOR:
             out = node.output[0]
-            sites.append(Site(node.name or out, "conv" if "Conv" in node.op_type else "dense", out, 0, 1,
-                              len(shapes.get(out, ())), "blocked",
+            conv = "Conv" in node.op_type
+            weight = g.const(node.input[3 if node.op_type.startswith("QLinear") else 1])
+            units = 0 if weight is None else weight.shape[0 if conv else -1]
+            sites.append(Site(node.name or out, "conv" if conv else "dense", out, units, 1, 4 if conv else 2, "blocked",
                               f"{node.op_type} is a QOperator-format quantized layer (not supported; quantize "
                               "to the QDQ format, QuantFormat.QDQ)"))
         elif node.op_type in PRODUCERS:

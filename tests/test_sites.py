@@ -218,6 +218,8 @@ def test_qoperator_models_are_refused_naming_the_op(tmp_path, write_npz, cli):
     model = quantize(M.plain(), tmp_path, "QOperator")
     shapes, sites = analyse(model)
     assert not any(s.prunable for s in sites.values())
+    assert sorted(s.channels for s in sites.values() if s.kind == "conv") == [6, 8]
+    assert all("QLinear" in s.why_blocked for s in sites.values())
     path = tmp_path / "qop.onnx"
     onnx.save(model, path)
     r = cli(path, "--calib", write_npz(), "--criterion", "linf", "--out", tmp_path / "o.onnx")
