@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -14,8 +15,19 @@ from sanitizer.errors import BadData
 
 from .session import make_session, run
 
-# Per image and channel, reduced over the spatial map.
+# Per image and unit, reduced over every other axis but the batch (the spatial map, the tokens).
 REDUCTIONS = ("linf", "l1", "l2", "mean")
+
+
+class UnitAxis(NamedTuple):
+    """Where the units of a tensor are: its rank and unit axis ([N, C, H, W] → (4, 1); [N, T, D] → (3, 2))."""
+    rank: int
+    axis: int
+
+    @property
+    def reduced(self) -> list[int]:
+        """The axes a per-unit statistic reduces over: all but the batch and the unit axis."""
+        return [a for a in range(1, self.rank) if a != self.axis]
 
 
 def probe_shapes(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
@@ -40,14 +52,15 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
 
 
-def augment(model: onnx.ModelProto, tensors: dict[str, int]) -> tuple[onnx.ModelProto, list[str]]:
-    """Copy of `model` that also outputs, per tensor (name -> rank), [N, C] reductions over its spatial axes."""
+def augment(model: onnx.ModelProto, tensors: dict[str, UnitAxis]) -> tuple[onnx.ModelProto, list[str]]:
+    """Copy of `model` that also outputs, per tensor (name -> UnitAxis), [N, units] reductions over every axis
+    but the batch and the unit axis (ℓ∞ of a token tensor's feature = its max |value| over the tokens)."""
     aug = onnx.ModelProto()
     aug.CopyFrom(model)
     opset = _opset(model)
     names = []
-    for k, (tensor, rank) in enumerate(tensors.items()):
-        axes = list(range(2, rank))
+    for k, (tensor, where) in enumerate(tensors.items()):
+        axes = UnitAxis(*where).reduced
         if not axes:  # dense units: the value itself is every norm of a 1-element map
             abs_name = f"_stat{k}_abs"
             aug.graph.node.append(helper.make_node("Abs", [tensor], [abs_name]))
@@ -131,9 +144,10 @@ def fixed(batches, size: int | None):
         yield np.concatenate([pending, pad]), len(pending)
 
 
-def collect(model: onnx.ModelProto, tensors: dict[str, int], batches, input_name: str, *, progress=None,
+def collect(model: onnx.ModelProto, tensors: dict[str, UnitAxis], batches, input_name: str, *, progress=None,
             fixed_batch: int | None = None, keep_per_image: bool = False) -> Collected:
-    """One streaming pass over batches of model inputs: per-unit aggregates of `tensors`. Memory is one batch
+    """One streaming pass over batches of model inputs: per-unit aggregates of `tensors` (name -> UnitAxis, see
+    graph.stat_tensors). Memory is one batch
     plus [C] accumulators whatever the number of images; `keep_per_image` also keeps every image's [C]
     reductions and the logits (tests and analysis on small sets)."""
     aug, names = augment(model, tensors)

@@ -7,8 +7,8 @@ Kesidis, "Improved Activation Clipping for Universal Backdoor Mitigation and Tes
 where the bounds are learned from a small clean set).
 
 The rewrite inserts `Max(Min(t, b), -b)` with a per-unit constant `b` shaped to broadcast along the site's
-unit axis, and rewires every reader of the site tensor to the bounded one: two element-wise nodes per site,
-which TensorRT fuses into the producer's epilogue. The bounds are `Constant` nodes, not initializers, so that
+unit axis (`Site.mask_shape`), and rewires every reader of the site tensor to the bounded one: two
+element-wise nodes per site, which TensorRT fuses into the producer's epilogue. The bounds are `Constant` nodes, not initializers, so that
 weight edits (pruning, repair) never touch them.
 """
 from __future__ import annotations
@@ -18,12 +18,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .graph import Site
-
-
-def bound_shape(site: Site, channels: int) -> tuple[int, ...]:
-    """Shape of a per-unit constant that broadcasts along the site's unit axis (axis 1 of [N, C, ...])."""
-    rank = 4 if site.spatial else 2
-    return (1, channels) + (1,) * (rank - 2)
 
 
 def apply_bounds(model: onnx.ModelProto, sites: dict[str, Site], bounds: dict[str, np.ndarray]
@@ -45,7 +39,7 @@ def apply_bounds(model: onnx.ModelProto, sites: dict[str, Site], bounds: dict[st
         if b.shape != (site.channels,) or not np.isfinite(b).all() or (b < 0).any():
             raise ValueError(f"bound for {name}: need {site.channels} finite values ≥ 0")
         dtype = helper.tensor_dtype_to_np_dtype(elem.get(site.tensor, onnx.TensorProto.FLOAT))
-        hi = b.astype(dtype).reshape(bound_shape(site, site.channels))
+        hi = b.astype(dtype).reshape(site.mask_shape)
         stem = f"{site.tensor}__bound{k}"
         inserted[site.tensor] = [
             helper.make_node("Constant", [], [f"{stem}_hi"], value=numpy_helper.from_array(hi, f"{stem}_hi")),

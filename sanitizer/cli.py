@@ -150,8 +150,9 @@ def evaluate_cmd(
         out_console_line(f"{k}: {'-' if v is None else round(v, 4) if isinstance(v, float) else v}")
 
 
-@app.command("layers", help="List MODEL's prunable layers, their units and how each is zeroed.")
-def layers_cmd(model: Annotated[Path, typer.Argument()], input_name: InputName = None, layout: Layout = None):
+@app.command("layers", help="List MODEL's prunable layers, their units and how each is zeroed (or why it is blocked).")
+def layers_cmd(model: Annotated[Path, typer.Argument()], input_name: InputName = None, layout: Layout = None,
+               as_json: Annotated[bool, typer.Option("--json", help="print a JSON list instead of lines")] = False):
     import numpy as np
 
     from calib.preprocess import input_spec
@@ -165,10 +166,19 @@ def layers_cmd(model: Annotated[Path, typer.Argument()], input_name: InputName =
     shape = [spec.batch or 1] + ([spec.channels, spec.height, spec.width] if spec.layout == "nchw"
                                  else [spec.height, spec.width, spec.channels])
     shapes, ints = probe_shapes(loaded.model, {spec.name: np.zeros(shape, np.float32)})
-    table = Table("layer", "kind", "units", "rewrite", "measured on")
-    for s in find_sites(loaded.model, shapes, ints):
-        table.add_row(s.name, s.kind, str(s.channels), s.strategy + (f" ({s.why_blocked})" if s.why_blocked else ""), s.tensor)
-    out.print(table)
+    rows = [{"name": s.name, "kind": s.kind, "tensor": s.tensor, "axis": s.axis, "rank": s.rank, "units": s.channels,
+             "strategy": s.strategy, "why_blocked": s.why_blocked or None}
+            for s in find_sites(loaded.model, shapes, ints)]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    # plain lines, not a table: a table truncates long node names in narrow terminals and pipes
+    for r in rows:
+        why = f" ({r['why_blocked']})" if r["why_blocked"] else ""
+        print(f"{r['name']}\t{r['kind']}\t{r['units']} units\ton {r['tensor']} axis {r['axis']} of {r['rank']}"
+              f"\t{r['strategy']}{why}")
+    if not any(s["strategy"] != "blocked" for s in rows):
+        print("no prunable layer")
 
 
 @app.command("demo", help="Sanitize the shipped backdoored digits model and print a before/after table.")

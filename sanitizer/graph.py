@@ -1,17 +1,24 @@
 """Units and how to zero them exactly: prunable sites found from the graph once.
 
-A *site* is a tensor with one unit per channel (axis 1): the output of a Conv / Gemm / MatMul(+bias) after the
-per-channel ops that follow it (BatchNorm, bias Add, activation), or the output of a residual Add (+ its
-per-channel ops), i.e. channel c of both branches at once. Statistics are measured on the site tensor, the one
-its consumers read. Each site gets one exact rewrite strategy:
+A *site* is a tensor with one unit per index of its *unit axis*: the output of a Conv (axis 1: channels), of a
+Gemm (axis 1 of [N, D]: neurons) or of a MatMul with a 2-D constant weight applied to every row of its input
+(the last axis: dense neurons of [N, D], or features of [N, T, D] token tensors), after the per-unit ops that
+follow it (BatchNorm, a bias Add/Sub, a Mul/Div scale, an activation, a QuantizeLinear→DequantizeLinear pair);
+or the output of a residual Add (+ its per-unit ops), i.e. unit c of both branches at once. Statistics are
+measured on the site tensor, the one its consumers read, reduced over every axis but the batch and the unit
+axis. Each site gets one exact rewrite strategy:
 
-- ``producer``: zero the producing weights and bias of channel c; valid when every op between producer and
+- ``producer``: zero the producing weights and bias of unit c; valid when every op between producer and
   site maps 0 to 0 (no kept BatchNorm, Clip range contains 0).
 - ``consumers``: zero the input slice of every linear consumer (Conv, Gemm, MatMul) reached through ops that
-  only move or pool values and map 0 to 0 (pools, Flatten, Reshape, Transpose, ReLU...). Channel identity is
-  followed element by element through those ops, so Transpose/Flatten into a dense layer is exact.
+  only move or pool values and map 0 to 0 (pools, Flatten, Reshape, Transpose, ReLU, a Mul by a constant,
+  Q/DQ pairs...). Unit identity is followed element by element through those ops, so Transpose/Flatten into a
+  dense layer is exact.
 
-An op that is not understood on a path blocks the site rather than being guessed through.
+A constant operand of Add/Sub/Mul/Div is per-unit iff, broadcast to the site tensor's shape, it varies only
+along the unit axis; anything else ends the chain. Quantized (QDQ) weights are the integer initializers read
+by a DequantizeLinear: "zero" there means the zero point, which dequantizes to exactly 0. An op that is not
+understood on a path blocks the site rather than being guessed through.
 """
 from __future__ import annotations
 
@@ -21,11 +28,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import BadModel
+from calib.stats import UnitAxis
 
 PRODUCERS = {"Conv", "Gemm", "MatMul"}
+# Quantized layers in the QOperator format: their units live in integer tensors; not supported (QDQ is).
+QOPERATOR = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
 # Elementwise and 0 -> 0: a zero channel stays zero, values never move between channels.
-ZERO_KEEPING = {"Relu", "LeakyRelu", "Identity", "Dropout", "Elu", "Selu", "Tanh", "PRelu", "Softsign", "HardSwish"}
+ZERO_KEEPING = {"Relu", "LeakyRelu", "Identity", "Dropout", "Elu", "Selu", "Celu", "Tanh", "PRelu", "Softsign",
+                "HardSwish", "Gelu", "Erf", "Neg", "Abs", "Mish", "ThresholdedRelu"}
 # Move or pool values within a channel and map an all-zero channel to zeros.
 POSITIONAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose",
               "Squeeze", "Unsqueeze", "ReduceMean", "ReduceMax", "Gather"}
@@ -47,21 +57,38 @@ class Site:
     name: str                  # what users see: the producing node's name (or the residual Add's)
     kind: str                  # "conv" | "dense" | "join"
     tensor: str                # measured tensor, read by the consumers
-    channels: int
+    channels: int              # number of units: the size of `tensor` along `axis`
+    axis: int                  # the unit axis of `tensor` (1 for NCHW conv maps and [N, D], 2 for [N, T, D])
+    rank: int                  # ndim of `tensor`
     strategy: str              # "producer" | "consumers" | "blocked"
     why_blocked: str = ""
-    zero: list[tuple[str, int]] = field(default_factory=list)       # producer: (initializer, channel axis)
+    zero: list[tuple[str, int]] = field(default_factory=list)       # producer: (initializer, unit axis in it)
     slices: list[ConsumerSlice] = field(default_factory=list)        # consumers
-    spatial: bool = True       # 4-D map (ℓ∞ over H×W) or a dense vector
 
     @property
     def prunable(self) -> bool:
         return self.strategy != "blocked"
 
+    @property
+    def mask_shape(self) -> tuple[int, ...]:
+        """Shape a [channels] mask takes to broadcast along the unit axis of the site tensor."""
+        return (1,) * self.axis + (self.channels,) + (1,) * (self.rank - self.axis - 1)
 
-def stat_tensors(sites) -> dict[str, int]:
-    """The tensors to reduce for `sites`, with their rank: 4-D maps (ℓ∞ over H×W) or 2-D dense vectors."""
-    return {s.tensor: 4 if s.spatial else 2 for s in sites}
+
+def stat_tensors(sites) -> dict[str, UnitAxis]:
+    """The tensors to reduce for `sites`, each with its rank and unit axis (calib.stats reduces every other
+    axis but the batch)."""
+    return {s.tensor: UnitAxis(s.rank, s.axis) for s in sites}
+
+
+def blocked_reasons(sites, limit: int = 3) -> str:
+    """The first `limit` blocked sites with why, for a one-line refusal."""
+    blocked = [s for s in sites if not s.prunable]
+    if not blocked:
+        return "no Conv, Gemm or MatMul with constant weights feeds another weighted layer"
+    parts = [f"{s.name}: {s.why_blocked}" for s in blocked[:limit]]
+    more = f"; {len(blocked) - limit} more (see `sanitize layers`)" if len(blocked) > limit else ""
+    return "; ".join(parts) + more
 
 
 class Graph:
@@ -133,71 +160,140 @@ def _clip_keeps_zero(g: Graph, node: onnx.NodeProto) -> bool:
     return (lo is None or lo <= 0) and (hi is None or hi >= 0)
 
 
-def _per_channel_const(g: Graph, node: onnx.NodeProto, tensor: str, channels: int) -> str | None:
-    """For a binary op with one constant operand broadcast per channel (a bias), return that operand."""
+def _other_const(g: Graph, node: onnx.NodeProto, tensor: str) -> str | None:
+    """The constant operand of a binary op whose other operand is `tensor`, else None."""
     other = [i for i in node.input if i != tensor]
-    if len(other) != 1 or g.const(other[0]) is None:
+    return other[0] if len(other) == 1 and len(node.input) == 2 and g.const(other[0]) is not None else None
+
+
+def _broadcasts_into(value: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """`value` broadcast against a tensor of `shape` leaves the shape as it is (it does not add or widen axes)."""
+    try:
+        return np.broadcast_shapes(value.shape, tuple(shape)) == tuple(shape)
+    except ValueError:
+        return False
+
+
+def per_unit(value: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray | None:
+    """One value per unit when `value`, broadcast to `shape`, varies only along `axis`; else None.
+
+    value: any constant (e.g. a bias [C], [C,1,1], [1,C,1,1], a scalar); shape: the site tensor's probed shape;
+    returns [shape[axis]]. A 1-D [W] constant added to an [N, C, H, W] map varies along the width, not the
+    channels, and gets None."""
+    if not _broadcasts_into(value, shape):
         return None
-    v = g.const(other[0])
-    if v.size == 1 or v.size == channels and (v.ndim == 1 or v.shape[-1] == channels or v.shape[1:2] == (channels,)):
-        return other[0]
-    return None
+    b = np.moveaxis(np.broadcast_to(value, shape), axis, 0).reshape(shape[axis], -1)
+    return b[:, 0] if np.all(b == b[:, :1]) else None
 
 
-def _follow_chain(g: Graph, start: str, channels: int):
-    """Walk the single-consumer per-channel ops after `start`. Returns (site tensor, zero_ok, biases)."""
+def _unit_dim(value: np.ndarray, rank: int, axis: int, units: int) -> int | None:
+    """The axis of a per-unit constant that holds one entry per unit (it lines up with the tensor's unit axis
+    under broadcasting), or None when the constant is shared by every unit (a scalar)."""
+    d = value.ndim - (rank - axis)
+    return d if d >= 0 and value.shape[d] == units else None
+
+
+def dequantized(g: Graph, node: onnx.NodeProto) -> onnx.NodeProto | None:
+    """For a QuantizeLinear whose only reader is a DequantizeLinear with the same zero point and axis, that
+    DequantizeLinear: the pair maps 0 to exactly 0 (quantize(0) = zero point, dequantize(zero point) = 0) and
+    keeps every value in place, so it is followed like an elementwise op."""
+    dq = g.only_consumer(node.output[0])
+    if dq is None or dq.op_type != "DequantizeLinear" or attr(node, "axis", 1) != attr(dq, "axis", 1):
+        return None
+    zq = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
+    zd = g.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros((), np.uint8)
+    if zq is None or zd is None or zq.shape != zd.shape or not np.array_equal(zq, zd):
+        return None
+    return dq
+
+
+def _follow_chain(g: Graph, start: str, channels: int, axis: int):
+    """Walk the single-consumer per-unit ops after `start`. Returns (site tensor, zero_ok, [(bias, unit dim)],
+    unit axis of the site tensor)."""
     tensor, zero_ok, biases = start, True, []
-    while (node := g.only_consumer(tensor)) is not None:
+    shape = g.shapes.get(start)
+    while shape is not None and (node := g.only_consumer(tensor)) is not None:
         op = node.op_type
         if op in ZERO_KEEPING:
             pass
         elif op == "Clip":
             zero_ok &= _clip_keeps_zero(g, node)
-        elif op == "BatchNormalization" and all(g.const(i) is not None for i in node.input[1:5]):
+        elif op == "BatchNormalization" and axis == 1 and all(g.const(i) is not None for i in node.input[1:5]):
             zero_ok = False
         elif op in ("Sigmoid", "HardSigmoid", "Softplus"):
             zero_ok = False
-        elif op in ("Add", "Sub") and (bias := _per_channel_const(g, node, tensor, channels)) is not None \
-                and g.private(bias):
-            biases.append(bias)
-            if g.const(bias).size == 1 and channels > 1:
-                zero_ok = False
+        elif op in ("Add", "Sub", "Mul", "Div") and (other := _other_const(g, node, tensor)) is not None:
+            value = per_unit(g.const(other), shape, axis)
+            if value is None:
+                break  # varies along another axis: not a per-unit operation
+            if op in ("Add", "Sub"):
+                if not g.private(other):
+                    break
+                dim = _unit_dim(g.const(other), len(shape), axis, channels)
+                if dim is None:
+                    zero_ok &= channels == 1  # one shift shared by every unit cannot be zeroed for one
+                else:
+                    biases.append((other, dim))
+            elif op == "Div" and (node.input[0] != tensor or np.any(value == 0)):
+                break  # c / x, or 0 / 0
+        elif op == "QuantizeLinear" and (dq := dequantized(g, node)) is not None:
+            node = dq
+        elif op == "Reshape" and axis == len(shape) - 1 and (new := g.shapes.get(node.output[0])) \
+                and new[-1] == channels:
+            # units on the last axis stay there when the last axis is kept: dynamo's Gemm over [N*T, D] rows
+            # reshaped back to [N, T, D]
+            axis, shape = len(new) - 1, new
         else:
             break
         tensor = node.output[0]
-    return tensor, zero_ok, biases
+    return tensor, zero_ok, biases, axis
+
+
+def _weight(g: Graph, name: str) -> tuple[str, np.ndarray] | None:
+    """The initializer that holds a layer's weight and its value, when this layer alone reads it: the weight
+    itself, or the initializer behind a DequantizeLinear (QDQ int8 weights) or a Cast (float16 weights in a
+    float32 graph) that only this layer reads."""
+    if g.private(name):
+        return name, g.const(name)
+    node = g.producer.get(name)
+    if node is None or g.only_consumer(name) is None or not g.private(node.input[0]):
+        return None
+    if node.op_type == "Cast" or node.op_type == "DequantizeLinear" and not attr(node, "block_size", 0):
+        return node.input[0], g.const(node.input[0])
+    return None
 
 
 def _producer_weights(g: Graph, node: onnx.NodeProto) -> tuple[list[tuple[str, int]], int] | None:
     """Initializers holding each output unit and their unit axis, and the unit count."""
-    w = g.const(node.input[1]) if len(node.input) > 1 else None
-    if w is None or not g.private(node.input[1]):
+    found = _weight(g, node.input[1]) if len(node.input) > 1 else None
+    if found is None:
         return None
-    bias = node.input[2] if len(node.input) > 2 and g.private(node.input[2]) else None
+    init, w = found
+    bias = _weight(g, node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if node.op_type == "Conv":
-        zero, n = [(node.input[1], 0)], w.shape[0]
+        zero, n = [(init, 0)], w.shape[0]
     elif node.op_type == "Gemm":
         if w.ndim != 2 or attr(node, "transA", 0):
             return None
         axis = 0 if attr(node, "transB", 0) else 1
-        zero, n = [(node.input[1], axis)], w.shape[axis]
-    else:  # MatMul with a 2-D weight on the right
-        if w.ndim != 2:
+        zero, n = [(init, axis)], w.shape[axis]
+    else:  # MatMul with a 2-D weight on the right: one unit per output column, whatever the input's rank
+        if w.ndim != 2 or node.input[0] == node.input[1]:
             return None
-        zero, n = [(node.input[1], 1)], w.shape[1]
+        zero, n = [(init, 1)], w.shape[1]
     if bias is not None:
-        if g.const(bias).size != n:
+        if bias[1].size != n:
             return None
-        zero.append((bias, 0))
+        zero.append((bias[0], 0))
     return zero, n
 
 
-def _trace_consumers(g: Graph, site: str, channels: int) -> tuple[list[ConsumerSlice], str]:
-    """Follow channel identity from `site` to every linear consumer; return slices or a reason to block."""
+def _trace_consumers(g: Graph, site: str, channels: int, axis: int) -> tuple[list[ConsumerSlice], str]:
+    """Follow unit identity from `site` to every linear consumer; return slices or a reason to block."""
     if site not in g.shapes:
         return [], f"shape of {site} unknown"
-    ids = np.broadcast_to(np.arange(channels).reshape((1, channels) + (1,) * (len(g.shapes[site]) - 2)),
-                          g.shapes[site]).copy()
+    shape = g.shapes[site]
+    ids = np.broadcast_to(np.arange(channels).reshape((channels,) + (1,) * (len(shape) - axis - 1)), shape).copy()
     slices: list[ConsumerSlice] = []
     stack = [(site, ids)]
     while stack:
@@ -208,13 +304,16 @@ def _trace_consumers(g: Graph, site: str, channels: int) -> tuple[list[ConsumerS
             op = node.op_type
             if op in ("Shape", "Size"):
                 continue  # reads the shape, never the values
-            if node.input[0] != tensor or any(i == tensor for i in node.input[1:]):
+            scaled = op in ("Mul", "Div") and _scales_in_place(g, node, tensor, ids.shape)
+            if not scaled and (node.input[0] != tensor or any(i == tensor for i in node.input[1:])):
                 if op in ("Gemm", "MatMul", "Conv"):
                     return [], f"{node.name or op} reads it as a weight"
                 return [], f"{op} {node.name} mixes it with another tensor"
             out = node.output[0]
-            if op in ZERO_KEEPING or op == "Clip" and _clip_keeps_zero(g, node):
+            if op in ZERO_KEEPING or scaled or op == "Clip" and _clip_keeps_zero(g, node):
                 stack.append((out, ids))
+            elif op == "QuantizeLinear" and (dq := dequantized(g, node)) is not None:
+                stack.append((dq.output[0], ids))
             elif op in POSITIONAL:
                 new = _move_ids(g, node, ids)
                 if new is None:
@@ -230,20 +329,41 @@ def _trace_consumers(g: Graph, site: str, channels: int) -> tuple[list[ConsumerS
     return slices, ""
 
 
+def _scales_in_place(g: Graph, node: onnx.NodeProto, tensor: str, shape: tuple[int, ...]) -> bool:
+    """x * k, k * x or x / k with a finite constant k (non-zero for Div) that does not reshape x: 0 stays 0
+    where it is."""
+    other = _other_const(g, node, tensor)
+    if other is None or node.op_type == "Div" and node.input[0] != tensor:
+        return False
+    k = g.const(other)
+    if not _broadcasts_into(k, shape) or not np.all(np.isfinite(k)):
+        return False
+    return node.op_type == "Mul" or bool(np.all(k != 0))
+
+
 def _move_ids(g: Graph, node: onnx.NodeProto, ids: np.ndarray) -> np.ndarray | None:
     out_shape = g.shapes.get(node.output[0])
     if out_shape is None:
         return None
     op = node.op_type
-    if op in POOLING:
-        if len(out_shape) < 2 or ids.ndim < 3 or out_shape[1] != ids.shape[1]:
-            return None
+    if op in ("ReduceMean", "ReduceMax"):
         axes = attr(node, "axes")
         if axes is None and len(node.input) > 1 and node.input[1]:
             axes = g.const(node.input[1])
             if axes is None:
                 return None
-        if axes is not None and any(int(a) % ids.ndim in (0, 1) for a in np.ravel(axes)):
+        axes = sorted({int(a) % ids.ndim for a in np.ravel(axes)}) if axes is not None else list(range(ids.ndim))
+        if 0 in axes:
+            return None
+        # a reduction is exact only over positions of one unit: mean or max of zeros is zero
+        first = ids[tuple(slice(0, 1) if a in axes else slice(None) for a in range(ids.ndim))]
+        if not np.all(ids == first):
+            return None
+        kept = first if attr(node, "keepdims", 1) else first.reshape([n for a, n in enumerate(first.shape)
+                                                                      if a not in axes])
+        return kept.copy() if tuple(kept.shape) == tuple(out_shape) else None
+    if op in POOLING:
+        if len(out_shape) < 2 or ids.ndim < 3 or out_shape[1] != ids.shape[1]:
             return None
         per_channel = ids.reshape(ids.shape[0], ids.shape[1], -1)
         if not np.all(per_channel == per_channel[:, :, :1]):
@@ -269,18 +389,14 @@ def _move_ids(g: Graph, node: onnx.NodeProto, ids: np.ndarray) -> np.ndarray | N
     return ids.reshape(out_shape)
 
 
-def _same_rows(ids: np.ndarray) -> bool:
-    """Every image of the probe batch maps channels to the same positions (fixed-batch models probe with B>1)."""
-    return bool(np.all(ids == ids[:1]))
-
-
 def _consumer_slice(g: Graph, node: onnx.NodeProto, ids: np.ndarray, channels: int) -> ConsumerSlice | None:
-    w = g.const(node.input[1]) if len(node.input) > 1 else None
-    if w is None or not g.private(node.input[1]):
+    found = _weight(g, node.input[1]) if len(node.input) > 1 else None
+    if found is None:
         return None
+    init, w = found
     if node.op_type == "Conv":
-        if ids.ndim < 3 or not _same_rows(ids):
-            return None
+        if ids.ndim < 3 or not np.all(ids == ids[:1]):
+            return None  # every image of the probe batch must map channels to the same positions
         per_channel = ids[0].reshape(ids.shape[1], -1)
         if not np.all(per_channel == per_channel[:, :1]):
             return None  # a channel's map must stay one input channel of the conv
@@ -294,39 +410,89 @@ def _consumer_slice(g: Graph, node: onnx.NodeProto, ids: np.ndarray, channels: i
             index[c] = where % cpg
             rows[c] = np.concatenate([np.arange(k // cpg * out_per_group, (k // cpg + 1) * out_per_group)
                                       for k in where]) if len(where) else np.zeros(0, int)
-        return ConsumerSlice(node.input[1], 1, index, rows if groups > 1 else None)
-    if ids.ndim != 2 or not _same_rows(ids):
-        return None
+        return ConsumerSlice(init, 1, index, rows if groups > 1 else None)
     if node.op_type == "Gemm":
-        if attr(node, "transA", 0):
+        if ids.ndim != 2 or attr(node, "transA", 0):
             return None
         axis = 1 if attr(node, "transB", 0) else 0
     else:
-        if w.ndim != 2:
+        if w.ndim != 2 or ids.ndim < 2:
             return None
         axis = 0
-    flat = ids[0]
-    return ConsumerSlice(node.input[1], axis, {c: np.flatnonzero(flat == c) for c in range(channels)})
+    # a dense layer reads the last axis of every row (image, token) the same way: rows must agree
+    rows = ids.reshape(-1, ids.shape[-1])
+    if not np.all(rows == rows[:1]):
+        return None
+    return ConsumerSlice(init, axis, {c: np.flatnonzero(rows[0] == c) for c in range(channels)})
+
+
+def _unit_axis(g: Graph, tensor: str) -> int:
+    """Where the layer upstream of `tensor` put its units, followed up through elementwise ops and Transposes:
+    1 after a Conv, the last axis after a dense layer; 1 (NCHW channels) when nothing says otherwise."""
+    perms: list[list[int]] = []
+    while (node := g.producer.get(tensor)) is not None:
+        op = node.op_type
+        if op == "Conv":
+            axis = 1
+            break
+        if op in ("Gemm", "MatMul") and node.output[0] in g.shapes:
+            axis = len(g.shapes[node.output[0]]) - 1
+            break
+        if op == "Transpose" and attr(node, "perm"):
+            perms.append(list(attr(node, "perm")))
+        elif op not in ZERO_KEEPING | {"Clip", "BatchNormalization", "Add", "Sub", "Mul", "Div", "Sigmoid",
+                                       "HardSigmoid", "QuantizeLinear", "DequantizeLinear"}:
+            return 1
+        ins = [i for i in node.input if i and g.const(i) is None]
+        if not ins:
+            return 1
+        tensor = ins[0]
+    else:
+        return 1
+    for perm in reversed(perms):
+        if axis >= len(perm):
+            return 1
+        axis = perm.index(axis)
+    return axis
 
 
 def find_sites(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
                ints: dict[str, np.ndarray] | None = None) -> list[Site]:
+    """Every candidate site of `model`, prunable or blocked with its reason, in graph order.
+
+    shapes: probed shapes of the float tensors (calib.stats.probe_shapes); ints: probed small integer tensors.
+    May return no prunable site at all: the caller refuses (pipeline.scope) or lists why (`sanitize layers`)."""
     g = Graph(model, shapes, ints)
+    # the probe ran one image, or the fixed batch: a site tensor must keep that as its first axis
+    dims = next(i for i in model.graph.input if i.name not in g.inits).type.tensor_type.shape.dim
+    batch = (dims[0].dim_value if dims else 0) or 1
     sites: list[Site] = []
     for node in model.graph.node:
-        if node.op_type in PRODUCERS:
+        if node.op_type in QOPERATOR:
+            out = node.output[0]
+            conv = "Conv" in node.op_type
+            weight = g.const(node.input[3 if node.op_type.startswith("QLinear") else 1])
+            units = 0 if weight is None else weight.shape[0 if conv else -1]
+            sites.append(Site(node.name or out, "conv" if conv else "dense", out, units, 1, 4 if conv else 2, "blocked",
+                              f"{node.op_type} is a QOperator-format quantized layer (not supported; quantize "
+                              "to the QDQ format, QuantFormat.QDQ)"))
+        elif node.op_type in PRODUCERS:
             found = _producer_weights(g, node)
-            if found is None:
+            out = node.output[0]
+            if found is None or out not in shapes:
                 continue
             zero, n = found
             kind = "conv" if node.op_type == "Conv" else "dense"
-            out = node.output[0]
-            tensor, zero_ok, biases = _follow_chain(g, out, n)
+            rank = len(shapes[out])
+            axis = 1 if kind == "conv" or node.op_type == "Gemm" else rank - 1
+            if rank < 2 or shapes[out][axis] != n:
+                continue
+            tensor, zero_ok, biases, axis = _follow_chain(g, out, n, axis)
             if not _feeds_producer(g, tensor):
                 continue  # the class layer: its outputs are classes, not units
-            site = Site(node.name or out, kind, tensor, n, "producer", spatial=kind == "conv")
+            site = Site(node.name or out, kind, tensor, n, axis, len(shapes[tensor]), "producer")
             if zero_ok:
-                site.zero = zero + [(b, _bias_axis(g, b)) for b in biases]
+                site.zero = zero + biases
             else:
                 _try_consumers(g, site)
             sites.append(site)
@@ -334,12 +500,17 @@ def find_sites(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
             shape = shapes.get(node.output[0])
             if shape is None or len(shape) < 2 or any(shapes.get(i) != shape for i in node.input):
                 continue
-            tensor, _, _ = _follow_chain(g, node.output[0], shape[1])
-            site = Site(node.name or node.output[0], "join", tensor, shape[1], "consumers", spatial=len(shape) > 2)
+            axis = _unit_axis(g, node.input[0])
+            tensor, _, _, axis = _follow_chain(g, node.output[0], shape[axis], axis)
+            site = Site(node.name or node.output[0], "join", tensor, shapes[tensor][axis], axis, len(shapes[tensor]),
+                        "consumers")
             _try_consumers(g, site)
             sites.append(site)
-    if not any(s.prunable for s in sites):
-        raise BadModel("model has no prunable layer (no Conv, Gemm or MatMul with constant weights whose units can be zeroed exactly)")
+    for site in sites:
+        if site.prunable and shapes[site.tensor][0] != batch:
+            # statistics are per image: rows that mix images and tokens would be read as images
+            site.strategy, site.why_blocked = "blocked", (f"{site.tensor} folds the batch into its rows "
+                                                          f"{shapes[site.tensor]}: no per-image units")
     return sites
 
 
@@ -358,21 +529,39 @@ def _feeds_producer(g: Graph, tensor: str) -> bool:
     return False
 
 
-def _bias_axis(g: Graph, name: str) -> int:
-    v = g.const(name)
-    return v.ndim - 1 if v.ndim <= 1 else 1 if v.shape[1] > 1 else v.ndim - 1
-
-
 def _try_consumers(g: Graph, site: Site) -> None:
-    slices, why = _trace_consumers(g, site.tensor, site.channels)
+    slices, why = _trace_consumers(g, site.tensor, site.channels, site.axis)
     if why or not slices:
         site.strategy, site.why_blocked = "blocked", why or "no linear consumer"
     else:
         site.strategy, site.slices = "consumers", slices
 
 
+def zero_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Per quantized initializer (read by a DequantizeLinear), the stored value that dequantizes to exactly 0:
+    its zero point, shaped to broadcast against it (per-tensor: a scalar; per-axis: along the DQ's axis).
+    Initializers not listed are zeroed with 0."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        rank = len(inits[node.input[0]].dims)
+        zp = (numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits
+              else np.zeros(()))
+        if zp.ndim == 1 and rank > 1:
+            axis = attr(node, "axis", 1) % rank
+            zp = zp.reshape((-1,) + (1,) * (rank - axis - 1))
+        out[node.input[0]] = zp
+    return out
+
+
 def last_stage(model: onnx.ModelProto, sites: list[Site]) -> list[Site]:
-    """The spatial site whose maps feed the head (pooling / flatten): the one produced last in graph order."""
-    candidates = [s for s in sites if s.spatial and s.prunable] or [s for s in sites if s.prunable]
+    """The conv-map site whose maps feed the head (pooling / flatten): the one produced last in graph order.
+    Empty when no site is prunable."""
+    prunable = [s for s in sites if s.prunable]
+    candidates = [s for s in prunable if s.kind != "dense" and s.axis == 1 and s.rank > 2] or prunable
+    if not candidates:
+        return []
     order = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
     return [max(candidates, key=lambda s: order.get(s.tensor, -1))]

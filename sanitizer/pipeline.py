@@ -20,9 +20,9 @@ from calib.stats import collect, probe_shapes
 
 from . import rewrite
 from .atomic import check_writable, write_text
-from .errors import BadData, SanitizeError, ExitCode
+from .errors import BadData, BadModel, SanitizeError, ExitCode
 from .evaluate import Predictor, accuracy, agreement, attack_success, probabilities
-from .graph import Site, find_sites, last_stage, stat_tensors
+from .graph import Site, blocked_reasons, find_sites, last_stage, stat_tensors
 from .model_io import LoadedModel, check, load_model, save_model, sha256_file
 from .plan import Plan, largest_ok, rank, safe_limit
 from .scores import CRITERIA, normalised
@@ -108,6 +108,7 @@ def prepare(opts: Options) -> Prepared:
 
 
 def scope(prep: Prepared, layers: str | None) -> list[Site]:
+    """The sites `--layers` asks for; empty when none is prunable (the caller refuses, see sanitize)."""
     prunable = [s for s in prep.sites.values() if s.prunable]
     if layers is None:
         return last_stage(prep.model, list(prep.sites.values()))
@@ -321,6 +322,16 @@ def read_suspects(prep: Prepared, opts: Options) -> tuple[np.ndarray, int]:
     return raw, target
 
 
+def pruned_units(sites: dict[str, Site], pruned: dict[str, list[int]]) -> dict:
+    """For verifiers, per layer with pruned units: the ONNX tensor they live in, its rank, unit axis and number
+    of units (`of`), and the pruned units. The pruned model equals the input with a 0/1 mask (0 at these units,
+    along that axis) multiplied into each tensor, which anyone can rebuild with onnx alone (a repaired model,
+    report["probes"]["chosen"], has other weights tuned as well)."""
+    return {name: {"tensor": sites[name].tensor, "axis": sites[name].axis, "rank": sites[name].rank,
+                   "of": sites[name].channels, "units": sorted(int(u) for u in units)}
+            for name, units in pruned.items() if units}
+
+
 def check_outputs(opts: Options, models: tuple[Path, ...]) -> Path | None:
     """Refuse, before any work, outputs that would replace an input or each other; return the ONNX path."""
     inputs = tuple(p for p in (*models, opts.calib, opts.eval_data, opts.eval_triggered, opts.suspect)
@@ -373,6 +384,9 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         detection = detect(prep, fit, opts.seed, progress)
         target = detection["suspected_target"]
     clean_verdict = detection is not None and target is None
+    if not sites and not clean_verdict:
+        # writing the input back as "sanitized" would claim a defense that never ran
+        raise BadModel(f"no prunable layer in scope: {blocked_reasons(prep.sites.values())}")
     info = {"provider": held.provider, "statistics_seconds": 0.0}
     probe_info = None
     if clean_verdict:
@@ -402,6 +416,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         "max_acc_drop": opts.max_acc_drop,
         "plan": plan.to_dict(),
         "pruned_per_layer": {k: len(v) for k, v in plan.pruned().items()},
+        "pruned_units": pruned_units(prep.sites, plan.pruned()),
         "held_out_after": {k: v for k, v in final.items() if k != "units"},
         "degraded": degraded,
         "provider": info["provider"],

@@ -57,7 +57,7 @@ def flips(model: onnx.ModelProto, spec, clean_x: np.ndarray, probed_x: list[np.n
     return base, [float((pred.logits(x[keep], batch_size).argmax(1) == target).mean()) for x in probed_x]
 
 
-def raw_stats(model: onnx.ModelProto, tensors: dict[str, int], spec, pre, raw: np.ndarray, batch_size: int,
+def raw_stats(model: onnx.ModelProto, tensors: dict, spec, pre, raw: np.ndarray, batch_size: int,
               keep_per_image: bool = False):
     """Statistics of `tensors` over raw images held in memory (probed copies, suspicious samples)."""
     batches = (pre.apply(raw[i:i + batch_size]) for i in range(0, len(raw), batch_size))

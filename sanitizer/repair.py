@@ -37,7 +37,7 @@ def repair(model: onnx.ModelProto, sites: dict[str, Site], pruned: dict[str, lis
     for name, channels in pruned.items():
         m = torch.ones(sites[name].channels)
         m[list(channels)] = 0.0
-        masks[sites[name].tensor] = m
+        masks[sites[name].tensor] = m.reshape(sites[name].mask_shape)
     x = make_input(torch, torch.from_numpy(np.asarray(x_raw, np.float32)), pp)
     probed = [make_input(torch, torch.from_numpy(p.apply(x_raw)), pp) for p in probes]
     with torch.no_grad():

@@ -883,9 +883,11 @@ class TorchGraph(torch.nn.Module):
             m = masks.get(name)
             if m is None:
                 return t
-            m, axis = m if isinstance(m, tuple) else (m, 1)
-            axis %= t.dim()
-            return t * m.reshape((-1,) + (1,) * (t.dim() - 1 - axis))
+            if isinstance(m, tuple):  # (1-D mask, unit axis)
+                m, axis = m
+                return t * m.reshape((-1,) + (1,) * (t.dim() - 1 - axis % t.dim()))
+            # a 1-D mask is per channel (axis 1); a site with another unit axis passes it shaped (Site.mask_shape)
+            return t * (m.reshape((1, -1) + (1,) * (t.dim() - 2)) if m.dim() == 1 else m)
 
         if x.is_floating_point() and x.dtype != self.input_dtype:
             x = x.to(self.input_dtype)

@@ -6,12 +6,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 
-def masked_reference(model: onnx.ModelProto, masks: dict[str, tuple[np.ndarray, int]]) -> onnx.ModelProto:
-    """masks: tensor -> (0/1 vector over channels, tensor rank)."""
+def masked_reference(model: onnx.ModelProto, masks: dict[str, tuple]) -> onnx.ModelProto:
+    """masks: tensor -> (0/1 vector over units, tensor rank[, unit axis: 1 unless given])."""
     ref = onnx.ModelProto()
     ref.CopyFrom(model)
-    for k, (tensor, (mask, rank)) in enumerate(masks.items()):
-        shaped = mask.astype(np.float32).reshape((1, -1) + (1,) * (rank - 2))
+    for k, (tensor, (mask, rank, *axis)) in enumerate(masks.items()):
+        unit_axis = axis[0] if axis else 1
+        shaped = mask.astype(np.float32).reshape((1,) * unit_axis + (-1,) + (1,) * (rank - unit_axis - 1))
         masked = f"{tensor}__masked{k}"
         for node in ref.graph.node:
             for i, name in enumerate(node.input):

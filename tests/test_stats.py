@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 import models as M
-from calib.stats import REDUCTIONS, augment, collect, plain_pass, probe_shapes
+from calib.stats import REDUCTIONS, UnitAxis, augment, collect, plain_pass, probe_shapes
 
 
 def intermediate(model: onnx.ModelProto, tensor: str, x: np.ndarray) -> np.ndarray:
@@ -48,7 +48,7 @@ def test_collect_matches_brute_force(case):
     build, tensor, rank = CASES[case]
     model = build()
     xs = batches(model)
-    got = collect(model, {tensor: rank}, iter(xs), model.graph.input[0].name, keep_per_image=True)
+    got = collect(model, {tensor: UnitAxis(rank, 1)}, iter(xs), model.graph.input[0].name, keep_per_image=True)
 
     a = np.concatenate([intermediate(model, tensor, x) for x in xs])
     assert a.ndim == rank
@@ -70,7 +70,7 @@ def test_collect_matches_brute_force(case):
 
 def test_streamed_aggregates_equal_the_per_image_ones_and_keep_nothing_per_image():
     model = M.resnet()
-    tensors = {"stem_relu_out": 4, "b0_conv2_out": 4}
+    tensors = {"stem_relu_out": UnitAxis(4, 1), "b0_conv2_out": UnitAxis(4, 1)}
     xs = batches(model, sizes=(3, 5, 2))
     streamed = collect(model, tensors, iter(xs), "input")
     kept = collect(model, tensors, iter(xs), "input", keep_per_image=True)
@@ -85,7 +85,7 @@ def test_streamed_aggregates_equal_the_per_image_ones_and_keep_nothing_per_image
 
 def test_several_tensors_in_one_pass_keep_their_own_statistics():
     model = M.resnet()
-    tensors = {"stem_relu_out": 4, "b0_conv2_out": 4, "down_relu2_out": 4}
+    tensors = {t: UnitAxis(4, 1) for t in ("stem_relu_out", "b0_conv2_out", "down_relu2_out")}
     xs = batches(model, sizes=(3, 3))
     got = collect(model, tensors, iter(xs), "input", keep_per_image=True)
     for tensor in tensors:
@@ -97,7 +97,7 @@ def test_several_tensors_in_one_pass_keep_their_own_statistics():
 @pytest.mark.parametrize("opset", [13, 18])
 def test_augment_puts_axes_where_the_opset_wants_them(opset):
     model = M.plain(opset=opset)
-    aug, names = augment(model, {"relu2_out": 4})
+    aug, names = augment(model, {"relu2_out": UnitAxis(4, 1)})
     reduces = [n for n in aug.graph.node if n.op_type.startswith("Reduce")]
     assert len(reduces) == 4
     for node in reduces:
@@ -111,7 +111,7 @@ def test_augment_puts_axes_where_the_opset_wants_them(opset):
 def test_collect_progress_counts_every_image():
     model = M.plain()
     seen = []
-    collect(model, {"relu1_out": 4}, iter(batches(model)), "input", progress=seen.append)
+    collect(model, {"relu1_out": UnitAxis(4, 1)}, iter(batches(model)), "input", progress=seen.append)
     assert seen == [5, 1, 4]
 
 
@@ -119,7 +119,7 @@ def test_plain_pass_gives_the_same_logits():
     model = M.plain()
     xs = batches(model)
     logits, seconds = plain_pass(model, iter(xs), "input")
-    got = collect(model, {"relu1_out": 4}, iter(xs), "input", keep_per_image=True)
+    got = collect(model, {"relu1_out": UnitAxis(4, 1)}, iter(xs), "input", keep_per_image=True)
     np.testing.assert_allclose(logits, got.logits, rtol=1e-6)
     assert seconds >= 0
 
