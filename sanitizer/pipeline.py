@@ -346,9 +346,6 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
 
         plots.check(opts.plots, opts.force, (opts.model, *prep.loaded.data_files, opts.calib))
     fit, hold = split(prep.calib.n, opts.holdout, opts.seed)
-    sanity = check_original(prep.model, prep.spec, prep.pre, prep.calib, batch_size=opts.batch_size,
-                            labels=prep.calib.labels if opts.use_labels else None, enforce=opts.sanity_check)
-    prep.spec = replace(prep.spec, output_kind=sanity["output"]["kind"])
     probing = opts.criterion == PROBE
     if not probing and opts.criterion not in CRITERIA:
         raise SanitizeError(f"unknown criterion {opts.criterion!r}; choose from {', '.join((PROBE, *CRITERIA))}",
@@ -358,9 +355,13 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
                             "itself (pass --criterion linf to force a ratio)", ExitCode.USAGE)
     # the probes look for the backdoor's units wherever they are; clean statistics only trust the last stage
     sites = scope(prep, "all" if probing and opts.layers is None else opts.layers)
-    held = HeldOut(prep, hold, opts.batch_size, opts.use_labels)
     if opts.suspect is not None and not probing:
         raise SanitizeError("--suspect works with the probe criterion", ExitCode.USAGE)
+    # the flags are checked; before any decision rests on the original's predictions, are they sound?
+    sanity = check_original(prep.model, prep.spec, prep.pre, prep.calib, batch_size=opts.batch_size,
+                            labels=prep.calib.labels if opts.use_labels else None, enforce=opts.sanity_check)
+    prep.spec = replace(prep.spec, output_kind=sanity["output"]["kind"])
+    held = HeldOut(prep, hold, opts.batch_size, opts.use_labels)
     suspects, detection = None, None
     if opts.suspect is not None:
         suspects, target = read_suspects(prep, opts)

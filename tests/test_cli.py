@@ -14,6 +14,7 @@ from conftest import files_in
 from sanitizer.errors import ExitCode
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+UNCHECKED = "--no-sanity-check"   # random models on noise images: nothing for the sanity gate to pass (test_sanity.py)
 
 
 def assert_one_line_error(result, code: int):
@@ -62,10 +63,10 @@ ERRORS = {
     "unknown_criterion": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
                                                              "--criterion", "entropy"]),
     "ratio_above_one": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
-                                                           "--criterion", "linf", "--ratio", "1.5"]),
+                                                           "--criterion", "linf", "--ratio", "1.5", UNCHECKED]),
     "budget_broken": (ExitCode.DEGRADED, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
                                                             "--report", t / "r.json", "--ratio", "0.9", "--criterion", "linf",
-                                                            "--max-acc-drop", "0"]),
+                                                            "--max-acc-drop", "0", UNCHECKED]),
 }
 
 
@@ -82,7 +83,8 @@ def test_failures_exit_with_their_code_one_line_and_write_nothing(name, cli, wri
 def test_force_overwrites_an_existing_output(cli, write_model, write_npz, tmp_path):
     out = tmp_path / "clean.onnx"
     out.write_bytes(b"an older result")
-    result = cli(write_model(), "--calib", write_npz(), "--out", out, "--criterion", "linf", "--ratio", "0.25", "--allow-degraded", "--force")
+    result = cli(write_model(), "--calib", write_npz(), "--out", out, "--criterion", "linf", "--ratio", "0.25", "--allow-degraded", "--force",
+                 UNCHECKED)
     assert result.code == 0, result.err
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
 
@@ -90,7 +92,7 @@ def test_force_overwrites_an_existing_output(cli, write_model, write_npz, tmp_pa
 def test_allow_degraded_writes_and_says_so(cli, write_model, write_npz, tmp_path):
     out, report = tmp_path / "clean.onnx", tmp_path / "r.json"
     result = cli(write_model(), "--calib", write_npz(), "--out", out, "--report", report, "--criterion", "linf", "--ratio", "0.9",
-                 "--max-acc-drop", "0", "--allow-degraded")
+                 "--max-acc-drop", "0", "--allow-degraded", UNCHECKED)
     assert result.code == 0, result.err
     assert out.is_file() and json.loads(report.read_text())["degraded"] is True
 
@@ -98,7 +100,8 @@ def test_allow_degraded_writes_and_says_so(cli, write_model, write_npz, tmp_path
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the missing-TensorRT path cannot happen here")
 def test_engine_out_without_tensorrt_leaves_the_onnx_and_exits_3(cli, write_model, write_npz, tmp_path):
     engine = tmp_path / "x.engine"
-    result = cli(write_model(), "--calib", write_npz(), "--out", engine, "--criterion", "linf", "--ratio", "0.25", "--allow-degraded")
+    result = cli(write_model(), "--calib", write_npz(), "--out", engine, "--criterion", "linf", "--ratio", "0.25", "--allow-degraded",
+                 UNCHECKED)
     assert_one_line_error(result, ExitCode.NO_ENGINE)
     assert "TensorRT" in result.err_lines[0]
     assert not engine.exists()
@@ -156,7 +159,7 @@ def test_budget_that_nothing_fits_prunes_nothing(cli, write_model, write_npz, tm
     model_path, calib = write_model(), write_npz()
     report = tmp_path / "r.json"
     result = cli(model_path, "--calib", calib, "--out", tmp_path / "clean.onnx", "--max-acc-drop", "0",
-                 "--report", report, "--criterion", "linf")
+                 "--report", report, "--criterion", "linf", UNCHECKED)
     assert result.code == 0, result.err
     data = json.loads(report.read_text())
     assert data["plan"]["count"] == 0 and data["degraded"] is False
