@@ -28,9 +28,10 @@ def wilson(k: int, n: int, z: float = Z) -> tuple[float, float]:
 
 class Predictor:
     """One onnxruntime session over preprocessed float32 batches [N, ...] (cast to the input's dtype by
-    calib.session.run); `logits` returns the spec's classifier output as [N, classes] float32 — logits or
-    probabilities as spec.output_kind says (argmax is the same either way). A fixed-batch model gets full
-    batches (the last one padded). Raises BadModel when onnxruntime cannot load or run the model."""
+    calib.session.run); `logits` returns the spec's classifier output as [N, classes] float32 (float64 for a
+    float64 output) — logits or probabilities as spec.output_kind says (argmax is the same either way).
+    A fixed-batch model gets full batches (the last one padded). Raises BadModel when onnxruntime cannot
+    load or run the model."""
 
     def __init__(self, model: onnx.ModelProto | bytes, spec: InputSpec):
         self.session, self.provider = make_session(model)
