@@ -23,7 +23,11 @@ from PIL import Image
 
 from sanitizer.errors import BadData, ExitCode, SanitizeError
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".ppm", ".pgm", ".pbm", ".pnm",
+                            ".tif", ".tiff", ".webp", ".gif"})
+# The Pillow decoders those use. Image.open tries every registered plugin whatever the suffix; naming them
+# keeps a file that only claims to be a PNG away from rarer parsers (EPS even runs Ghostscript).
+_FORMATS = ("PNG", "JPEG", "BMP", "PPM", "TIFF", "WEBP", "GIF")
 
 # Pillow modes we can turn into 8-bit pixels without guessing a scale; 16-bit and float images
 # (modes I, I;16, F) are refused because their raw values would not be on the 0..255 scale.
@@ -139,7 +143,7 @@ def _pixel_limit(max_pixels: int):
 def _open_image(path: Path, max_pixels: int) -> Image.Image:
     """Open (header only) and refuse non-images, 16-bit/float images and pixel bombs."""
     try:
-        img = Image.open(path)
+        img = Image.open(path, formats=_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadData(f"{path}: refusing a decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -154,13 +158,28 @@ def _open_image(path: Path, max_pixels: int) -> Image.Image:
     return img
 
 
+def _is_image(path: Path | str) -> bool:
+    """True for a file to read; other files (notes, label lists) are not images and are passed over, but an
+    image in a format Pillow knows and we do not read is refused by name rather than skipped silently."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in IMAGE_SUFFIXES:
+        return True
+    if suffix in _other_image_suffixes():
+        raise BadData(f"{path}: {suffix} images are not read (read: {', '.join(sorted(IMAGE_SUFFIXES))}); "
+                      "convert it or move it out of the folder")
+    return False
+
+
+def _other_image_suffixes() -> frozenset[str]:
+    return frozenset(e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN) - IMAGE_SUFFIXES
+
+
 def _list_images(folder: Path) -> list[str]:
     """Sorted names of the images directly in `folder`: strings, since a Path per image costs ~360 bytes
     and calibration folders can hold millions."""
     with os.scandir(folder) as entries:
         return sorted(e.name for e in entries
-                      if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
-                      and e.is_file())
+                      if not e.name.startswith(".") and e.is_file() and _is_image(folder / e.name))
 
 
 def _open_folder(root: Path, size, channels, max_pixels):
@@ -195,8 +214,8 @@ def _class_folders(root: Path, subdirs: list[Path]):
     for d, label in zip(subdirs, values):
         # Recursive like ImageFolder, so nested layouts are not silently skipped.
         found = sorted(p for p in d.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(d).parts))
+                       if not any(part.startswith(".") for part in p.relative_to(d).parts)
+                       and p.is_file() and _is_image(p))
         if not found:
             raise BadData(f"class folder {d} contains no images")
         files += [str(p.relative_to(root)) for p in found]

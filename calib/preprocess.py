@@ -18,7 +18,9 @@ _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.BFLOAT16: "bfloat16",   # fed by calib.session.run as an OrtValue
 }
+OUTPUT_KINDS = ("logits", "probabilities")
 
 
 def _usage(message: str) -> SanitizeError:
@@ -49,6 +51,10 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class InputSpec:
+    """The model's interface as every path uses it: the image input fed (name, layout, static channels and
+    size — from the model or --input-size —, fixed batch or None, its dtype: float32, float16, float64 or
+    bfloat16; calib.session.run casts float32 inputs to it) and the classifier output read (`output`: the one
+    float [N, classes] output, or the one --output-name names; `output_kind`: logits or probabilities)."""
     name: str
     layout: str
     channels: int
@@ -56,6 +62,8 @@ class InputSpec:
     width: int
     batch: int | None
     dtype: str
+    output: str
+    output_kind: str = "logits"   # input_spec sees a Softmax producer; sanity.check_original sees the values
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str | None] | None:
@@ -79,7 +87,13 @@ def _static(d) -> int | None:
 MAX_FIXED_BATCH = 4096
 
 
-def input_spec(model: onnx.ModelProto, input_name: str | None = None, layout: str | None = None) -> InputSpec:
+def input_spec(model: onnx.ModelProto, input_name: str | None = None, layout: str | None = None, *,
+               output_name: str | None = None, size: tuple[int, int] | None = None) -> InputSpec:
+    """The image input and the classifier output of `model`.
+
+    `size` (H, W) fixes a dynamic height and width (--input-size); a static one it contradicts is refused.
+    Raises SanitizeError: USAGE for a choice the user must make or a flag that contradicts the model (several
+    image inputs or classifier outputs, unknown names, layout, size); BAD_MODEL for what no flag fixes."""
     if layout is not None and layout not in LAYOUTS:
         raise _usage(f"layout must be nchw or nhwc, got {layout!r}")
     initializers = {t.name for t in model.graph.initializer}
@@ -104,8 +118,7 @@ def input_spec(model: onnx.ModelProto, input_name: str | None = None, layout: st
         raise BadModel(f"input {inp.name} is not a tensor")
     elem = inp.type.tensor_type.elem_type
     if elem not in _FLOAT_TYPES:
-        type_name = onnx.TensorProto.DataType.Name(elem).lower() if elem in onnx.TensorProto.DataType.values() else str(elem)
-        raise BadModel(f"input {inp.name} is {type_name}, not a float image tensor")
+        raise BadModel(f"input {inp.name} is {_type_name(elem)}, not a float image tensor")
     dims = _dims(inp)
     if dims is None or len(dims) != 4:
         rank = "unknown" if dims is None else len(dims)
@@ -117,13 +130,63 @@ def input_spec(model: onnx.ModelProto, input_name: str | None = None, layout: st
         raise _usage(f"input {inp.name} has shape {_show(dims)}, which is {inferred}; layout {layout} contradicts it")
     chosen_layout = inferred or layout or "nchw"
     c, h, w = (dims[1], dims[2], dims[3]) if chosen_layout == "nchw" else (dims[3], dims[1], dims[2])
-    if _static(c) is None or _static(h) is None or _static(w) is None:
-        raise BadModel(f"input {inp.name} has shape {_show(dims)} ({chosen_layout}); "
-                       "channels, height and width must be static")
+    if _static(c) is None:
+        raise BadModel(f"input {inp.name} has shape {_show(dims)} ({chosen_layout}); the channel count must be static")
+    if size is not None:
+        for what, given, declared in (("height", size[0], h), ("width", size[1], w)):
+            if _static(declared) is not None and declared != given:
+                raise _usage(f"--input-size {size[0]}x{size[1]}: input {inp.name} has a fixed {what} of {declared}")
+        h, w = size
+    elif _static(h) is None or _static(w) is None:
+        raise _usage(f"input {inp.name} has shape {_show(dims)} ({chosen_layout}): its height and width are "
+                     "dynamic; give the size to feed with --input-size HxW")
     if dims[0] == 0 or isinstance(dims[0], int) and dims[0] > MAX_FIXED_BATCH:
         raise BadModel(f"input {inp.name} has a fixed batch of {dims[0]}; expected a dynamic batch or 1..{MAX_FIXED_BATCH}")
+    output, kind = classifier_output(model, output_name)
     return InputSpec(name=inp.name, layout=chosen_layout, channels=c, height=h, width=w,
-                     batch=_static(dims[0]), dtype=_FLOAT_TYPES[elem])
+                     batch=_static(dims[0]), dtype=_FLOAT_TYPES[elem], output=output, output_kind=kind)
+
+
+def _per_image_dims(value_info: onnx.ValueInfoProto) -> str:
+    dims = _dims(value_info)
+    return "?" if dims is None else _show(dims)
+
+
+def classifier_output(model: onnx.ModelProto, output_name: str | None = None) -> tuple[str, str]:
+    """(name, kind) of the output holding one score per class: the one graph output that is float and, as
+    far as its declared shape tells, [N, classes] (trailing 1-sized axes allowed, as in [N, K, 1, 1]), or
+    the one `output_name` names. An integer output (an ArgMax label) is never it. kind is "probabilities"
+    when a Softmax writes it, else "logits" until the values say otherwise (sanity.check_original).
+
+    Raises SanitizeError USAGE when `output_name` is unknown or not float, or several outputs qualify;
+    BadModel when none does."""
+    outputs = list(model.graph.output)
+    listing = ", ".join(f"{o.name} ({_type_name(o.type.tensor_type.elem_type)} {_per_image_dims(o)})"
+                        for o in outputs)
+    floats = [o for o in outputs if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in _FLOAT_TYPES]
+    if output_name is not None:
+        chosen = [o for o in outputs if o.name == output_name]
+        if not chosen:
+            raise _usage(f"model has no output named {output_name!r}; its outputs are: {listing}")
+        if chosen[0] not in floats:
+            raise _usage(f"output {output_name} is not a float tensor of class scores; the outputs are: {listing}")
+        out = chosen[0]
+    else:
+        scores = [o for o in floats if (d := _dims(o)) is None or len(d) >= 2 and all(
+            _static(x) in (None, 1) for x in d[2:])]
+        if not scores:
+            raise BadModel(f"model has no float [N, classes] output; its outputs are: {listing}")
+        if len(scores) > 1:
+            raise _usage(f"model has several float outputs that could be class scores: {listing}; name the one "
+                         "to read with --output-name")
+        out = scores[0]
+    producer = next((n for n in model.graph.node if out.name in n.output), None)
+    return out.name, "probabilities" if producer is not None and producer.op_type == "Softmax" else "logits"
+
+
+def _type_name(elem: int) -> str:
+    values = onnx.TensorProto.DataType.values()
+    return onnx.TensorProto.DataType.Name(elem).lower() if elem in values else str(elem)
 
 
 def resolve_preprocess(spec: InputSpec, *, scale: float = 1 / 255, mean: list[float] | None = None,
@@ -150,6 +213,20 @@ def _per_channel(what: str, values: list[float], channels: int) -> tuple[float, 
     if not all(math.isfinite(v) for v in out):
         raise _usage(f"{what} must be finite numbers, got {list(out)}")
     return out
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """Parse --input-size "HxW" (or "H,W") into (H, W)."""
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise _usage(f"--input-size must be HxW (e.g. 224x224), got {text!r}") from None
+    if not (0 < h <= 16384 and 0 < w <= 16384):
+        raise _usage(f"--input-size must be between 1x1 and 16384x16384, got {text!r}")
+    return h, w
 
 
 def parse_floats(text: str | None) -> list[float] | None:

@@ -61,6 +61,10 @@ def augment(model: onnx.ModelProto, tensors: dict[str, UnitAxis]) -> tuple[onnx.
     names = []
     for k, (tensor, where) in enumerate(tensors.items()):
         axes = UnitAxis(*where).reduced
+        # statistics in float32 whatever the model's precision (a float16 sum of squares overflows at 65504);
+        # onnxruntime drops the Cast where the tensor already is float32
+        aug.graph.node.append(helper.make_node("Cast", [tensor], [f"_stat{k}_f32"], to=onnx.TensorProto.FLOAT))
+        tensor = f"_stat{k}_f32"
         if not axes:  # dense units: the value itself is every norm of a 1-element map
             abs_name = f"_stat{k}_abs"
             aug.graph.node.append(helper.make_node("Abs", [tensor], [abs_name]))
@@ -145,14 +149,14 @@ def fixed(batches, size: int | None):
 
 
 def collect(model: onnx.ModelProto, tensors: dict[str, UnitAxis], batches, input_name: str, *, progress=None,
-            fixed_batch: int | None = None, keep_per_image: bool = False) -> Collected:
-    """One streaming pass over batches of model inputs: per-unit aggregates of `tensors` (name -> UnitAxis, see
-    graph.stat_tensors). Memory is one batch
-    plus [C] accumulators whatever the number of images; `keep_per_image` also keeps every image's [C]
-    reductions and the logits (tests and analysis on small sets)."""
+            fixed_batch: int | None = None, keep_per_image: bool = False, output: str | None = None) -> Collected:
+    """One streaming pass over batches of float32 model inputs: per-unit aggregates of `tensors` (name ->
+    UnitAxis, see graph.stat_tensors). Memory is one batch plus [C] accumulators whatever the number of
+    images; `keep_per_image` also keeps every image's [C] reductions and the classifier output `output`
+    (InputSpec.output; the first graph output when None) — tests and analysis on small sets."""
     aug, names = augment(model, tensors)
     sess, provider = make_session(aug)
-    logit_name = sess.get_outputs()[0].name
+    logit_name = output or sess.get_outputs()[0].name
     out_names = [logit_name] + list(dict.fromkeys(names))
     per_tensor = {t: names[k * len(REDUCTIONS):(k + 1) * len(REDUCTIONS)] for k, t in enumerate(tensors)}
     stats: dict[str, TensorStats] = {}
@@ -184,11 +188,12 @@ def collect(model: onnx.ModelProto, tensors: dict[str, UnitAxis], batches, input
     return Collected(stats, logits, provider, seconds)
 
 
-def plain_pass(model: onnx.ModelProto, batches, input_name: str, fixed_batch: int | None = None
-               ) -> tuple[np.ndarray, float]:
-    """The same images through the unmodified model: logits and seconds, the yardstick for the stats pass."""
+def plain_pass(model: onnx.ModelProto, batches, input_name: str, fixed_batch: int | None = None,
+               output: str | None = None) -> tuple[np.ndarray, float]:
+    """The same images through the unmodified model: the classifier output `output` (the first graph output
+    when None) and seconds, the yardstick for the stats pass."""
     sess, _ = make_session(model)
-    out = sess.get_outputs()[0].name
+    out = output or sess.get_outputs()[0].name
     start = time.perf_counter()
     logits = [run(sess, [out], {input_name: x})[0][:real] for x, real in fixed(batches, fixed_batch)]
     return np.concatenate(logits), time.perf_counter() - start

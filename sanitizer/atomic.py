@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import BadOutput
-from .model_io import is_data_name
+from .model_io import follow_umask, is_data_name
 
 
 def check_writable(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
@@ -48,6 +48,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        follow_umask(tmp_path)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)

@@ -59,9 +59,9 @@ def stats_overhead(opts: Options, sites: list[str], repeats: int = 3) -> dict:
     plain, stats = [], []
     for _ in range(repeats):
         plain.append(plain_pass(prep.model, model_inputs(prep.calib, prep.pre, opts.batch_size, fit), prep.spec.name,
-                                prep.spec.batch)[1])
+                                prep.spec.batch, prep.spec.output)[1])
         stats.append(collect(prep.model, tensors, model_inputs(prep.calib, prep.pre, opts.batch_size, fit),
-                             prep.spec.name, fixed_batch=prep.spec.batch).seconds)
+                             prep.spec.name, fixed_batch=prep.spec.batch, output=prep.spec.output).seconds)
     return {"plain_seconds": round(min(plain), 3), "stats_seconds": round(min(stats), 3),
             "ratio": round(min(stats) / min(plain), 3)}
 

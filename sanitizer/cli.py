@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from calib.preprocess import parse_floats
+from calib.preprocess import parse_floats, parse_size
 
 from .errors import ExitCode, SanitizeError
 
@@ -30,6 +30,8 @@ Mean = Annotated[Optional[str], typer.Option(help="one value or one per channel,
 Std = Annotated[Optional[str], typer.Option(help="one value or one per channel, comma-separated")]
 Layout = Annotated[Optional[str], typer.Option(help="nchw | nhwc (default: from the model's input shape)")]
 InputName = Annotated[Optional[str], typer.Option("--input-name", help="image input, when the model has several")]
+OutputName = Annotated[Optional[str], typer.Option("--output-name", help="classifier output, when the model has several float [N, classes] outputs")]
+InputSize = Annotated[Optional[str], typer.Option("--input-size", help="HxW to feed a model whose height and width are dynamic")]
 Force = Annotated[bool, typer.Option("--force", help="overwrite existing outputs")]
 
 
@@ -58,6 +60,8 @@ def run_cmd(
     max_acc_drop: Annotated[float, typer.Option("--max-acc-drop", help="accuracy/agreement budget")] = 0.02,
     holdout: Annotated[float, typer.Option(help="share of --calib held out for the stop rule")] = 0.5,
     scale: Scale = 1 / 255, mean: Mean = None, std: Std = None, layout: Layout = None, input_name: InputName = None,
+    output_name: OutputName = None, input_size: InputSize = None,
+    no_sanity_check: Annotated[bool, typer.Option("--no-sanity-check", help="prune even when the original model fails on the calibration images (exit 5 otherwise)")] = False,
     eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="labeled clean images for accuracy")] = None,
     eval_triggered: Annotated[Optional[Path], typer.Option("--eval-triggered", help="triggered images for ASR")] = None,
     target: Annotated[Optional[int], typer.Option(help="attacker's target class, for ASR")] = None,
@@ -74,7 +78,8 @@ def run_cmd(
 
     opts = Options(model=model, calib=calib, out=out, criterion=criterion, layers=layers, ratio=ratio,
                    max_acc_drop=max_acc_drop, holdout=holdout, scale=scale, mean=parse_floats(mean),
-                   std=parse_floats(std), layout=layout, input_name=input_name, eval_data=eval_data,
+                   std=parse_floats(std), layout=layout, input_name=input_name, output_name=output_name,
+                   input_size=parse_size(input_size), sanity_check=not no_sanity_check, eval_data=eval_data,
                    eval_triggered=eval_triggered, target=target, report=report, force=force,
                    allow_degraded=allow_degraded, seed=seed, detect=detect, suspect=suspect, plots=plots,
                    report_html=report_html, command=(ctx.obj or {}).get("command"))
@@ -130,6 +135,7 @@ def evaluate_cmd(
     triggered: Annotated[Optional[Path], typer.Option("--triggered", help="triggered images")] = None,
     target: Annotated[Optional[int], typer.Option()] = None,
     scale: Scale = 1 / 255, mean: Mean = None, std: Std = None, layout: Layout = None, input_name: InputName = None,
+    output_name: OutputName = None, input_size: InputSize = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ):
     from calib.preprocess import input_spec, resolve_preprocess
@@ -140,7 +146,7 @@ def evaluate_cmd(
     if data is None and triggered is None:
         raise SanitizeError("give --data and/or --triggered", ExitCode.USAGE)
     loaded = load_model(model)
-    spec = input_spec(loaded.model, input_name, layout)
+    spec = input_spec(loaded.model, input_name, layout, output_name=output_name, size=parse_size(input_size))
     pre = resolve_preprocess(spec, scale=scale, mean=parse_floats(mean), std=parse_floats(std), layout=layout)
     result = evaluate(loaded.model, spec, pre, data=data, triggered=triggered, target=target)
     if as_json:
@@ -152,6 +158,7 @@ def evaluate_cmd(
 
 @app.command("layers", help="List MODEL's prunable layers, their units and how each is zeroed (or why it is blocked).")
 def layers_cmd(model: Annotated[Path, typer.Argument()], input_name: InputName = None, layout: Layout = None,
+               output_name: OutputName = None, input_size: InputSize = None,
                as_json: Annotated[bool, typer.Option("--json", help="print a JSON list instead of lines")] = False):
     import numpy as np
 
@@ -162,7 +169,7 @@ def layers_cmd(model: Annotated[Path, typer.Argument()], input_name: InputName =
     from .model_io import load_model
 
     loaded = load_model(model)
-    spec = input_spec(loaded.model, input_name, layout)
+    spec = input_spec(loaded.model, input_name, layout, output_name=output_name, size=parse_size(input_size))
     shape = [spec.batch or 1] + ([spec.channels, spec.height, spec.width] if spec.layout == "nchw"
                                  else [spec.height, spec.width, spec.channels])
     shapes, ints = probe_shapes(loaded.model, {spec.name: np.zeros(shape, np.float32)})
@@ -255,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["sanitize", *argv])   # as typed, for the HTML report
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    if debug:
+        from calib import session
+
+        session.LOG_SEVERITY = 2   # onnxruntime's warnings too
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv = ["run"] + argv   # `sanitize MODEL ...` is the main job
     try:

@@ -53,21 +53,23 @@ def compare(
     std: Annotated[Optional[str], typer.Option("--std", help="Per-channel std after scaling, e.g. 0.229,0.224,0.225.")] = None,
     layout: Annotated[Optional[str], typer.Option("--layout", help="nchw or nhwc when the input shape does not tell.")] = None,
     input_name: Annotated[Optional[str], typer.Option("--input-name", help="Image input of a multi-input model.")] = None,
+    output_name: Annotated[Optional[str], typer.Option("--output-name", help="Classifier output, when the first model has several float [N, classes] outputs.")] = None,
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="HxW to feed models whose height and width are dynamic.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per inference call.")] = 64,
     save_inputs: Annotated[Optional[Path], typer.Option("--save-inputs", help="Save the fed clean inputs as polygraphy JSON (for --load-inputs).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --save-inputs file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Compare models on the same images: top-1 agreement and output differences per pair."""
-    from calib.preprocess import parse_floats
+    from calib.preprocess import parse_floats, parse_size
 
     from .compare import compare_models
 
     if save_inputs is not None:
         check_writable(save_inputs, force=force, inputs=tuple(models))
     report = compare_models(models, data, triggered=triggered, scale=scale, mean=parse_floats(mean),
-                            std=parse_floats(std), layout=layout, input_name=input_name,
-                            min_agreement=min_agreement, batch_size=batch_size, save_inputs=save_inputs)
+                            std=parse_floats(std), layout=layout, input_name=input_name, output_name=output_name,
+                            input_size=parse_size(input_size), min_agreement=min_agreement, batch_size=batch_size, save_inputs=save_inputs)
     if as_json:
         typer.echo(json.dumps(report))
     else:

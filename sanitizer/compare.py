@@ -15,6 +15,7 @@ import numpy as np
 
 from calib.data import open_dataset
 from calib.preprocess import input_spec, resolve_preprocess
+from calib.session import make_session
 
 from .atomic import write_text
 from .errors import BadModel, ExitCode, SanitizeError
@@ -58,14 +59,14 @@ def _load_runner(path: Path, name: str):
                            f"TensorRT version and GPU that built them: rebuild it with sanitize build") from None
         return TrtRunner(loaded, name=name)
 
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    load_model(path)  # refuses hostile or invalid files before onnxruntime parses them
+    # load_model refuses hostile or invalid files before onnxruntime parses them; make_session keeps
+    # onnxruntime's warnings (initializers that are also graph inputs...) off stderr unless --debug
     try:
-        with G_LOGGER.verbosity():
-            session = SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])()
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise BadModel(f"onnxruntime cannot run {path}: {_first_line(e)}") from None
+        session, _ = make_session(load_model(path).model, providers=["CPUExecutionProvider"])
+    except BadModel as e:
+        raise BadModel(f"{path}: {e}") from None
     return OnnxrtRunner(session, name=name)
 
 
@@ -141,10 +142,12 @@ class _PairStats:
         }
 
 
-def _common_outputs(outputs: list[dict[str, np.ndarray]], models: list[Path]) -> list[str]:
-    names = [n for n in outputs[0] if all(n in o for o in outputs[1:])]
+def _common_outputs(outputs: list[dict[str, np.ndarray]], models: list[Path], output: str) -> list[str]:
+    """[output], the classifier output of the first ONNX model, once every model is seen to have it."""
+    names = [output] if all(output in o for o in outputs) else []
     if not names:
-        raise BadModel(f"the models share no output name ({', '.join(map(str, models))}); compare needs matching outputs")
+        raise BadModel(f"not every model has the output {output} ({', '.join(map(str, models))}); compare needs "
+                       "matching outputs")
     for name in names:
         shapes = {o[name].shape[1:] for o in outputs}
         if len(shapes) > 1:
@@ -169,7 +172,7 @@ def _compare_set(runners, models, data: Path, spec, preprocess, batch_size: int,
         if spec.batch is not None:
             keep = np.concatenate([np.arange(n) + k * spec.batch for k, n in enumerate(counts)])
             outputs = [{name: arr[keep] for name, arr in out.items()} for out in outputs]
-        names = names or _common_outputs(outputs, models)
+        names = names or _common_outputs(outputs, models, spec.output)
         for i, j in combinations(range(len(runners)), 2):
             for name in names:
                 stats.setdefault((i, j, name), _PairStats()).add(outputs[i][name], outputs[j][name])
@@ -181,12 +184,16 @@ def _compare_set(runners, models, data: Path, spec, preprocess, batch_size: int,
 
 def compare_models(models: list[Path], data: Path, *, triggered: Path | None = None, scale: float = 1 / 255,
                    mean: list[float] | None = None, std: list[float] | None = None, layout: str | None = None,
-                   input_name: str | None = None, min_agreement: float = 0.99, batch_size: int = 64,
+                   input_name: str | None = None, output_name: str | None = None,
+                   input_size: tuple[int, int] | None = None, min_agreement: float = 0.99, batch_size: int = 64,
                    save_inputs: Path | None = None) -> dict:
-    """Pairwise top-1 agreement and absolute output differences on `data` (and `triggered`).
+    """Pairwise top-1 agreement and absolute output differences on `data` (and `triggered`), on the
+    classifier output (InputSpec.output of the first ONNX model; --output-name when it has several).
 
     `passed` is False when any pair agrees on less than `min_agreement` of the clean images; the
-    triggered set is informational only, since a sanitized model should disagree there."""
+    triggered set is informational only, since a sanitized model should disagree there. "polygraphy" holds
+    the equivalent polygraphy lines; without `save_inputs` they start with the `sanitize compare` line that
+    writes the inputs.json they load."""
     models = [Path(m) for m in models]
     if len(models) < 2:
         raise SanitizeError("compare needs at least two models", ExitCode.USAGE)
@@ -198,7 +205,11 @@ def compare_models(models: list[Path], data: Path, *, triggered: Path | None = N
     if not onnx_models:
         raise SanitizeError("compare needs at least one .onnx model to read the input shape from", ExitCode.USAGE)
 
-    spec = input_spec(load_model(onnx_models[0]).model, input_name=input_name, layout=layout)
+    spec = input_spec(load_model(onnx_models[0]).model, input_name=input_name, layout=layout,
+                      output_name=output_name, size=input_size)
+    if spec.dtype == "bfloat16":
+        raise SanitizeError(f"input {spec.name} is bfloat16, which polygraphy's runners cannot be fed from numpy; "
+                            "compare the models with `sanitize evaluate` instead", ExitCode.BAD_MODEL)
     preprocess = resolve_preprocess(spec, scale=scale, mean=mean, std=std, layout=layout)
     runners = _load_runners(models)
     if spec.batch is not None:
@@ -220,8 +231,27 @@ def compare_models(models: list[Path], data: Path, *, triggered: Path | None = N
         "clean": clean,
         "triggered": trig,
         "passed": clean["min_agreement"] >= min_agreement,
-        "polygraphy": polygraphy_command(models, inputs=save_inputs or Path("inputs.json")),
+        "output": spec.output,
+        "polygraphy": polygraphy_command(models, inputs=save_inputs) if save_inputs else
+        "\n".join([_saving_command(models, data, scale=scale, mean=mean, std=std, layout=layout, input_name=input_name,
+                                   output_name=output_name, input_size=input_size, batch_size=batch_size),
+                    polygraphy_command(models)]),
     }
+
+
+def _saving_command(models: list[Path], data: Path, *, scale, mean, std, layout, input_name, output_name,
+                    input_size, batch_size: int, inputs: Path = Path("inputs.json")) -> str:
+    """The `sanitize compare` line that writes `inputs` (the polygraphy lines' --load-inputs) for this run."""
+    args = ["sanitize", "compare", *map(str, models), "--data", str(data), "--scale", repr(scale)]
+    for flag, value in (("--mean", mean), ("--std", std)):
+        if value is not None:
+            args += [flag, ",".join(repr(v) for v in value)]
+    for flag, value in (("--layout", layout), ("--input-name", input_name), ("--output-name", output_name)):
+        if value is not None:
+            args += [flag, value]
+    if input_size is not None:
+        args += ["--input-size", f"{input_size[0]}x{input_size[1]}"]
+    return shlex.join(args + ["--batch-size", str(batch_size), "--save-inputs", str(inputs)])
 
 
 def polygraphy_command(models: Iterable[Path], *, inputs: Path = Path("inputs.json"), atol: float = 1e-3,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from calib.preprocess import InputSpec
 from calib.session import make_session, run
 
 # One-sided 90 % Wilson bound: with a few hundred held-out images a 95 % bound forbids any single flip,
@@ -26,13 +27,17 @@ def wilson(k: int, n: int, z: float = Z) -> tuple[float, float]:
 
 
 class Predictor:
-    """One onnxruntime session over preprocessed batches; returns logits."""
+    """One onnxruntime session over preprocessed float32 batches [N, ...] (cast to the input's dtype by
+    calib.session.run); `logits` returns the spec's classifier output as [N, classes] float32 (float64 for a
+    float64 output) — logits or probabilities as spec.output_kind says (argmax is the same either way).
+    A fixed-batch model gets full batches (the last one padded). Raises BadModel when onnxruntime cannot
+    load or run the model."""
 
-    def __init__(self, model: onnx.ModelProto | bytes, input_name: str, fixed_batch: int | None = None):
+    def __init__(self, model: onnx.ModelProto | bytes, spec: InputSpec):
         self.session, self.provider = make_session(model)
-        self.input_name = input_name
-        self.output = self.session.get_outputs()[0].name
-        self.fixed_batch = fixed_batch
+        self.input_name = spec.name
+        self.output = spec.output
+        self.fixed_batch = spec.batch
 
     def logits(self, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
         step = self.fixed_batch or batch_size

@@ -176,6 +176,14 @@ def _referenced_data(out: Path) -> set[Path]:
     return found
 
 
+def follow_umask(path: Path) -> None:
+    """Give a file we wrote the mode a plain open() would: temp files (mkstemp) and onnx's external data are
+    created 0600, which would leave the model 0644 and its .data or the report unreadable to the same readers."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -210,6 +218,7 @@ def save_model(model: onnx.ModelProto, out: Path, *, external: bool) -> list[Pat
                             if entry.key == "location":
                                 entry.value = final.name
                     onnx.save_model(model, str(tmp_model))
+                    follow_umask(staged)
                     _fsync(staged)
                     # a rename within one folder: never a copy that a crash could leave half done; an existing
                     # file of that name has the same content, so replacing it changes nothing for its readers
@@ -218,6 +227,7 @@ def save_model(model: onnx.ModelProto, out: Path, *, external: bool) -> list[Pat
                     written.append(final)
             else:
                 onnx.save_model(model, str(tmp_model))
+            follow_umask(tmp_model)
             _fsync(tmp_model)
             os.replace(tmp_model, out)
             _fsync(out.parent)

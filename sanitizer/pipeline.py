@@ -7,7 +7,7 @@ import importlib.util
 import json
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +25,7 @@ from .evaluate import Predictor, accuracy, agreement, attack_success, probabilit
 from .graph import Site, blocked_reasons, find_sites, last_stage, stat_tensors
 from .model_io import LoadedModel, check, load_model, save_model, sha256_file
 from .plan import Plan, largest_ok, rank, safe_limit
+from .sanity import check_original
 from .scores import CRITERIA, normalised
 
 PROBE = "probe"
@@ -48,6 +49,9 @@ class Options:
     std: list[float] | None = None
     layout: str | None = None
     input_name: str | None = None
+    output_name: str | None = None      # the classifier output, when the model has several float [N, K] ones
+    input_size: tuple[int, int] | None = None   # (H, W) for a model with dynamic height and width
+    sanity_check: bool = True           # refuse when the original fails on the calibration images (sanity.py)
     eval_data: Path | None = None
     eval_triggered: Path | None = None
     target: int | None = None
@@ -96,7 +100,7 @@ def open_data(path: Path, spec: InputSpec) -> Dataset:
 def prepare(opts: Options) -> Prepared:
     start = time.perf_counter()
     loaded = load_model(opts.model)
-    spec = input_spec(loaded.model, opts.input_name, opts.layout)
+    spec = input_spec(loaded.model, opts.input_name, opts.layout, output_name=opts.output_name, size=opts.input_size)
     pre = resolve_preprocess(spec, scale=opts.scale, mean=opts.mean, std=opts.std, layout=opts.layout)
     calib = open_data(opts.calib, spec)
     one = pre.apply(calib.read(0, 1))
@@ -151,7 +155,7 @@ def predict(predictor: Predictor, data: Dataset, pre: Preprocess, batch_size: in
 def evaluate(model: onnx.ModelProto, prep_spec: InputSpec, pre: Preprocess, *, data: Path | None,
              triggered: Path | None, target: int | None, batch_size: int = 64) -> dict:
     """Clean accuracy (needs labels) and ASR (share of triggered images predicted as `target`)."""
-    predictor = Predictor(model, prep_spec.name, prep_spec.batch)
+    predictor = Predictor(model, prep_spec)
     result = {"clean_acc": None, "asr": None, "n_clean": None, "n_triggered": None}
     if data is not None:
         ds = open_data(data, prep_spec)
@@ -179,7 +183,7 @@ class HeldOut:
         self.labels = prep.calib.subset(self.indices).labels if use_labels else None
         self.spec = prep.spec
         self.batch_size = batch_size
-        predictor = Predictor(prep.model, self.spec.name, self.spec.batch)
+        predictor = Predictor(prep.model, self.spec)
         self.provider = predictor.provider
         # the original's probabilities weigh each changed prediction by how sure it was of the old class
         out = [predictor.logits(x, batch_size) for x in self.batches()]
@@ -199,7 +203,7 @@ class HeldOut:
         return predict(predictor, self.data, self.pre, self.batch_size, self.indices)
 
     def predict(self, model: onnx.ModelProto) -> np.ndarray:
-        return self._predict(Predictor(model, self.spec.name, self.spec.batch))
+        return self._predict(Predictor(model, self.spec))
 
     def agreement(self, model: onnx.ModelProto):
         return self.agreement_of(self.predict(model))
@@ -247,7 +251,8 @@ def rank_units(prep: Prepared, sites: list[Site], criterion: str, fit: np.ndarra
         done[0] += n
         progress("statistics", done[0], len(fit))
 
-    collected = collect(prep.model, tensors, batches, prep.spec.name, progress=tick, fixed_batch=prep.spec.batch)
+    collected = collect(prep.model, tensors, batches, prep.spec.name, progress=tick, fixed_batch=prep.spec.batch,
+                        output=prep.spec.output)
     scores = {s.name: CRITERIA[criterion](collected.stats[s.tensor]) for s in sites}
     if len(scores) > 1:
         scores = normalised(scores)
@@ -303,8 +308,7 @@ def render_plots(opts: Options, prep: Prepared, plan: Plan, report: dict, figure
     if opts.eval_triggered is not None and opts.target is not None:
         triggered = open_data(opts.eval_triggered, prep.spec)
         counts = sorted({t["units"] for t in plan.trace if "agreement" in t})
-        asr_curve = {k: attack_success(predict(Predictor(rewrite.apply(prep.model, prep.sites, plan.pruned(k)),
-                                                         prep.spec.name, prep.spec.batch),
+        asr_curve = {k: attack_success(predict(Predictor(rewrite.apply(prep.model, prep.sites, plan.pruned(k)), prep.spec),
                                                triggered, prep.pre, opts.batch_size), opts.target)
                      for k in counts}
     return plots.render(report, figures, asr_curve)
@@ -317,7 +321,7 @@ def read_suspects(prep: Prepared, opts: Options) -> tuple[np.ndarray, int]:
         raise BadData(f"--suspect: {data.n} images; need at least {2 * MIN_SUSPECTS} (half rank the units, "
                       "half count them)")
     raw = data.read(0, data.n)
-    pred = Predictor(prep.model, prep.spec.name, prep.spec.batch).logits(prep.pre.apply(raw), opts.batch_size).argmax(1)
+    pred = Predictor(prep.model, prep.spec).logits(prep.pre.apply(raw), opts.batch_size).argmax(1)
     target = int(np.bincount(pred).argmax())
     return raw, target
 
@@ -374,9 +378,13 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
                             "itself (pass --criterion linf to force a ratio)", ExitCode.USAGE)
     # the probes look for the backdoor's units wherever they are; clean statistics only trust the last stage
     sites = scope(prep, "all" if probing and opts.layers is None else opts.layers)
-    held = HeldOut(prep, hold, opts.batch_size, opts.use_labels)
     if opts.suspect is not None and not probing:
         raise SanitizeError("--suspect works with the probe criterion", ExitCode.USAGE)
+    # the flags are checked; before any decision rests on the original's predictions, are they sound?
+    sanity = check_original(prep.model, prep.spec, prep.pre, prep.calib, batch_size=opts.batch_size,
+                            labels=prep.calib.labels if opts.use_labels else None, enforce=opts.sanity_check)
+    prep.spec = replace(prep.spec, output_kind=sanity["output"]["kind"])
+    held = HeldOut(prep, hold, opts.batch_size, opts.use_labels)
     suspects, detection = None, None
     if opts.suspect is not None:
         suspects, target = read_suspects(prep, opts)
@@ -408,7 +416,10 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     report = {
         "tool": "sanitize 0.1.0",
         "input": {"model": str(opts.model), "sha256": prep.loaded.sha256, "external_data": prep.loaded.external},
-        "preprocess": {**prep.pre.to_dict(), "input_name": prep.spec.name},
+        "preprocess": {**prep.pre.to_dict(), "input_name": prep.spec.name,
+                       "input_size": [prep.spec.height, prep.spec.width]},
+        "model_output": sanity.pop("output"),
+        "sanity": sanity,
         "criterion": opts.criterion,
         "scope": [s.name for s in sites],
         "calibration": {"source": str(opts.calib), "images": prep.calib.n, "fit": len(fit), "held_out": len(hold),

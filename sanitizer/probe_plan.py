@@ -47,7 +47,7 @@ def flips(model: onnx.ModelProto, spec, clean_x: np.ndarray, probed_x: list[np.n
     """The model's predictions on the clean held-out images (for the agreement, one session for both) and
     per probe the share of them it does not already call `target` that the probe sends there. Unpaired
     probed images (a user's suspicious samples) count as the share of them called `target`."""
-    pred = Predictor(model, spec.name, spec.batch)
+    pred = Predictor(model, spec)
     base = pred.logits(clean_x, batch_size).argmax(1)
     if not paired:
         return base, [float((pred.logits(x, batch_size).argmax(1) == target).mean()) for x in probed_x]
@@ -61,7 +61,8 @@ def raw_stats(model: onnx.ModelProto, tensors: dict, spec, pre, raw: np.ndarray,
               keep_per_image: bool = False):
     """Statistics of `tensors` over raw images held in memory (probed copies, suspicious samples)."""
     batches = (pre.apply(raw[i:i + batch_size]) for i in range(0, len(raw), batch_size))
-    return collect(model, tensors, batches, spec.name, fixed_batch=spec.batch, keep_per_image=keep_per_image).stats
+    return collect(model, tensors, batches, spec.name, fixed_batch=spec.batch, keep_per_image=keep_per_image,
+                   output=spec.output).stats
 
 
 def ell_inf_gaps(model: onnx.ModelProto, sites: list[Site], spec, pre, clean: dict,

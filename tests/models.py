@@ -261,3 +261,58 @@ BUILDERS = {
     "plain": plain, "with_bn": with_bn, "mobilenet": mobilenet, "resnet": resnet, "tf2onnx": tf2onnx,
     "flat_head": flat_head, "dense": dense, "dynamo": dynamo,
 }
+
+
+def brightest_channel(dtype: int = TensorProto.FLOAT, head: str | None = None, label_first: bool = False,
+                      hw: tuple = (8, 8), batch="N") -> onnx.ModelProto:
+    """A classifier that works, for tests that need a sane original (the sanity gate refuses random ones):
+    class c = the brightest of the 3 input channels. ReduceMean over H, W → dense fc1 (3→6: the channel means
+    and their negatives) → Relu → dense fc2 (6→3, reads the first three). `dtype`: the input's and every
+    tensor's element type; bfloat16 (few CPU kernels) is Cast to float32 first. `head`: "softmax" adds a
+    Softmax, "normalise" the same as Exp / ReduceSum (probabilities no Softmax op announces). `label_first`
+    puts an int64 ArgMax label before the scores among the graph outputs. `hw` may hold dim names."""
+    np_type = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64,
+               TensorProto.BFLOAT16: np.float32}[dtype]
+    inner = TensorProto.FLOAT if dtype == TensorProto.BFLOAT16 else dtype
+    eye = np.eye(3)
+    inits = [numpy_helper.from_array(np.concatenate([eye, -eye]).astype(np_type), "fc1.weight"),
+             numpy_helper.from_array(np.zeros(6, np_type), "fc1.bias"),
+             numpy_helper.from_array(np.concatenate([eye, 0 * eye], 1).astype(np_type), "fc2.weight"),
+             numpy_helper.from_array(np.zeros(3, np_type), "fc2.bias")]
+    nodes = []
+    x = "input"
+    if dtype == TensorProto.BFLOAT16:
+        nodes.append(helper.make_node("Cast", [x], ["input_f32"], to=TensorProto.FLOAT))
+        x = "input_f32"
+    nodes += [helper.make_node("ReduceMean", [x], ["means"], axes=[2, 3], keepdims=0),
+              helper.make_node("Gemm", ["means", "fc1.weight", "fc1.bias"], ["fc1_out"], name="fc1", transB=1),
+              helper.make_node("Relu", ["fc1_out"], ["relu1_out"], name="relu1"),
+              helper.make_node("Gemm", ["relu1_out", "fc2.weight", "fc2.bias"], ["scores"], name="fc2", transB=1)]
+    if head == "softmax":
+        nodes.append(helper.make_node("Softmax", ["scores"], ["probs"], axis=1))
+    elif head == "normalise":
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), "sum_axes"))
+        nodes += [helper.make_node("Exp", ["scores"], ["exp"]),
+                  helper.make_node("ReduceSum", ["exp", "sum_axes"], ["total"], keepdims=1),
+                  helper.make_node("Div", ["exp", "total"], ["probs"])]
+    out = "scores" if head is None else "probs"
+    outputs = [helper.make_tensor_value_info(out, inner, [batch, 3])]
+    if label_first:
+        nodes.append(helper.make_node("ArgMax", [out], ["label"], axis=1, keepdims=0))
+        outputs.insert(0, helper.make_tensor_value_info("label", TensorProto.INT64, [batch]))
+    graph = helper.make_graph(nodes, "brightest_channel",
+                              [helper.make_tensor_value_info("input", dtype, [batch, 3, *hw])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="tests.models")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def channel_images(n: int, h: int = 8, w: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 NHWC images whose class (the label) is their brightest channel: that channel 150..255, the
+    others 0..100; classes in turn, so every class holds a third of the images."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    x = rng.integers(0, 101, size=(n, h, w, 3))
+    x[np.arange(n), :, :, y] = rng.integers(150, 256, size=(n, h, w))
+    return x.astype(np.uint8), y.astype(np.int64)

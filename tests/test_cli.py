@@ -14,6 +14,7 @@ from conftest import files_in
 from sanitizer.errors import ExitCode
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+UNCHECKED = "--no-sanity-check"   # random models on noise images: nothing for the sanity gate to pass (test_sanity.py)
 
 
 def assert_one_line_error(result, code: int):
@@ -62,13 +63,13 @@ ERRORS = {
     "unknown_criterion": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
                                                              "--criterion", "entropy"]),
     "ratio_above_one": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
-                                                           "--criterion", "linf", "--ratio", "1.5"]),
+                                                           "--criterion", "linf", "--ratio", "1.5", UNCHECKED]),
     # label-free, this random model's pruned twin disagrees everywhere: estimated drop 0.04 (its own
     # probabilities are near uniform, so each changed prediction is a small expected loss)
     "budget_broken": (ExitCode.DEGRADED, lambda t, wm, wn: [wm(lambda: M.plain(seed=4)), "--calib", wn(labels=False),
                                                             "--out", t / "clean.onnx", "--layers", "all",
                                                             "--report", t / "r.json", "--ratio", "0.9", "--criterion", "linf",
-                                                            "--max-acc-drop", "0.01"]),
+                                                            "--max-acc-drop", "0.01", UNCHECKED]),
 }
 
 
@@ -85,7 +86,8 @@ def test_failures_exit_with_their_code_one_line_and_write_nothing(name, cli, wri
 def test_force_overwrites_an_existing_output(cli, write_model, write_npz, tmp_path):
     out = tmp_path / "clean.onnx"
     out.write_bytes(b"an older result")
-    result = cli(write_model(), "--calib", write_npz(), "--out", out, "--criterion", "linf", "--ratio", "0.25", "--allow-degraded", "--force")
+    result = cli(write_model(), "--calib", write_npz(), "--out", out, "--criterion", "linf", "--ratio", "0.25", "--allow-degraded", "--force",
+                 UNCHECKED)
     assert result.code == 0, result.err
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
 
@@ -93,7 +95,7 @@ def test_force_overwrites_an_existing_output(cli, write_model, write_npz, tmp_pa
 def test_allow_degraded_writes_and_says_so(cli, write_model, write_npz, tmp_path):
     out, report = tmp_path / "clean.onnx", tmp_path / "r.json"
     result = cli(write_model(lambda: M.plain(seed=4)), "--calib", write_npz(labels=False), "--out", out, "--report", report,
-                 "--criterion", "linf", "--layers", "all", "--ratio", "0.9", "--max-acc-drop", "0.01", "--allow-degraded")
+                 "--criterion", "linf", "--layers", "all", "--ratio", "0.9", "--max-acc-drop", "0.01", "--allow-degraded", UNCHECKED)
     assert result.code == 0, result.err
     assert out.is_file() and json.loads(report.read_text())["degraded"] is True
 
@@ -101,7 +103,8 @@ def test_allow_degraded_writes_and_says_so(cli, write_model, write_npz, tmp_path
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the missing-TensorRT path cannot happen here")
 def test_engine_out_without_tensorrt_leaves_the_onnx_and_exits_3(cli, write_model, write_npz, tmp_path):
     engine = tmp_path / "x.engine"
-    result = cli(write_model(), "--calib", write_npz(), "--out", engine, "--criterion", "linf", "--ratio", "0.25", "--allow-degraded")
+    result = cli(write_model(), "--calib", write_npz(), "--out", engine, "--criterion", "linf", "--ratio", "0.25", "--allow-degraded",
+                 UNCHECKED)
     assert_one_line_error(result, ExitCode.NO_ENGINE)
     assert "TensorRT" in result.err_lines[0]
     assert not engine.exists()
@@ -159,7 +162,7 @@ def test_budget_that_nothing_fits_prunes_nothing(cli, write_model, write_npz, tm
     model_path, calib = write_model(lambda: M.plain(seed=4)), write_npz(labels=False)
     report = tmp_path / "r.json"
     result = cli(model_path, "--calib", calib, "--out", tmp_path / "clean.onnx", "--max-acc-drop", "0",
-                 "--report", report, "--criterion", "linf")
+                 "--report", report, "--criterion", "linf", UNCHECKED)
     assert result.code == 0, result.err
     data = json.loads(report.read_text())
     assert data["held_out_after"]["drop_estimate"] <= 0 and data["degraded"] is False

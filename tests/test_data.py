@@ -59,6 +59,38 @@ def test_jpeg_ppm_pgm_are_read(tmp_path):
     assert open_(tmp_path, channels=3).read(0, 3).shape == (3, 6, 5, 3)
 
 
+def test_tiff_webp_gif_and_bmp_are_read_exactly(tmp_path):
+    px = {name: rgb() for name in ["a.tif", "b.TIFF", "c.webp", "d.bmp", "e.gif"]}
+    for name, p in px.items():
+        Image.fromarray(p).save(tmp_path / name, **({"lossless": True} if name.endswith("webp") else {}))
+    ds = open_(tmp_path)
+    assert ds.n == 5
+    out = ds.read(0, 5)
+    for i, name in enumerate(sorted(px)):
+        if name.endswith("gif"):   # 256-colour palette: what Pillow decodes, not the original pixels
+            np.testing.assert_array_equal(out[i], np.asarray(Image.open(tmp_path / name).convert("RGB")))
+        else:
+            np.testing.assert_array_equal(out[i], px[name])
+
+
+@pytest.mark.parametrize("layout", ["flat", "classes"])
+def test_an_image_format_that_is_not_read_is_refused_by_name(tmp_path, layout):
+    folder = tmp_path if layout == "flat" else tmp_path / "0"
+    save(folder / "a.png", rgb())
+    Image.fromarray(rgb()).save(folder / "b.tga")
+    (folder / "notes.txt").write_text("not an image: passed over")
+    msg = bad(open_, tmp_path)
+    assert "b.tga" in msg and ".tga images are not read" in msg
+    (folder / "b.tga").unlink()
+    assert open_(tmp_path).n == 1
+
+
+def test_a_file_claiming_an_image_suffix_is_decoded_only_by_the_image_decoders_read(tmp_path):
+    save(tmp_path / "a.png", rgb())
+    Image.fromarray(rgb()).save(tmp_path / "b.png", format="TGA")
+    assert "b.png" in bad(open_, tmp_path)
+
+
 def test_integer_class_folders_give_their_integer_label(tmp_path):
     save(tmp_path / "10" / "x.png", rgb())
     save(tmp_path / "2" / "y.png", rgb())

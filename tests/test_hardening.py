@@ -27,7 +27,8 @@ from sanitizer.errors import ExitCode
 
 # Enough images for both sides of the held-out split; a fixed ratio keeps the budget out of the picture.
 N_CALIB = 40
-PRUNE = ("--criterion", "linf", "--ratio", "0.25", "--allow-degraded")
+# random models on noise images: nothing for the sanity gate to pass (tests/test_sanity.py covers the gate)
+PRUNE = ("--criterion", "linf", "--ratio", "0.25", "--allow-degraded", "--no-sanity-check")
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -519,7 +520,7 @@ def test_same_inputs_and_seed_give_identical_bytes(tmp_path, capfd):
     env = Env(tmp_path)
     # the searched count (no --ratio) with external weights: the bisection and the .data file are both covered
     argv = [env.model(external=True), "--calib", env.npz(n=60), "--out", env.out, "--report", tmp_path / "r.json",
-            "--max-acc-drop", "0.3", "--seed", "3", "--force"]
+            "--max-acc-drop", "0.3", "--seed", "3", "--force", "--no-sanity-check"]
     runs = []
     for _ in range(2):
         code, _, err = run_cli(capfd, argv)
@@ -541,7 +542,8 @@ class Crash(Exception):
                                         (Crash("killed mid-write"), ExitCode.INTERNAL)], ids=["disk_full", "crash"])
 def test_a_write_that_dies_midway_keeps_the_previous_output(error, code, external, tmp_path, capfd, monkeypatch):
     env = Env(tmp_path)
-    argv = [env.model(external=external), "--calib", env.npz(), "--out", env.out, "--allow-degraded", "--force"]
+    argv = [env.model(external=external), "--calib", env.npz(), "--out", env.out, "--allow-degraded", "--force",
+            "--no-sanity-check"]
     assert run_cli(capfd, [*argv, "--criterion", "linf", "--ratio", "0.25"])[0] == 0
     previous, listing = snapshot(env.outdir), sorted(os.listdir(env.outdir))
     real_save = onnx.save_model

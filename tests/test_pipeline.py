@@ -15,6 +15,8 @@ import models as M
 from masked import masked_reference
 from sanitizer.pipeline import split
 
+UNCHECKED = "--no-sanity-check"   # random models on noise images: nothing for the sanity gate to pass (test_sanity.py)
+
 
 def load_report(path) -> dict:
     return json.loads(path.read_text())
@@ -47,7 +49,7 @@ def test_run_writes_a_valid_model_and_a_full_report(cli, write_model, write_npz,
     model_path, calib = write_model(M.plain), write_npz()
     before = model_path.read_bytes()
     out, report_path = tmp_path / "clean.onnx", tmp_path / "report.json"
-    result = cli(model_path, "--calib", calib, "--out", out, "--report", report_path, "--max-acc-drop", "0.3",
+    result = cli(model_path, "--calib", calib, UNCHECKED, "--out", out, "--report", report_path, "--max-acc-drop", "0.3",
                  "--criterion", "linf")
     assert result.code == 0, result.err
 
@@ -89,7 +91,7 @@ def test_ratio_half_prunes_the_least_active_half_of_the_last_stage(cli, write_mo
                                                                    criterion, reduce):
     model_path, calib = write_model(M.plain), write_npz()
     out, report_path = tmp_path / "clean.onnx", tmp_path / "report.json"
-    result = cli(model_path, "--calib", calib, "--out", out, "--report", report_path, "--criterion", "linf", "--ratio", "0.5",
+    result = cli(model_path, "--calib", calib, UNCHECKED, "--out", out, "--report", report_path, "--criterion", "linf", "--ratio", "0.5",
                  "--criterion", criterion, "--allow-degraded")
     assert result.code == 0, result.err
     report = load_report(report_path)
@@ -106,7 +108,7 @@ def test_ratio_half_prunes_the_least_active_half_of_the_last_stage(cli, write_mo
 def test_layers_all_ranks_every_conv_and_dense_layer_but_no_join(cli, write_model, write_npz, tmp_path):
     model_path, calib = write_model(M.resnet), write_npz()
     out, report_path = tmp_path / "clean.onnx", tmp_path / "report.json"
-    result = cli(model_path, "--calib", calib, "--out", out, "--report", report_path, "--layers", "all",
+    result = cli(model_path, "--calib", calib, UNCHECKED, "--out", out, "--report", report_path, "--layers", "all",
                  "--criterion", "linf", "--ratio", "0.25", "--allow-degraded")
     assert result.code == 0, result.err
     report = load_report(report_path)
@@ -125,7 +127,7 @@ def test_layers_all_ranks_every_conv_and_dense_layer_but_no_join(cli, write_mode
 def test_named_layers_with_the_consumer_rewrite(cli, write_model, write_npz, tmp_path):
     model_path, calib = write_model(M.with_bn), write_npz()
     out, report_path = tmp_path / "clean.onnx", tmp_path / "report.json"
-    result = cli(model_path, "--calib", calib, "--out", out, "--report", report_path, "--layers", "conv1,conv2",
+    result = cli(model_path, "--calib", calib, UNCHECKED, "--out", out, "--report", report_path, "--layers", "conv1,conv2",
                  "--ratio", "0.5", "--criterion", "l2", "--allow-degraded")
     assert result.code == 0, result.err
     report = load_report(report_path)
@@ -144,7 +146,7 @@ def test_external_data_in_external_data_out(cli, write_model, write_npz, tmp_pat
     before = (model_path.read_bytes(), data_file.read_bytes())
     out, report_path = tmp_path / "out" / "clean.onnx", tmp_path / "report.json"
     out.parent.mkdir()
-    result = cli(model_path, "--calib", calib, "--out", out, "--report", report_path, "--criterion", "linf", "--ratio", "0.5",
+    result = cli(model_path, "--calib", calib, UNCHECKED, "--out", out, "--report", report_path, "--criterion", "linf", "--ratio", "0.5",
                  "--allow-degraded")
     assert result.code == 0, result.err
     assert (model_path.read_bytes(), data_file.read_bytes()) == before
@@ -172,7 +174,7 @@ def test_external_data_in_external_data_out(cli, write_model, write_npz, tmp_pat
 def test_other_export_patterns_run_end_to_end(cli, write_model, write_npz, tmp_path, build, size):
     model_path, calib = write_model(build), write_npz(hw=size)
     out, report_path = tmp_path / "clean.onnx", tmp_path / "report.json"
-    result = cli(model_path, "--calib", calib, "--out", out, "--report", report_path, "--criterion", "linf", "--ratio", "0.5",
+    result = cli(model_path, "--calib", calib, UNCHECKED, "--out", out, "--report", report_path, "--criterion", "linf", "--ratio", "0.5",
                  "--allow-degraded")
     assert result.code == 0, result.err
     report = load_report(report_path)

@@ -2,16 +2,17 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from calib.preprocess import InputSpec, Preprocess, input_spec, parse_floats, resolve_preprocess
+from calib.preprocess import InputSpec, Preprocess, input_spec, parse_floats, parse_size, resolve_preprocess
 from sanitizer.errors import ExitCode, SanitizeError
 
 
-def model(*inputs, initializers=()):
-    """A graph that only declares inputs: input_spec never looks past them."""
+def model(*inputs, initializers=(), outputs=(("out", TensorProto.FLOAT, None, "Identity"),)):
+    """A graph that only declares inputs and outputs (each written by one op on the first input):
+    input_spec never looks further."""
     infos = [helper.make_tensor_value_info(name, elem, shape) for name, elem, shape in inputs]
-    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
-    node = helper.make_node("Identity", [inputs[0][0]], ["out"])
-    graph = helper.make_graph([node], "g", infos, [out], initializer=list(initializers))
+    outs = [helper.make_tensor_value_info(name, elem, shape) for name, elem, shape, _ in outputs]
+    nodes = [helper.make_node(op, [inputs[0][0]], [name]) for name, _, _, op in outputs]
+    graph = helper.make_graph(nodes, "g", infos, outs, initializer=list(initializers))
     return helper.make_model(graph)
 
 
@@ -24,14 +25,16 @@ def fails(code, fn, *args, **kwargs) -> str:
 
 
 def spec(channels=3, layout="nchw"):
-    return InputSpec(name="x", layout=layout, channels=channels, height=2, width=2, batch=None, dtype="float32")
+    return InputSpec(name="x", layout=layout, channels=channels, height=2, width=2, batch=None, dtype="float32",
+                     output="out")
 
 
 # ------------------------------------------------------------------------------------- input_spec
 
 def test_nchw_with_dynamic_batch():
     s = input_spec(model(("x", TensorProto.FLOAT, ["N", 3, 32, 24])))
-    assert s == InputSpec(name="x", layout="nchw", channels=3, height=32, width=24, batch=None, dtype="float32")
+    assert s == InputSpec(name="x", layout="nchw", channels=3, height=32, width=24, batch=None, dtype="float32",
+                          output="out", output_kind="logits")
 
 
 def test_nhwc_with_fixed_batch():
@@ -43,6 +46,7 @@ def test_unnamed_dynamic_batch_and_other_float_types():
     s = input_spec(model(("x", TensorProto.FLOAT16, [None, 1, 4, 4])))
     assert s.batch is None and s.dtype == "float16"
     assert input_spec(model(("x", TensorProto.DOUBLE, [1, 3, 4, 4]))).dtype == "float64"
+    assert input_spec(model(("x", TensorProto.BFLOAT16, [1, 3, 4, 4]))).dtype == "bfloat16"
 
 
 def test_ambiguous_shape_defaults_to_nchw_unless_layout_given():
@@ -69,9 +73,66 @@ def test_rank_must_be_four(shape):
     fails(ExitCode.BAD_MODEL, input_spec, model(("x", TensorProto.FLOAT, shape)))
 
 
-@pytest.mark.parametrize("shape", [[1, 3, "H", 32], [1, 3, 32, None], [1, "C", 32, 32]])
-def test_dynamic_spatial_or_channel_dims_are_a_bad_model(shape):
-    fails(ExitCode.BAD_MODEL, input_spec, model(("x", TensorProto.FLOAT, shape)))
+def test_dynamic_channels_are_a_bad_model():
+    fails(ExitCode.BAD_MODEL, input_spec, model(("x", TensorProto.FLOAT, [1, "C", 32, 32])))
+
+
+@pytest.mark.parametrize("shape", [[1, 3, "H", 32], [1, 3, 32, None], ["N", "H", "W", 3]])
+def test_dynamic_height_or_width_needs_input_size(shape):
+    assert "--input-size" in fails(ExitCode.USAGE, input_spec, model(("x", TensorProto.FLOAT, shape)))
+    s = input_spec(model(("x", TensorProto.FLOAT, shape)), size=(32, 32))
+    assert (s.height, s.width, s.channels) == (32, 32, 3)
+
+
+def test_input_size_contradicting_a_fixed_size_is_a_usage_error():
+    msg = fails(ExitCode.USAGE, input_spec, model(("x", TensorProto.FLOAT, [1, 3, "H", 32])), size=(16, 16))
+    assert "fixed width of 32" in msg
+    assert input_spec(model(("x", TensorProto.FLOAT, [1, 3, 8, 32])), size=(8, 32)).height == 8
+
+
+@pytest.mark.parametrize("text,size", [("224x160", (224, 160)), ("32X32", (32, 32)), ("8,4", (8, 4)), (None, None)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["224", "0x4", "ax4", "1x2x3", "-3x3", "99999x2"])
+def test_parse_size_refuses(text):
+    assert "--input-size" in fails(ExitCode.USAGE, parse_size, text)
+
+
+# --------------------------------------------------------------------------------- classifier output
+
+IMG = ("x", TensorProto.FLOAT, ["N", 1, 4, 4])
+
+
+def test_the_float_output_is_chosen_over_an_integer_label():
+    m = model(IMG, outputs=(("label", TensorProto.INT64, ["N"], "ArgMax"),
+                            ("logits", TensorProto.FLOAT, ["N", 10], "Flatten")))
+    assert (input_spec(m).output, input_spec(m).output_kind) == ("logits", "logits")
+    msg = fails(ExitCode.USAGE, input_spec, m, output_name="label")
+    assert "label (int64 [N])" in msg and "logits (float [N,10])" in msg
+
+
+def test_several_float_score_outputs_need_output_name():
+    m = model(IMG, outputs=(("logits", TensorProto.FLOAT, ["N", 10], "Flatten"),
+                            ("probs", TensorProto.FLOAT, ["N", 10], "Softmax")))
+    msg = fails(ExitCode.USAGE, input_spec, m)
+    assert "--output-name" in msg and "logits" in msg and "probs" in msg
+    assert input_spec(m, output_name="logits").output_kind == "logits"
+    assert input_spec(m, output_name="probs").output_kind == "probabilities"
+    assert "no output named 'p'" in fails(ExitCode.USAGE, input_spec, m, output_name="p")
+
+
+def test_outputs_that_are_not_class_scores_are_passed_over():
+    # a feature map [N, C, H, W] is not a score vector; [N, K, 1, 1] is
+    m = model(IMG, outputs=(("features", TensorProto.FLOAT, ["N", 1, 4, 4], "Identity"),
+                            ("scores", TensorProto.FLOAT, ["N", 10, 1, 1], "Identity")))
+    assert input_spec(m).output == "scores"
+
+
+def test_no_float_output_is_a_bad_model():
+    m = model(IMG, outputs=(("label", TensorProto.INT64, ["N"], "ArgMax"),))
+    assert "no float [N, classes] output" in fails(ExitCode.BAD_MODEL, input_spec, m)
 
 
 def test_initializers_are_not_inputs():

@@ -98,3 +98,18 @@ def test_an_input_named_like_the_outputs_data_is_refused(tmp_path):
     with pytest.raises(BadOutput, match="exists"):
         check_writable(out, force=False)
     assert check_writable(out, force=True) == out
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_written_files_follow_the_umask(tmp_path, mask):
+    from sanitizer.atomic import write_text
+
+    old = os.umask(mask)
+    try:
+        written = model_io.save_model(M.plain(), tmp_path / "m.onnx", external=True)
+        write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(old)
+    assert len(written) == 2   # the model and its .data
+    for path in [*written, tmp_path / "r.json"]:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
