@@ -107,7 +107,7 @@ def test_refused_before_any_work_with_exit_6(name, cli, write_model, write_npz, 
 
 def test_force_replaces_an_existing_page(cli, write_model, write_npz, tmp_path):
     argv = _existing(tmp_path, write_model, write_npz)
-    result = cli(*argv, "--criterion", "linf", "--force")
+    result = cli(*argv, "--criterion", "linf", "--force", "--no-sanity-check")  # random model, random labels
     assert result.code == 0, result.err
     assert (tmp_path / "r.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".r.html")]   # no temp file left
