@@ -786,7 +786,8 @@ class TorchGraph(torch.nn.Module):
     The output is float32. Errors: BadModel (exit 4) at construction for an op, attribute or tensor type
     the interpreter does not cover, naming it and `--criterion linf`, which avoids this path."""
 
-    def __init__(self, model: onnx.ModelProto, input_name: str | None = None, output_name: str | None = None):
+    def __init__(self, model: onnx.ModelProto, input_name: str | None = None, output_name: str | None = None,
+                 logits: bool = False):
         super().__init__()
         if model.functions:
             # Exporters (torch dynamo) may wrap blocks in model-local functions; inlining leaves the
@@ -829,8 +830,20 @@ class TorchGraph(torch.nn.Module):
         self.output_name = output_name or graph.output[0].name
         if self.output_name not in {o.name for o in graph.output}:
             raise BadModel(f"the model has no output named {self.output_name!r}")
+        producer = {o: n for n in graph.node for o in n.output}
+        softmax = producer.get(self.output_name)
+        if logits and softmax is not None and softmax.op_type == "Softmax":
+            # losses and margins are taken in logit space: saturated probabilities have no gradient
+            self.output_name = softmax.input[0]
+        # only what the output needs: another output's branch (an ArgMax label) is never run
+        needed, todo = set(), [self.output_name]
+        while todo:
+            node = producer.get(todo.pop())
+            if node is not None and id(node) not in needed:
+                needed.add(id(node))
+                todo.extend(node.input)
         self._nodes = []
-        for node in graph.node:
+        for node in (n for n in graph.node if id(n) in needed):
             where = f"(node {node.name or node.output[0]!r})"
             if node.domain not in ("", "ai.onnx") or node.op_type not in _OPS:
                 raise _unsupported(f"unsupported ONNX operator {node.domain + '.' if node.domain else ''}"
@@ -918,12 +931,14 @@ class TorchGraph(torch.nn.Module):
 
 
 def to_torch(model: onnx.ModelProto, *, frozen: bool = False, input_name: str | None = None,
-             output_name: str | None = None) -> TorchGraph:
+             output_name: str | None = None, logits: bool = False) -> TorchGraph:
     """`frozen`: the weights take no gradient — for searches that differentiate only with respect to the
     input or unit masks (detection, probes, attribution), not for the repair that tunes the weights.
-    `input_name` / `output_name`: the image input and the class-score output (default: the first of each).
+    `input_name` / `output_name`: the image input and the class-score output (default: the first of each);
+    only the nodes that output needs are interpreted. `logits`: when a Softmax makes the output, return its
+    input instead (the defense's losses and margins are in logit space).
     Raises BadModel (exit 4) for what the interpreter does not cover (see TorchGraph)."""
-    graph = TorchGraph(model, input_name, output_name)
+    graph = TorchGraph(model, input_name, output_name, logits)
     if frozen:
         for p in graph.parameters():
             p.requires_grad_(False)
