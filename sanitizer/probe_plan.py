@@ -178,7 +178,9 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
         described = [{"probe": f"{len(suspects)} suspicious samples", "flip_before": round(before[0], 4), "used": True}]
     used_x = [probed_x[i] for i in chosen]
     searches: dict[str, tuple[Plan, float, np.ndarray]] = {}
+    progress("linf statistics", 0, 1)
     scores = ell_inf_gaps(prep.model, sites, prep.spec, prep.pre, fit_raw, rank_sets, opts.batch_size)
+    progress("attribution", 0, 1)
     scores["attribution"] = margin_gradients(prep.model, sites, prep.pre, rank_sets, fit_raw, target, opts.batch_size)
     for name, gap in scores.items():
         order = rank(gap, descending=True)
@@ -195,6 +197,7 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
     repaired = rewrite.apply(repair(prep.model, prep.sites, plan.pruned(), fit_raw, prep.pre, used, opts.seed,
                                     avoid=avoid), prep.sites, plan.pruned())
     progress("repair", 1, 1)
+    progress("final checks", 0, 1)
     candidates = []
     for name, model in (("pruned", pruned), ("pruned+repaired", repaired)):
         base, rates = flips(model, prep.spec, clean_x, used_x, target, opts.batch_size, paired)
