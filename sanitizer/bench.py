@@ -80,6 +80,7 @@ def run_case(case: Case, criterion: str, progress=None, *, detect: bool = False)
         "units": report["plan"]["count"], "candidates": report["plan"]["candidates"],
         "total_seconds": round(total, 1), "degraded": report["degraded"],
         "timings_seconds": report["timings_seconds"],
+        "cpu_seconds": report["cpu_seconds"],
     }
     if criterion in CRITERIA:
         row.update(stats_overhead(opts, report["scope"]))
