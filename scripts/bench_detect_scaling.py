@@ -79,21 +79,22 @@ def cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def time_detection(folder: Path, classes: int, size: int, images: int) -> dict:
+def time_detection(folder: Path, classes: int, size: int, images: int, width: int) -> dict:
     import torch
 
     from sanitizer.pipeline import Options, detect, prepare, split
 
     torch.manual_seed(0)
     model, calib = folder / f"r18_{classes}.onnx", folder / f"calib_{size}.npz"
-    export(torch, resnet(torch, classes, bottleneck=False, width=32, blocks=[2, 2, 2, 2]), size, model)
+    export(torch, resnet(torch, classes, bottleneck=False, width=width, blocks=[2, 2, 2, 2]), size, model)
     if not calib.exists():
         np.savez(calib, X=noise_images(images, size))
     prep = prepare(Options(model=model, calib=calib))
     fit, _ = split(prep.calib.n, 0.5, 0)
     wall, cpu = time.perf_counter(), cpu_seconds()
     found = detect(prep, fit, 0, lambda *a: None)
-    return {"measure": "detection", "classes": classes, "image": size, "fit_images": len(fit),
+    return {"measure": "detection", "body": f"ResNet-18, width {width}", "classes": classes, "image": size,
+            "fit_images": len(fit),
             "wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1),
             "verdict": found["verdict"], "candidates": found["patch_scan"]["candidates"],
             "mask_search": "neural_cleanse" in found}
@@ -119,13 +120,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=500, help="calibration images (half are the fit images)")
     ap.add_argument("--size", type=int, default=32, help="image side of the detection models")
+    ap.add_argument("--width", type=int, default=32, help="base width of the detection models (the suite's: 32)")
     ap.add_argument("--resnet50", action="store_true", help="also a whole default run on ResNet-50 at 224x224")
     args = ap.parse_args()
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
                f"Python {platform.python_version()}")
     print(json.dumps({"machine": machine}), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [time_detection(Path(tmp), c, args.size, args.images) for c in (10, 1000)]
+        rows = [time_detection(Path(tmp), c, args.size, args.images, args.width) for c in (10, 1000)]
         for row in rows:
             print(json.dumps(row), flush=True)
         ratio = rows[1]["wall_s"] / rows[0]["wall_s"]
