@@ -17,7 +17,7 @@ from calib.preprocess import Preprocess
 
 from .errors import require
 from .graph import Site
-from .probe import make_input
+from .probe import device, make_input
 
 
 def margin_gradients(model: onnx.ModelProto, sites: list[Site], pp: Preprocess, probed_sets: list[np.ndarray],
@@ -26,10 +26,10 @@ def margin_gradients(model: onnx.ModelProto, sites: list[Site], pp: Preprocess, 
     torch = require("torch", "torch")
     from .torch_graph import to_torch
 
-    graph = to_torch(model, frozen=True)
+    graph = to_torch(model, frozen=True).to(device(torch))
 
     def mean_gradient(sets: list[np.ndarray]) -> dict[str, np.ndarray]:
-        masks = {s.tensor: torch.ones(s.mask_shape, requires_grad=True) for s in sites}
+        masks = {s.tensor: torch.ones(s.mask_shape, device=device(torch), requires_grad=True) for s in sites}
         n = 0
         for raw in sets:
             for i in range(0, len(raw), batch_size):
@@ -39,7 +39,7 @@ def margin_gradients(model: onnx.ModelProto, sites: list[Site], pp: Preprocess, 
                 others[:, target] = -torch.inf
                 (logits[:, target] - others.max(1).values).sum().backward()
                 n += len(logits)
-        return {s.name: masks[s.tensor].grad.reshape(-1).numpy() / max(n, 1) for s in sites}
+        return {s.name: masks[s.tensor].grad.reshape(-1).cpu().numpy() / max(n, 1) for s in sites}
 
     probed, clean = mean_gradient(probed_sets), mean_gradient([clean_raw])
     return {name: probed[name] - clean[name] for name in probed}

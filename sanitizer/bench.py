@@ -79,6 +79,8 @@ def run_case(case: Case, criterion: str, progress=None, *, detect: bool = False)
         "acc_after": ev["after"]["clean_acc"], "asr_after": ev["after"]["asr"],
         "units": report["plan"]["count"], "candidates": report["plan"]["candidates"],
         "total_seconds": round(total, 1), "degraded": report["degraded"],
+        "timings_seconds": report["timings_seconds"],
+        "cpu_seconds": report["cpu_seconds"],
     }
     if criterion in CRITERIA:
         row.update(stats_overhead(opts, report["scope"]))
@@ -87,6 +89,12 @@ def run_case(case: Case, criterion: str, progress=None, *, detect: bool = False)
     if "detection" in report:
         row["detection"] = report["detection"]
     return row
+
+
+def step_times(row: dict) -> str:
+    """The row's wall seconds per step, in run order, for the printed table."""
+    steps = {k: v for k, v in row["timings_seconds"].items() if k != "total"}
+    return " · ".join(f"{k} {v:.0f}" for k, v in steps.items())
 
 
 def machine() -> str:

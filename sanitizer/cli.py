@@ -218,14 +218,14 @@ def bench_cmd(
     detect: Annotated[bool, typer.Option("--detect", help="run backdoor detection first in every run (needs torch)")] = False,
 ):
     from .atomic import write_text
-    from .bench import load_suite, machine, run_case
+    from .bench import load_suite, machine, run_case, step_times
 
     chosen = load_suite(suite)
     if cases:
         wanted = {c.strip() for c in cases.split(",")}
         chosen = [c for c in chosen if c.name in wanted]
     table = Table("case", "criterion", "acc before→after", "ASR before→after", "units", "stats / plain pass s", "total s",
-                  "detection", title=f"sanitize bench {suite} — {machine()}")
+                  "detection", "seconds per step", title=f"sanitize bench {suite} — {machine()}")
     rows = []
     bar, update = _progress()
     with bar:
@@ -240,7 +240,8 @@ def bench_cmd(
                               f"{row['total_seconds']:.1f}" + (" over budget" if row["degraded"] else ""),
                               (row["detection"]["verdict"] + (f" ({row['detection']['found_by']})"
                                                               if row["detection"]["found_by"] else "")
-                               if "detection" in row else "—"))
+                               if "detection" in row else "—"),
+                              step_times(row))
                 if json_out:
                     write_text(json_out, json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
     out.print(table)

@@ -79,6 +79,37 @@ def _quiet(stage: str, done: int, total: int) -> None:
     pass
 
 
+class StepClock:
+    """Wall and CPU (this process, all threads) seconds per step of a run, read off the progress reports it
+    passes on: a step lasts from its stage's first report until another stage reports (or the run ends); a
+    stage that comes back adds to its total. Steps are the progress stages, so timing needs no hook of its
+    own in the steps' code. CPU seconds say what a step costs when the machine is shared."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._stage: str | None = None
+        self._since, self._cpu_since = time.perf_counter(), time.process_time()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self._stage:
+            self.switch(stage)
+        self.progress(stage, done, total)
+
+    def switch(self, stage: str | None) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        if self._stage is not None:
+            self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + now - self._since
+            self.cpu[self._stage] = self.cpu.get(self._stage, 0.0) + cpu - self._cpu_since
+        self._stage, self._since, self._cpu_since = stage, now, cpu
+
+    def finish(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Wall and CPU seconds per step, in the order the steps ended."""
+        self.switch(None)
+        return ({k: round(v, 3) for k, v in self.seconds.items()}, {k: round(v, 3) for k, v in self.cpu.items()})
+
+
 @dataclass
 class Prepared:
     loaded: LoadedModel
@@ -256,16 +287,22 @@ def rank_units(prep: Prepared, sites: list[Site], criterion: str, fit: np.ndarra
     scores = {s.name: CRITERIA[criterion](collected.stats[s.tensor]) for s in sites}
     if len(scores) > 1:
         scores = normalised(scores)
-    info = {"provider": collected.provider, "statistics_seconds": round(collected.seconds, 3)}
+    info = {"provider": collected.provider}
     return rank(scores), info
+
+
+def _per_class(values: np.ndarray, digits: int) -> list[float | None]:
+    """A per-class array for the report; null where the class was not looked at (NaN)."""
+    return [None if np.isnan(v) else round(float(v), digits) for v in values]
 
 
 def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress) -> dict:
     """Which class, if any, a backdoor sends images to, judged on the fit images only.
 
-    First a short patch probe toward every class (cheap, and decisive for patch triggers); when no patch
-    finds a target, the Neural-Cleanse mask search, whose smallest-mask anomaly also catches triggers that
-    are not a patch (blended, full-image)."""
+    First short patch probes (cheap, and decisive for patch triggers): toward any class, then toward the
+    few classes those reach most; when no patch finds a target, the Neural-Cleanse mask search over those
+    candidates and a sample of the other classes, whose smallest-mask anomaly also catches triggers that
+    are not a patch (blended, full-image). Neither step's cost grows with the number of classes."""
     from .probe import ANOMALY_THRESHOLD, probe
     from .probes import SCAN_FLIP, scan
 
@@ -273,14 +310,15 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress) -> di
     start = time.perf_counter()
     raw = prep.calib.subset(fit).read(0, len(fit))
     patch = scan(prep.model, raw, prep.pre, seed)
-    out = {"patch_scan": {"best_flip": [round(float(f), 4) for f in patch.best_flip], "threshold": SCAN_FLIP}}
+    out = {"patch_scan": {"best_flip": _per_class(patch.best_flip, 4), "candidates": patch.candidates,
+                          "threshold": SCAN_FLIP}}
     target, how = patch.suspected_target, "patch scan"
     progress("detection", 1, 2)
     if target is None:
-        found = probe(prep.model, raw, prep.pre, seed)
+        found = probe(prep.model, raw, prep.pre, seed, candidates=patch.candidates)
         target, how = found.suspected_target, "mask anomaly"
-        out["neural_cleanse"] = {"anomaly_index": [round(float(a), 4) for a in found.anomaly],
-                                 "mask_l1": [round(float(m), 3) for m in found.mask_norms],
+        out["neural_cleanse"] = {"anomaly_index": _per_class(found.anomaly, 4),
+                                 "mask_l1": _per_class(found.mask_norms, 3),
                                  "threshold": ANOMALY_THRESHOLD,
                                  "synthesized_trigger_flip_rate": round(found.flip_rate, 4)}
     progress("detection", 2, 2)
@@ -297,7 +335,8 @@ def evidence(detection: dict) -> str:
              f"threshold {detection['patch_scan']['threshold']}"]
     if "neural_cleanse" in detection:
         nc = detection["neural_cleanse"]
-        parts.append(f"max mask anomaly {max(nc['anomaly_index']):.2f}, threshold {nc['threshold']}")
+        parts.append(f"max mask anomaly {max(a for a in nc['anomaly_index'] if a is not None):.2f}, "
+                     f"threshold {nc['threshold']}")
     return "; ".join(parts)
 
 
@@ -358,6 +397,8 @@ def check_outputs(opts: Options, models: tuple[Path, ...]) -> Path | None:
 def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     """Run the job; write the sanitized ONNX (and report) atomically; return the report."""
     t0 = time.perf_counter()
+    progress = clock = StepClock(progress)
+    clock.switch("setup")
     if opts.criterion == PROBE and importlib.util.find_spec("torch") is None:
         raise SanitizeError("the default criterion 'probe' needs torch: pip install "
                             "'onnx-backdoor-sanitizer[torch]', or pass --criterion linf", ExitCode.MISSING_DEP)
@@ -395,7 +436,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     if not sites and not clean_verdict:
         # writing the input back as "sanitized" would claim a defense that never ran
         raise BadModel(f"no prunable layer in scope: {blocked_reasons(prep.sites.values())}")
-    info = {"provider": held.provider, "statistics_seconds": 0.0}
+    info = {"provider": held.provider}
     probe_info = None
     if clean_verdict:
         plan = Plan([], 0, [{"units": 0, **held.agreement(prep.model).to_dict(), "within_budget": True}])
@@ -408,6 +449,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         order, info = rank_units(prep, sites, opts.criterion, fit, opts, progress)
         plan = choose_count(prep, order, held, opts, progress)
         sanitized = rewrite.apply(prep.model, prep.sites, plan.pruned())
+    clock.switch("final checks")
     check(sanitized)
     figures = (probe_info or {}).pop("_figures", {})
     final = [t for t in plan.trace if t["units"] == plan.count][-1]
@@ -436,6 +478,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
     }
     if opts.eval_data is not None or opts.eval_triggered is not None:
+        clock.switch("evaluation")
         kw = dict(data=opts.eval_data, triggered=opts.eval_triggered, target=opts.target, batch_size=opts.batch_size)
         report["evaluation"] = {"before": evaluate(prep.model, prep.spec, prep.pre, **kw),
                                 "after": evaluate(sanitized, prep.spec, prep.pre, **kw)}
@@ -454,19 +497,24 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
             act = "--suspect with triggered samples, if you have any, aims the search"
         raise SanitizeError(f"pruning {plan.count} units {why}; nothing written ({act}; --allow-degraded writes it "
                             "anyway)", ExitCode.DEGRADED)
-    timings = {"statistics": info["statistics_seconds"], "total": round(time.perf_counter() - t0, 3)}
-    report["timings_seconds"] = timings
+    clock.switch("write")
     if out_onnx is not None:
         written = save_model(sanitized, out_onnx, external=prep.loaded.external)
         report["output"] = {"onnx": str(out_onnx), "sha256": sha256_file(out_onnx),
                             "files": [str(p) for p in written]}
     # without matplotlib the HTML report still has every number, in tables, and says what the figures need
-    pngs = (render_plots(opts, prep, plan, report, figures) if opts.plots is not None or
-            (opts.report_html is not None and importlib.util.find_spec("matplotlib") is not None) else {})
+    pngs = {}
+    if opts.plots is not None or (opts.report_html is not None and importlib.util.find_spec("matplotlib") is not None):
+        clock.switch("plots")
+        pngs = render_plots(opts, prep, plan, report, figures)
     if opts.plots is not None:
         from . import plots
 
         report["plots"] = [str(p) for p in plots.write(opts.plots, pngs)]
+    # per step (the progress stages; "statistics" is the clean-data pass of the linf/mean/l1/l2 criteria)
+    wall, cpu = clock.finish()
+    report["timings_seconds"] = {**wall, "total": round(time.perf_counter() - t0, 3)}
+    report["cpu_seconds"] = {**cpu, "total": round(sum(cpu.values()), 3)}
     if opts.report is not None:
         write_text(opts.report, json.dumps(report, indent=2, sort_keys=True) + "\n")
     if opts.report_html is not None:

@@ -22,6 +22,10 @@ from .errors import BadData, require
 ANOMALY_THRESHOLD = 2.0
 # Attack success the synthesized trigger must keep while the mask shrinks.
 SUCCESS_TARGET = 0.95
+# Classes the mask search runs on at most, so that its cost does not grow with the number of classes: past
+# it, the candidates it is given and a seeded sample of the other classes, which is what the median and MAD
+# of the anomaly index need.
+MAX_CLASSES = 32
 
 
 @dataclass
@@ -38,8 +42,8 @@ class Trigger:
 
 @dataclass
 class ProbeResult:
-    mask_norms: np.ndarray      # per class: mask ℓ1 (pixels) after the equal-effort first round
-    anomaly: np.ndarray         # per class: (median - norm) / (1.4826 * MAD); large = suspiciously small mask
+    mask_norms: np.ndarray      # per class: mask ℓ1 (pixels) after the equal-effort first round; NaN: not searched
+    anomaly: np.ndarray         # per class: (median - norm) / (1.4826 * MAD); large = suspiciously small mask; NaN: not searched
     suspected_target: int | None
     trigger: Trigger            # refined trigger of the most anomalous class (returned even when not flagged)
     flip_rate: float            # share of held-out images the trigger sends to its class
@@ -51,11 +55,17 @@ def pixel_range(x_raw: np.ndarray) -> float:
     return 255.0 if float(x_raw.max()) > 1.5 else 1.0
 
 
+def device(torch):
+    """Where all torch work runs (the one place it is chosen): the first CUDA GPU when torch sees one, else
+    the CPU. Graphs go there with `.to(device(torch))`; make_input moves images there."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def make_input(torch, x_raw, pp: Preprocess):
-    """Raw NHWC pixels (torch tensor) -> model input, differentiably."""
-    x = x_raw * pp.scale
-    mean = torch.tensor(pp.mean, dtype=x.dtype)
-    std = torch.tensor(pp.std, dtype=x.dtype)
+    """Raw NHWC pixels (torch tensor, any device) -> model input on device(torch), differentiably."""
+    x = x_raw.to(device(torch)) * pp.scale
+    mean = torch.tensor(pp.mean, dtype=x.dtype, device=x.device)
+    std = torch.tensor(pp.std, dtype=x.dtype, device=x.device)
     x = (x - mean) / std
     return x.permute(0, 3, 1, 2) if pp.layout == "nchw" else x
 
@@ -73,8 +83,9 @@ class _Search:
         self.torch, self.graph, self.pp, self.x, self.target, self.hi = torch, graph, pp, x, target, hi
         g = torch.Generator().manual_seed(seed * 1000 + target)
         h, w, c = x.shape[1:]
-        self.mask_p = (torch.randn((h, w, 1), generator=g) * 0.1 - 2.0).requires_grad_(True)
-        self.pattern_p = (torch.randn((h, w, c), generator=g) * 0.1).requires_grad_(True)
+        on = x.device
+        self.mask_p = (torch.randn((h, w, 1), generator=g) * 0.1 - 2.0).to(on).requires_grad_(True)
+        self.pattern_p = (torch.randn((h, w, c), generator=g) * 0.1).to(on).requires_grad_(True)
         self.opt = torch.optim.Adam([self.mask_p, self.pattern_p], lr=0.1, betas=(0.5, 0.9))
         self.lam = 1e-3
         self.best_norm = float("inf")
@@ -89,9 +100,9 @@ class _Search:
     def run(self, steps: int, batch: int):
         t = self.torch
         n = len(self.x)
-        labels = t.full((batch,), self.target, dtype=t.long)
+        labels = t.full((batch,), self.target, dtype=t.long, device=self.x.device)
         for step in range(steps):
-            idx = t.arange(step * batch, (step + 1) * batch) % n
+            idx = t.arange(step * batch, (step + 1) * batch, device=self.x.device) % n
             mask = t.sigmoid(self.mask_p)
             pattern = (t.tanh(self.pattern_p) + 1) / 2 * self.hi
             stamped = (1 - mask) * self.x[idx] + mask * pattern
@@ -128,9 +139,22 @@ def anomaly_index(norms: np.ndarray) -> np.ndarray:
     return (median - norms) / max(mad, 1e-12)
 
 
+def searched_classes(n_classes: int, candidates: list[int], seed: int, limit: int = MAX_CLASSES) -> list[int]:
+    """Every class up to `limit`; past it the candidates first, then a seeded sample of the others."""
+    if n_classes <= limit:
+        return list(range(n_classes))
+    chosen = list(dict.fromkeys(c for c in candidates if 0 <= c < n_classes))[:limit]
+    rest = np.setdiff1d(np.arange(n_classes), chosen)
+    sample = np.random.default_rng(seed).choice(rest, limit - len(chosen), replace=False)
+    return sorted(chosen + [int(c) for c in sample])
+
+
 def probe(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 0, *,
           n_images: int = 64, first_steps: int = 60, refine_steps: int = 150, n_refine: int = 3,
-          batch: int = 32) -> ProbeResult:
+          batch: int = 32, candidates: list[int] = (), max_classes: int = MAX_CLASSES) -> ProbeResult:
+    """Neural-Cleanse search on `x_raw` (N, H, W, C raw pixels, N ≥ 8) over at most `max_classes` classes
+    (`candidates` always among them); classes not searched get NaN norms and anomaly. Raises BadData on
+    too few images."""
     torch = require("torch", "torch")
     from .torch_graph import to_torch
 
@@ -139,16 +163,17 @@ def probe(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int =
     order = rng.permutation(len(x_raw))
     opt_idx, held_idx = order[: min(n_images, len(x_raw) // 2)], order[min(n_images, len(x_raw) // 2):]
     torch.manual_seed(seed)
-    graph = to_torch(model, frozen=True)
+    graph = to_torch(model, frozen=True).to(device(torch))
     hi = pixel_range(x_raw)
-    x_all = torch.from_numpy(x_raw)
+    x_all = torch.from_numpy(x_raw).to(device(torch))
     with torch.no_grad():
         logits, _ = graph(make_input(torch, x_all[torch.from_numpy(opt_idx)], pp))
-    preds = logits.argmax(1).numpy()
+    preds = logits.argmax(1).cpu().numpy()
     n_classes = logits.shape[1]
 
     searches = {}
-    for c in range(n_classes):
+    classes = searched_classes(n_classes, list(candidates), seed, max_classes)
+    for c in classes:
         # Images the model already assigns to c teach nothing about flipping to c.
         pool = opt_idx[preds != c]
         if len(pool) == 0:
@@ -156,24 +181,26 @@ def probe(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int =
         s = _Search(torch, graph, pp, x_all[torch.from_numpy(pool)], c, hi, seed)
         s.run(first_steps, min(batch, len(pool)))
         searches[c] = s
-    first = np.array([searches[c].norm for c in range(n_classes)])
-    anomaly = anomaly_index(first)
+    first = np.full(n_classes, np.nan)
+    first[classes] = [searches[c].norm for c in classes]
+    anomaly = np.full(n_classes, np.nan)
+    anomaly[classes] = anomaly_index(first[classes])
 
     refined = {}
-    for c in np.argsort(first)[:n_refine]:
+    for c in np.array(classes)[np.argsort(first[classes])[:n_refine]]:
         searches[int(c)].run(refine_steps, min(batch, len(searches[int(c)].x)))
         refined[int(c)] = searches[int(c)].norm
-    best = int(np.argmax(anomaly))
+    best = int(np.nanargmax(anomaly))
     mask, pattern = searches[best].best
-    trigger = Trigger(best, mask.numpy().astype(np.float32), pattern.numpy().astype(np.float32))
+    trigger = Trigger(best, mask.cpu().numpy().astype(np.float32), pattern.cpu().numpy().astype(np.float32))
 
     with torch.no_grad():
         held = x_raw[held_idx]
         held_logits, _ = graph(make_input(torch, torch.from_numpy(held), pp))
-        keep = held_logits.argmax(1).numpy() != best
+        keep = held_logits.argmax(1).cpu().numpy() != best
         flip = 0.0
         if keep.any():
             stamped, _ = graph(make_input(torch, torch.from_numpy(trigger.stamp(held[keep])), pp))
-            flip = float((stamped.argmax(1).numpy() == best).mean())
+            flip = float((stamped.argmax(1).cpu().numpy() == best).mean())
     suspected = best if anomaly[best] > ANOMALY_THRESHOLD else None
     return ProbeResult(first, anomaly, suspected, trigger, flip, refined)

@@ -231,12 +231,14 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
         described = [{"probe": f"{len(suspects)} suspicious samples", "flip_before": round(before[0], 4), "used": True}]
     used_x = [probed_x[i] for i in chosen]
     searches: dict[str, tuple[Plan, float, np.ndarray]] = {}
+    progress("linf statistics", 0, 1)
     clean = raw_stats(prep.model, stat_tensors(s for s in prep.sites.values() if s.prunable), prep.spec, prep.pre,
                       fit_raw, opts.batch_size, keep_per_image=True)
     progress("bounds", 0, 1)
     base, bound_info = choose_bounds(prep, clean, held, clean_x, used_x, paired, target, opts)
-    progress("bounds", 1, 1)
+    progress("linf statistics", 0, 1)
     scores = ell_inf_gaps(prep.model, sites, prep.spec, prep.pre, clean, rank_sets, opts.batch_size)
+    progress("attribution", 0, 1)
     scores["attribution"] = margin_gradients(prep.model, sites, prep.pre, rank_sets, fit_raw, target, opts.batch_size)
     for name, gap in scores.items():
         order = rank(gap, descending=True)
@@ -253,6 +255,7 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
     repaired = rewrite.apply(repair(base, prep.sites, plan.pruned(), fit_raw, prep.pre, used, opts.seed,
                                     avoid=avoid), prep.sites, plan.pruned())
     progress("repair", 1, 1)
+    progress("final checks", 0, 1)
     candidates = []
     for name, model in (("pruned", pruned), ("pruned+repaired", repaired)):
         base, rates = flips(model, prep.spec, clean_x, used_x, target, opts.batch_size, paired)

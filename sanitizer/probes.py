@@ -17,7 +17,7 @@ import onnx
 from calib.preprocess import Preprocess
 
 from .errors import require
-from .probe import check_images, make_input, pixel_range
+from .probe import check_images, device, make_input, pixel_range
 
 # Patch sides as a share of the image side: patch triggers in the literature cover ~1-4 % of the image,
 # i.e. a side of 10-20 %. A probe smaller than the trigger can be silenced while the trigger still works,
@@ -35,6 +35,8 @@ SCAN_FLIP = 0.9
 # The scan probes every class, so each probe gets a fifth of the steps and half the images of a final probe.
 SCAN_STEPS = 20
 SCAN_IMAGES = 32
+# Classes the scan probes one by one after the patches toward any class have named them.
+SCAN_CANDIDATES = 5
 
 
 @dataclass
@@ -70,29 +72,52 @@ class _Optimiser:
         self.torch = torch = require("torch", "torch")
         from .torch_graph import to_torch
 
-        self.graph = to_torch(model, frozen=True)
+        self.on = device(torch)
+        self.graph = to_torch(model, frozen=True).to(self.on)
         self.pp, self.hi = pp, hi
-        self.x = torch.from_numpy(x_fit)
+        self.x = torch.from_numpy(x_fit).to(self.on)
         self.h, self.w, self.ch = self.x.shape[1:]
 
-    def _fit(self, x, target: int, shape, paint, steps: int):
+    def _fit(self, x, target: int | None, shape, paint, steps: int):
         torch = self.torch
-        labels = torch.full((len(x),), target, dtype=torch.long)
-        param = torch.zeros(shape, requires_grad=True)
+        loss_of = self._toward(x, target)
+        param = torch.zeros(shape, device=self.on, requires_grad=True)
         opt = torch.optim.Adam([param], lr=0.1)
         for _ in range(steps):
             logits, _ = self.graph(make_input(torch, paint(x, param), self.pp))
-            loss = torch.nn.functional.cross_entropy(logits, labels)
+            loss = loss_of(logits)
             opt.zero_grad()
             loss.backward()
             opt.step()
         return param.detach()
 
+    def _toward(self, x, target: int | None):
+        """The loss of a probe toward `target`, or — None — toward whichever class it can reach: the
+        largest (soft maximum over classes) mean log-probability of a class among the images not already
+        in it, so the probe settles on the class easiest to send every image to."""
+        torch = self.torch
+        if target is not None:
+            labels = torch.full((len(x),), target, dtype=torch.long, device=self.on)
+            return lambda logits: torch.nn.functional.cross_entropy(logits, labels)
+        with torch.no_grad():
+            logits = self.graph(make_input(torch, x, self.pp))[0]
+            outside = (logits.argmax(1)[:, None] != torch.arange(logits.shape[1], device=self.on)[None, :]).float()
+        count = outside.sum(0)
+        # a class every image is already in cannot be reached: it takes no part
+        unreachable = torch.where(count > 0, 0.0, -torch.inf)
+
+        def loss(logits):
+            logp = torch.log_softmax(logits, 1)
+            mean = (logp * outside).sum(0) / count.clamp(min=1) + unreachable
+            return -torch.logsumexp(mean, 0)
+        return loss
+
     def side(self, share: float) -> int:
         return max(2, int(round(share * min(self.h, self.w))))
 
-    def patches(self, target: int, steps: int, x=None, share: float = PATCH_SIDE) -> list[Probe]:
-        x = self.x if x is None else x
+    def patches(self, target: int | None, steps: int, x=None, share: float = PATCH_SIDE) -> list[Probe]:
+        """A patch at each place toward `target` (None: toward whichever class it can reach)."""
+        x = self.x if x is None else x.to(self.on)
         s, torch = self.side(share), self.torch
         out = []
         for r, c in _locations(self.h, self.w, s):
@@ -101,18 +126,18 @@ class _Optimiser:
                 x[:, r:r + s, c:c + s, :] = torch.sigmoid(p * 4) * self.hi
                 return x
             p = self._fit(x, target, (s, s, self.ch), paint, steps)
-            out.append(Probe("patch", (r, c), (torch.sigmoid(p * 4) * self.hi).numpy().astype(np.float32), self.hi))
+            out.append(Probe("patch", (r, c), (torch.sigmoid(p * 4) * self.hi).cpu().numpy().astype(np.float32), self.hi))
         return out
 
     def blend(self, target: int, steps: int) -> Probe:
         torch, eps = self.torch, BLEND_EPS * self.hi
         p = self._fit(self.x, target, tuple(self.x.shape[1:]),
                       lambda x, p: (x + torch.tanh(p) * eps).clamp(0, self.hi), steps)
-        return Probe("blend", None, (torch.tanh(p) * eps).numpy().astype(np.float32), self.hi)
+        return Probe("blend", None, (torch.tanh(p) * eps).cpu().numpy().astype(np.float32), self.hi)
 
     def logits(self, x_raw: np.ndarray) -> np.ndarray:
         with self.torch.no_grad():
-            return self.graph(make_input(self.torch, self.torch.from_numpy(x_raw), self.pp))[0].numpy()
+            return self.graph(make_input(self.torch, self.torch.from_numpy(x_raw), self.pp))[0].cpu().numpy()
 
 
 def _split(x_raw: np.ndarray, n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,27 +162,39 @@ def synthesize(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target
 class Scan:
     best_flip: np.ndarray          # per class: the highest share of test images one patch probe sends there
     suspected_target: int | None
+    candidates: list[int]          # the classes probed one by one, most reached first
 
 
 def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 0, *,
-         steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES) -> Scan:
-    """A short patch probe toward every class; a class some patch sends nearly every image to is the target.
+         steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES, n_candidates: int = SCAN_CANDIDATES) -> Scan:
+    """Short patch probes; a class some patch sends nearly every image to is the target.
 
     That is what a patch backdoor is — a small stamp that works on any image — while the universal patches
-    a clean model admits reach a fraction of the images. Probes are fitted on `n_images` of `x_raw` and
-    tested on the rest (half each when there are few), in both cases on images the model does not already
-    put in the class."""
+    a model admits without a backdoor reach a fraction of the images. So that the cost does not grow with
+    the number of classes, a patch at each place first goes toward whichever class it can reach; the
+    `n_candidates` classes those patches send most test images to are then probed one by one (K-Arm's
+    pre-selection of target arms, Shen et al. 2021, with a patch in place of the mask). A class's best flip
+    is the best of both. Probes are fitted on `n_images` of `x_raw` and tested on the rest (half each when
+    there are few), in both cases on images the model does not already put in the class."""
     x_raw = check_images(x_raw)
     x_fit, x_test = _split(x_raw, min(n_images, len(x_raw) // 2), seed)
     opt = _Optimiser(model, x_fit, pp, pixel_range(x_raw))
+    torch = opt.torch
     fit_logits = opt.logits(x_fit)
     fit_pred, test_pred = fit_logits.argmax(1), opt.logits(x_test).argmax(1)
-    best = np.zeros(fit_logits.shape[1])
-    for c in range(len(best)):
-        # images already in c say nothing about reaching it
-        fit, test = x_fit[fit_pred != c], x_test[test_pred != c]
-        if len(fit) and len(test):
-            best[c] = max(float((opt.logits(p.apply(test)).argmax(1) == c).mean())
-                          for p in opt.patches(c, steps, opt.torch.from_numpy(fit)))
+    n_classes = fit_logits.shape[1]
+    # images already in c say nothing about reaching it
+    outside = test_pred[:, None] != np.arange(n_classes)[None, :]
+
+    def flip_rates(probe: Probe) -> np.ndarray:
+        sent = opt.logits(probe.apply(x_test)).argmax(1)[:, None] == np.arange(n_classes)[None, :]
+        return (sent & outside).sum(0) / np.maximum(outside.sum(0), 1)
+
+    best = np.max([flip_rates(p) for p in opt.patches(None, steps, torch.from_numpy(x_fit))], axis=0)
+    candidates = [int(c) for c in np.argsort(-best, kind="stable")[:n_candidates]]
+    for c in candidates:
+        fit = x_fit[fit_pred != c]
+        if len(fit) and outside[:, c].any():
+            best[c] = max(best[c], *(float(flip_rates(p)[c]) for p in opt.patches(c, steps, torch.from_numpy(fit))))
     top = int(np.argmax(best))
-    return Scan(best, top if best[top] >= SCAN_FLIP else None)
+    return Scan(best, top if best[top] >= SCAN_FLIP else None, candidates)

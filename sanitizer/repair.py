@@ -15,7 +15,7 @@ from calib.preprocess import Preprocess
 
 from .errors import require
 from .graph import Site
-from .probe import make_input
+from .probe import device, make_input
 from .probes import Probe
 
 # A fixed number of steps, not epochs: small calibration sets need as many updates as large ones.
@@ -32,10 +32,10 @@ def repair(model: onnx.ModelProto, sites: dict[str, Site], pruned: dict[str, lis
     from .torch_graph import to_torch
 
     torch.manual_seed(seed)
-    graph = to_torch(model)
+    graph = to_torch(model).to(device(torch))
     masks = {}
     for name, channels in pruned.items():
-        m = torch.ones(sites[name].channels)
+        m = torch.ones(sites[name].channels, device=device(torch))
         m[list(channels)] = 0.0
         masks[sites[name].tensor] = m.reshape(sites[name].mask_shape)
     x = make_input(torch, torch.from_numpy(np.asarray(x_raw, np.float32)), pp)

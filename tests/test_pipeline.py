@@ -68,6 +68,8 @@ def test_run_writes_a_valid_model_and_a_full_report(cli, write_model, write_npz,
     assert report["preprocess"]["layout"] == "nchw" and report["preprocess"]["input_name"] == "input"
     assert report["preprocess"]["scale"] == pytest.approx(1 / 255)
     assert report["criterion"] == "linf"
+    steps = {"setup", "statistics", "search", "final checks", "write", "total"}
+    assert set(report["timings_seconds"]) == set(report["cpu_seconds"]) == steps
     assert report["scope"] == ["conv2"]                  # the last conv stage by default
     assert report["held_out_after"]["n"] == 60
     assert report["held_out_after"]["drop_estimate"] <= 0.02 and report["degraded"] is False

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("torch")
 
 from sanitizer import probes  # noqa: E402
-from sanitizer.probe import probe  # noqa: E402
+from sanitizer.probe import probe, searched_classes  # noqa: E402
 from sanitizer.probes import SCAN_FLIP, scan  # noqa: E402
 from digits_backdoor import PP, TARGET, acc_asr, trained  # noqa: E402
 
@@ -104,3 +104,26 @@ def test_the_mask_search_decides_when_no_patch_reaches_the_bar(backdoored, tmp_p
     assert found["patch_scan"]["threshold"] == 1.01
     assert found["suspected_target"] == TARGET and found["found_by"] == "mask anomaly"
     assert max(found["neural_cleanse"]["anomaly_index"]) > 2
+
+
+def test_the_scan_probes_only_the_candidates_the_any_class_patches_name(backdoored):
+    # a patch toward whichever class it can reach lands on the target: one candidate is enough to find it
+    found = scan(backdoored[0], backdoored[1], PP, seed=0, n_candidates=1)
+    assert found.candidates == [TARGET] and found.suspected_target == TARGET
+    assert found.best_flip.shape == (10,) and found.best_flip[TARGET] >= SCAN_FLIP
+
+
+def test_the_mask_search_runs_on_at_most_max_classes(backdoored):
+    model, calib, _, _ = backdoored
+    found = probe(model, calib, PP, seed=0, first_steps=20, refine_steps=10, candidates=[TARGET], max_classes=4)
+    searched = np.flatnonzero(~np.isnan(found.anomaly))
+    assert len(searched) == 4 and TARGET in searched
+    np.testing.assert_array_equal(np.isnan(found.mask_norms), np.isnan(found.anomaly))
+
+
+def test_searched_classes_keep_the_candidates_and_sample_the_rest_by_seed():
+    assert searched_classes(10, [3], seed=0, limit=32) == list(range(10))
+    chosen = searched_classes(1000, [7, 999, 7], seed=0, limit=32)
+    assert len(chosen) == 32 == len(set(chosen)) and {7, 999} <= set(chosen)
+    assert chosen == searched_classes(1000, [7, 999], seed=0, limit=32) != searched_classes(1000, [7, 999], seed=1,
+                                                                                           limit=32)
