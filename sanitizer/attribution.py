@@ -17,16 +17,15 @@ from calib.preprocess import Preprocess
 
 from .errors import require
 from .graph import Site
-from .probe import device, make_input
+from .probe import classifier, device, make_input
 
 
 def margin_gradients(model: onnx.ModelProto, sites: list[Site], pp: Preprocess, probed_sets: list[np.ndarray],
-                     clean_raw: np.ndarray, target: int, batch_size: int) -> dict[str, np.ndarray]:
-    """Per site, per unit: mean margin gradient over the probed sets minus the mean over clean images."""
+                     clean_raw: np.ndarray, target: int, batch_size: int, spec=None) -> dict[str, np.ndarray]:
+    """Per site, per unit: mean margin gradient over the probed sets minus the mean over clean images.
+    `spec`: the model's InputSpec (see probe.classifier)."""
     torch = require("torch", "torch")
-    from .torch_graph import to_torch
-
-    graph = to_torch(model, frozen=True).to(device(torch))
+    graph = classifier(model, spec, frozen=True)
 
     def mean_gradient(sets: list[np.ndarray]) -> dict[str, np.ndarray]:
         masks = {s.tensor: torch.ones(s.mask_shape, device=device(torch), requires_grad=True) for s in sites}

@@ -309,13 +309,13 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress) -> di
     progress("detection", 0, 2)
     start = time.perf_counter()
     raw = prep.calib.subset(fit).read(0, len(fit))
-    patch = scan(prep.model, raw, prep.pre, seed)
+    patch = scan(prep.model, raw, prep.pre, seed, spec=prep.spec)
     out = {"patch_scan": {"best_flip": _per_class(patch.best_flip, 4), "candidates": patch.candidates,
                           "threshold": SCAN_FLIP}}
     target, how = patch.suspected_target, "patch scan"
     progress("detection", 1, 2)
     if target is None:
-        found = probe(prep.model, raw, prep.pre, seed, candidates=patch.candidates)
+        found = probe(prep.model, raw, prep.pre, seed, candidates=patch.candidates, spec=prep.spec)
         target, how = found.suspected_target, "mask anomaly"
         out["neural_cleanse"] = {"anomaly_index": _per_class(found.anomaly, 4),
                                  "mask_l1": _per_class(found.mask_norms, 3),

@@ -61,6 +61,17 @@ def device(torch):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def classifier(model: onnx.ModelProto, spec=None, *, frozen: bool = False):
+    """The model as a torch module on device(torch) whose output is the class scores in logit space: the
+    spec's image input and classifier output (calib.preprocess.InputSpec; the first input and output when
+    None), a Softmax output read before the Softmax. Raises BadModel for an op the interpreter lacks."""
+    torch = require("torch", "torch")
+    from .torch_graph import to_torch
+
+    return to_torch(model, frozen=frozen, input_name=spec.name if spec else None,
+                    output_name=spec.output if spec else None, logits=True).to(device(torch))
+
+
 def make_input(torch, x_raw, pp: Preprocess):
     """Raw NHWC pixels (torch tensor, any device) -> model input on device(torch), differentiably."""
     x = x_raw.to(device(torch)) * pp.scale
@@ -151,19 +162,17 @@ def searched_classes(n_classes: int, candidates: list[int], seed: int, limit: in
 
 def probe(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 0, *,
           n_images: int = 64, first_steps: int = 60, refine_steps: int = 150, n_refine: int = 3,
-          batch: int = 32, candidates: list[int] = (), max_classes: int = MAX_CLASSES) -> ProbeResult:
+          batch: int = 32, candidates: list[int] = (), max_classes: int = MAX_CLASSES, spec=None) -> ProbeResult:
     """Neural-Cleanse search on `x_raw` (N, H, W, C raw pixels, N ≥ 8) over at most `max_classes` classes
-    (`candidates` always among them); classes not searched get NaN norms and anomaly. Raises BadData on
-    too few images."""
+    (`candidates` always among them); classes not searched get NaN norms and anomaly. `spec`: the model's
+    InputSpec (see classifier). Raises BadData on too few images."""
     torch = require("torch", "torch")
-    from .torch_graph import to_torch
-
     x_raw = check_images(x_raw)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x_raw))
     opt_idx, held_idx = order[: min(n_images, len(x_raw) // 2)], order[min(n_images, len(x_raw) // 2):]
     torch.manual_seed(seed)
-    graph = to_torch(model, frozen=True).to(device(torch))
+    graph = classifier(model, spec, frozen=True)
     hi = pixel_range(x_raw)
     x_all = torch.from_numpy(x_raw).to(device(torch))
     with torch.no_grad():

@@ -189,7 +189,7 @@ def reattack(model: onnx.ModelProto, prep, fit_raw: np.ndarray, hold_raw: np.nda
     from .probes import synthesize
 
     progress("re-attack", 0, 1)
-    fresh = synthesize(model, fit_raw, prep.pre, target, opts.seed)
+    fresh = synthesize(model, fit_raw, prep.pre, target, opts.seed, spec=prep.spec)
     _, rates = flips(model, prep.spec, clean_x, [prep.pre.apply(p.apply(hold_raw)) for p in fresh], target,
                      opts.batch_size)
     progress("re-attack", 1, 1)
@@ -213,7 +213,7 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
 
         hold_raw = prep.calib.subset(hold).read(0, len(hold))
         progress("probes", 0, 1)
-        probes = synthesize(prep.model, fit_raw, prep.pre, target, opts.seed)
+        probes = synthesize(prep.model, fit_raw, prep.pre, target, opts.seed, spec=prep.spec)
         progress("probes", 1, 1)
         probed_x = [prep.pre.apply(p.apply(hold_raw)) for p in probes]
         _, before = flips(prep.model, prep.spec, clean_x, probed_x, target, opts.batch_size)
@@ -239,7 +239,8 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
     progress("linf statistics", 0, 1)
     scores = ell_inf_gaps(prep.model, sites, prep.spec, prep.pre, clean, rank_sets, opts.batch_size)
     progress("attribution", 0, 1)
-    scores["attribution"] = margin_gradients(prep.model, sites, prep.pre, rank_sets, fit_raw, target, opts.batch_size)
+    scores["attribution"] = margin_gradients(prep.model, sites, prep.pre, rank_sets, fit_raw, target, opts.batch_size,
+                                               spec=prep.spec)
     for name, gap in scores.items():
         order = rank(gap, descending=True)
         limit = safe_limit(order, {s.name: s.channels for s in sites})
@@ -253,7 +254,7 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
     # suspicious samples have no clean twin to hold them to: the repair keeps them off the target instead
     avoid = None if paired else (rank_sets[0], target)
     repaired = rewrite.apply(repair(base, prep.sites, plan.pruned(), fit_raw, prep.pre, used, opts.seed,
-                                    avoid=avoid), prep.sites, plan.pruned())
+                                    avoid=avoid, spec=prep.spec), prep.sites, plan.pruned())
     progress("repair", 1, 1)
     progress("final checks", 0, 1)
     candidates = []

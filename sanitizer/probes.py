@@ -17,7 +17,7 @@ import onnx
 from calib.preprocess import Preprocess
 
 from .errors import require
-from .probe import check_images, device, make_input, pixel_range
+from .probe import check_images, classifier, device, make_input, pixel_range
 
 # Patch sides as a share of the image side: patch triggers in the literature cover ~1-4 % of the image,
 # i.e. a side of 10-20 %. A probe smaller than the trigger can be silenced while the trigger still works,
@@ -68,12 +68,10 @@ def _locations(h: int, w: int, s: int) -> list[tuple[int, int]]:
 class _Optimiser:
     """Probes toward one class at a time on a fixed set of clean images, through one torch copy of the model."""
 
-    def __init__(self, model: onnx.ModelProto, x_fit: np.ndarray, pp: Preprocess, hi: float):
+    def __init__(self, model: onnx.ModelProto, x_fit: np.ndarray, pp: Preprocess, hi: float, spec=None):
         self.torch = torch = require("torch", "torch")
-        from .torch_graph import to_torch
-
         self.on = device(torch)
-        self.graph = to_torch(model, frozen=True).to(self.on)
+        self.graph = classifier(model, spec, frozen=True)
         self.pp, self.hi = pp, hi
         self.x = torch.from_numpy(x_fit).to(self.on)
         self.h, self.w, self.ch = self.x.shape[1:]
@@ -149,11 +147,11 @@ def _split(x_raw: np.ndarray, n_images: int, seed: int) -> tuple[np.ndarray, np.
 
 
 def synthesize(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target: int, seed: int = 0, *,
-               steps: int = STEPS, n_images: int = N_IMAGES) -> list[Probe]:
+               steps: int = STEPS, n_images: int = N_IMAGES, spec=None) -> list[Probe]:
     """One probe per location and patch side plus one full-image probe, each optimised to send `x_raw` to
-    `target`."""
+    `target`. `spec`: the model's InputSpec (see probe.classifier)."""
     x_fit, _ = _split(x_raw, n_images, seed)
-    opt = _Optimiser(model, x_fit, pp, pixel_range(x_raw))
+    opt = _Optimiser(model, x_fit, pp, pixel_range(x_raw), spec)
     sides = {opt.side(share): share for share in (PATCH_SIDE, LARGE_PATCH_SIDE)}
     return [p for share in sides.values() for p in opt.patches(target, steps, share=share)] + [opt.blend(target, steps)]
 
@@ -166,7 +164,8 @@ class Scan:
 
 
 def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 0, *,
-         steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES, n_candidates: int = SCAN_CANDIDATES) -> Scan:
+         steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES, n_candidates: int = SCAN_CANDIDATES,
+         spec=None) -> Scan:
     """Short patch probes; a class some patch sends nearly every image to is the target.
 
     That is what a patch backdoor is — a small stamp that works on any image — while the universal patches
@@ -178,7 +177,7 @@ def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 
     there are few), in both cases on images the model does not already put in the class."""
     x_raw = check_images(x_raw)
     x_fit, x_test = _split(x_raw, min(n_images, len(x_raw) // 2), seed)
-    opt = _Optimiser(model, x_fit, pp, pixel_range(x_raw))
+    opt = _Optimiser(model, x_fit, pp, pixel_range(x_raw), spec)
     torch = opt.torch
     fit_logits = opt.logits(x_fit)
     fit_pred, test_pred = fit_logits.argmax(1), opt.logits(x_test).argmax(1)

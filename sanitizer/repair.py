@@ -15,7 +15,7 @@ from calib.preprocess import Preprocess
 
 from .errors import require
 from .graph import Site
-from .probe import device, make_input
+from .probe import classifier, device, make_input
 from .probes import Probe
 
 # A fixed number of steps, not epochs: small calibration sets need as many updates as large ones.
@@ -26,13 +26,12 @@ BATCH = 64
 
 def repair(model: onnx.ModelProto, sites: dict[str, Site], pruned: dict[str, list[int]], x_raw: np.ndarray,
            pp: Preprocess, probes: list[Probe], seed: int = 0, *, steps: int = STEPS,
-           avoid: tuple[np.ndarray, int] | None = None) -> onnx.ModelProto:
-    """`avoid`: (raw images, class) — images that must not go to that class (a user's triggered samples)."""
+           avoid: tuple[np.ndarray, int] | None = None, spec=None) -> onnx.ModelProto:
+    """`avoid`: (raw images, class) — images that must not go to that class (a user's triggered samples).
+    `spec`: the model's InputSpec (see probe.classifier)."""
     torch = require("torch", "torch")
-    from .torch_graph import to_torch
-
     torch.manual_seed(seed)
-    graph = to_torch(model).to(device(torch))
+    graph = classifier(model, spec)
     masks = {}
     for name, channels in pruned.items():
         m = torch.ones(sites[name].channels, device=device(torch))
