@@ -20,6 +20,19 @@ from onnx import helper, numpy_helper
 from .graph import Site
 
 
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type (TensorProto enum) of every tensor shape inference can type. A bound must match its
+    tensor's type (Min/Max take one type): float16 models have float16 sites."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except ValueError:  # over protobuf's 2 GiB: the image input's type stands for the graph's
+        inferred = model
+    g = inferred.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in (*g.value_info, *g.input, *g.output)}
+    fallback = g.input[0].type.tensor_type.elem_type if g.input else onnx.TensorProto.FLOAT
+    return {k: v or fallback for k, v in types.items()} | {"": fallback}
+
+
 def apply_bounds(model: onnx.ModelProto, sites: dict[str, Site], bounds: dict[str, np.ndarray]
                  ) -> onnx.ModelProto:
     """A copy of `model` where each site's tensor t is replaced, for all its readers, by clip(t, -b, b).
@@ -30,7 +43,7 @@ def apply_bounds(model: onnx.ModelProto, sites: dict[str, Site], bounds: dict[st
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    elem = {vi.name: vi.type.tensor_type.elem_type for vi in (*g.value_info, *g.input, *g.output)}
+    elem = tensor_types(model)
     inserted: dict[str, list[onnx.NodeProto]] = {}     # site tensor -> the nodes that bound it
     renamed: dict[str, str] = {}
     for k, (name, b) in enumerate(sorted(bounds.items())):
@@ -38,7 +51,7 @@ def apply_bounds(model: onnx.ModelProto, sites: dict[str, Site], bounds: dict[st
         b = np.asarray(b, np.float64)
         if b.shape != (site.channels,) or not np.isfinite(b).all() or (b < 0).any():
             raise ValueError(f"bound for {name}: need {site.channels} finite values ≥ 0")
-        dtype = helper.tensor_dtype_to_np_dtype(elem.get(site.tensor, onnx.TensorProto.FLOAT))
+        dtype = helper.tensor_dtype_to_np_dtype(elem.get(site.tensor, elem[""]))
         hi = b.astype(dtype).reshape(site.mask_shape)
         stem = f"{site.tensor}__bound{k}"
         inserted[site.tensor] = [

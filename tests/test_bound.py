@@ -118,3 +118,18 @@ def test_torch_path_runs_the_bounds_and_keeps_them_out_of_the_weights():
         got = graph(torch.from_numpy(next(iter(feed.values()))))[0].numpy()
     np.testing.assert_allclose(got, M.run(bounded, feed)[0], rtol=1e-5, atol=1e-5)
     assert len(list(graph.parameters())) == len(model.graph.initializer)
+
+
+def test_bounds_take_the_type_of_their_tensor():
+    # Min/Max take one type: a float16 model's sites get float16 bounds
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(M.plain(), keep_io_types=False)
+    feed = {k: v.astype(np.float16) for k, v in M.random_input(model, 2).items()}
+    shapes, ints = probe_shapes(model, feed)
+    sites = {s.name: s for s in find_sites(model, shapes, ints)}
+    bounds = {n: np.full(s.channels, 0.1) for n, s in sites.items()}
+    out = apply_bounds(model, sites, bounds)
+    onnx.checker.check_model(out, full_check=True)
+    got = _run(out, feed)[0]
+    assert got.dtype == np.float16 and np.isfinite(got).all()
