@@ -43,8 +43,8 @@ def test_default_removes_the_backdoor_within_the_budget(tmp_path):
     assert "patch 2x2 at (6, 6)" in used, report["probes"]["probes"]
     # wall seconds per step of the defense, adding up to no more than the whole run
     steps = report["timings_seconds"]
-    assert set(steps) == {"setup", "detection", "probes", "linf statistics", "attribution", "search", "repair",
-                          "final checks", "write", "total"}, steps
+    assert set(steps) == {"setup", "detection", "probes", "linf statistics", "bounds", "attribution", "search",
+                          "repair", "re-attack", "final checks", "write", "total"}, steps
     assert all(v >= 0 for v in steps.values()) and sum(steps.values()) - steps["total"] <= steps["total"] + 1e-3
 
 
