@@ -162,7 +162,8 @@ def choose_bounds(prep, clean: dict, held, clean_x: np.ndarray, probed_x: list[n
     """The original with every site's units bounded at the strongest quantile of BOUND_QUANTILES whose
     held-out accuracy drop stays within BOUND_BUDGET of the budget (bound.py; bounds tighten monotonically,
     so the first quantile past it ends the search) and under which no probe still follows the shortcut
-    (flip < USE_FLIP); none when no quantile does. Every prunable site is bounded, residual joins too.
+    (flip < USE_FLIP); the loosest, the largest ℓ∞ any fit image reaches, when no tighter one does. Every
+    prunable site is bounded, residual joins too.
     `clean`: raw_stats over the fit images with per-image reductions kept. Returns the bounded model (the
     original when even the loosest bound spends too much) and what was tried, for the report."""
     per_image = {s.name: clean[s.tensor].per_image["linf"] for s in prep.sites.values() if s.prunable}
@@ -175,8 +176,9 @@ def choose_bounds(prep, clean: dict, held, clean_x: np.ndarray, probed_x: list[n
         tried.append({"quantile": q, "probe_flip": [round(r, 4) for r in rates], **ag.to_dict()})
         if not ag.within(BOUND_BUDGET * opts.max_acc_drop):
             break
-        # bounds that leave the probes' shortcut working (see USE_FLIP) only spend accuracy: pruning does it
-        if max(rates) < USE_FLIP:
+        # the loosest bound (what clean images reach) is kept for nothing; a tighter one that leaves the
+        # probes' shortcut working (see USE_FLIP) would only spend accuracy: pruning does that job
+        if q == BOUND_QUANTILES[0] or max(rates) < USE_FLIP:
             chosen, model = q, bounded
     return model, {"quantile": chosen, "sites": len(per_image) if chosen is not None else 0, "tried": tried}
 
