@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import models as M
-from calib.stats import collect
+from calib.stats import UnitAxis, collect
 from sanitizer.errors import ExitCode
 
 DTYPES = {"float16": TensorProto.FLOAT16, "float64": TensorProto.DOUBLE, "bfloat16": TensorProto.BFLOAT16}
@@ -52,7 +52,7 @@ def test_float16_statistics_are_computed_in_float32(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     x = np.full((3, 2, 16, 16), 300.0, np.float32)
     x[:, 1] = -1
-    got = collect(model, {"r": 4}, iter([x]), "x", keep_per_image=True).stats["r"].per_image
+    got = collect(model, {"r": UnitAxis(4, 1)}, iter([x]), "x", keep_per_image=True).stats["r"].per_image
     np.testing.assert_allclose(got["l2"][:, 0], 4800.0, rtol=1e-3)
     np.testing.assert_array_equal(got["linf"], [[300.0, 0.0]] * 3)
     np.testing.assert_allclose(got["l1"][:, 0], 300.0 * 256, rtol=1e-3)
