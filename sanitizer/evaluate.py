@@ -97,11 +97,11 @@ class Agreement:
                 "judged_on": "accuracy" if self.labeled else "agreement weighted by the original's confidence"}
 
 
-def probabilities(out: np.ndarray) -> np.ndarray:
-    """Class probabilities from a model's [N, K] output: kept as they are when the rows already are
-    probabilities (non-negative, summing to 1 — a model that ends in Softmax), else softmax of the logits."""
+def probabilities(out: np.ndarray, kind: str = "logits") -> np.ndarray:
+    """Class probabilities [N, K] from a model's [N, K] output of `kind` (InputSpec.output_kind, decided by
+    sanity.check_original): kept as they are when they already are probabilities, else softmax of the logits."""
     out = np.asarray(out, np.float64)
-    if out.size and (out >= 0).all() and np.allclose(out.sum(1), 1.0, atol=1e-3):
+    if kind == "probabilities":
         return out
     z = np.exp(out - out.max(1, keepdims=True))
     return z / z.sum(1, keepdims=True)

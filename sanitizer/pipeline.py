@@ -218,7 +218,8 @@ class HeldOut:
         self.provider = predictor.provider
         # the original's probabilities weigh each changed prediction by how sure it was of the old class
         out = [predictor.logits(x, batch_size) for x in self.batches()]
-        self.reference_prob = probabilities(np.concatenate(out)).astype(np.float32) if out else np.zeros((0, 0))
+        self.reference_prob = (probabilities(np.concatenate(out), self.spec.output_kind).astype(np.float32)
+                               if out else np.zeros((0, 0)))
         self.reference = self.reference_prob.argmax(1)
 
     def batches(self):

@@ -1,0 +1,43 @@
+"""The stop rule's estimate of the accuracy drop on held-out images (sanitizer.evaluate.agreement)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sanitizer.evaluate import agreement, probabilities
+
+
+def test_label_free_changes_count_by_the_originals_confidence():
+    prob = np.array([[0.9, 0.1], [0.55, 0.45], [0.2, 0.8], [0.6, 0.4]])
+    ref = prob.argmax(1)                                   # 0, 0, 1, 0
+    pred = np.array([1, 1, 1, 0])                          # the first two change
+    ag = agreement(ref, pred, None, prob)
+    # a change the original was sure of is nearly a whole loss, a coin flip nearly none
+    assert ag.drop == pytest.approx(((0.9 - 0.1) + (0.55 - 0.45)) / 4)
+    assert ag.rate == 0.5 and not ag.labeled
+    # without the original's probabilities every change is a whole loss (the old, stricter rule)
+    assert agreement(ref, pred).drop == pytest.approx(0.5)
+    lo, hi = ag.drop_interval
+    assert lo < ag.drop < hi
+    assert ag.within(0.3) and not ag.within(0.2)
+
+
+def test_labelled_drop_is_lost_minus_gained():
+    ref = np.array([0, 0, 1, 1])
+    labels = np.array([0, 1, 1, 0])                        # the original is right on images 0 and 2
+    pred = np.array([1, 1, 1, 0])                          # image 0 lost, images 1 and 3 gained
+    ag = agreement(ref, pred, labels)
+    assert ag.drop == pytest.approx((1 - 2) / 4) and ag.within(0.0)
+    assert ag.to_dict()["judged_on"] == "accuracy"
+
+
+def test_unchanged_predictions_lose_nothing():
+    ref = np.array([2, 0, 1])
+    ag = agreement(ref, ref.copy(), None, np.eye(3)[ref])
+    assert ag.drop == 0.0 and ag.drop_interval == (0.0, 0.0) and ag.within(0.0)
+
+
+def test_probabilities_are_kept_and_logits_softmaxed():
+    p = np.array([[0.25, 0.75]])
+    assert np.array_equal(probabilities(p, "probabilities"), p)
+    np.testing.assert_allclose(probabilities(np.array([[0.0, np.log(3.0)]])), p)
