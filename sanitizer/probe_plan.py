@@ -267,20 +267,25 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
                            "probes_silenced": bool((np.array(rates) <= good).all()),
                            "probe_flip": [round(r, 4) for r in rates], **ag.to_dict()})
     # a repair can teach the backdoor back: a candidate counts only if the probes stay silenced
-    ok = [c for c in candidates if c["within_budget"] and c["probes_silenced"]]
-    best = (min(ok, key=lambda c: max(c["probe_flip"]) - (FLIP_GOAL if c["name"] == "pruned" else 0)) if ok else
-            min(candidates, key=lambda c: (not c["probes_silenced"], c["drop_estimate"])))
+    ok = sorted((c for c in candidates if c["within_budget"] and c["probes_silenced"]),
+                key=lambda c: max(c["probe_flip"]) - (FLIP_GOAL if c["name"] == "pruned" else 0))
+    best = ok[0] if ok else min(candidates, key=lambda c: (not c["probes_silenced"], c["drop_estimate"]))
     best["within_budget"] = bool(ok)
     fresh = None
     if paired:
         # the bar of each used probe, applied to the fresh probe of the same kind and place: one the count
         # judged ordinary adversarial weakness (inf) does not count here either
         bars_by_name = {probes[i].describe(): float(g) for i, g in zip(chosen, good)}
-        fresh = reattack(best["model"], prep, fit_raw, hold_raw, clean_x, target, opts, progress)
-        fresh["bars"] = {n: (None if np.isinf(g) else round(g, 4)) for n, g in bars_by_name.items()}
-        fresh["silenced"] = all(fresh["fresh_probe_flip"][n] <= g for n, g in bars_by_name.items())
-        best["fresh_probes_silenced"] = fresh["silenced"]
-        best["within_budget"] = best["within_budget"] and fresh["silenced"]
+        # in order of preference, the first candidate the fresh probes fail against is kept (else the last
+        # one attacked, whose fresh flips the report then shows)
+        for best in ok or [best]:
+            fresh = reattack(best["model"], prep, fit_raw, hold_raw, clean_x, target, opts, progress)
+            fresh["bars"] = {n: (None if np.isinf(g) else round(g, 4)) for n, g in bars_by_name.items()}
+            fresh["silenced"] = all(fresh["fresh_probe_flip"][n] <= g for n, g in bars_by_name.items())
+            best["fresh_probes_silenced"] = fresh["silenced"]
+            if fresh["silenced"]:
+                break
+        best["within_budget"] = bool(ok) and fresh["silenced"]
     plan.trace.append({"units": plan.count, "final": best["name"],
                        **{k: v for k, v in best.items() if k not in ("model", "name")}})
     info = {"target": target, "source": "synthesized" if paired else "suspicious samples",
