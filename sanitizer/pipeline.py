@@ -395,6 +395,29 @@ def check_outputs(opts: Options, models: tuple[Path, ...]) -> Path | None:
     return out_onnx
 
 
+def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: float) -> str:
+    """The one-line reason a result is not written (exit 7) and what the user can do about it. `final`:
+    the chosen candidate's held-out record (evaluate.Agreement.to_dict plus the probe verdicts)."""
+    if final["drop_estimate"] > max_acc_drop:
+        lo, hi = final["drop_interval90"]
+        why = (f"breaks the accuracy budget: estimated {final['judged_on'].split()[0]} drop "
+               f"{final['drop_estimate']:.3f} (80 % interval {lo:.3f}..{hi:.3f}) > {max_acc_drop} on "
+               f"{final['n']} held-out images")
+        act = "more --calib images narrow the estimate; --max-acc-drop raises the budget"
+    elif not final.get("fresh_probes_silenced", True):
+        fresh = probe_info["reattack"]
+        control = fresh.get("control")
+        than = (f", more than the control class {control['class']} ({control['max_fresh_flip']:.3f})"
+                if control else "")
+        why = (f"leaves the backdoor in place: probes synthesized afresh against the result still reach the "
+               f"target (flip rate {fresh['max_fresh_flip']:.3f}{than})")
+        act = "--suspect with triggered samples, if you have any, aims the search"
+    else:
+        why = f"leaves the backdoor's probes working (flip rate {max(final['probe_flip']):.3f})"
+        act = "--suspect with triggered samples, if you have any, aims the search"
+    return f"pruning {count} units {why}; nothing written ({act}; --allow-degraded writes it anyway)"
+
+
 def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     """Run the job; write the sanitized ONNX (and report) atomically; return the report."""
     t0 = time.perf_counter()
@@ -484,20 +507,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         report["evaluation"] = {"before": evaluate(prep.model, prep.spec, prep.pre, **kw),
                                 "after": evaluate(sanitized, prep.spec, prep.pre, **kw)}
     if degraded and not opts.allow_degraded:
-        if final["drop_estimate"] > opts.max_acc_drop:
-            lo, hi = final["drop_interval90"]
-            why = (f"breaks the accuracy budget: estimated {final['judged_on'].split()[0]} drop "
-                   f"{final['drop_estimate']:.3f} (80 % interval {lo:.3f}..{hi:.3f}) > {opts.max_acc_drop} on "
-                   f"{final['n']} held-out images")
-            act = "more --calib images narrow the estimate; --max-acc-drop raises the budget"
-        elif not final.get("fresh_probes_silenced", True):
-            why = (f"leaves the backdoor in place: probes synthesized afresh against the result still reach the "
-                   f"target (flip rate {probe_info['reattack']['max_fresh_flip']:.3f})")
-        else:
-            why = f"leaves the backdoor's probes working (flip rate {max(final['probe_flip']):.3f})"
-            act = "--suspect with triggered samples, if you have any, aims the search"
-        raise SanitizeError(f"pruning {plan.count} units {why}; nothing written ({act}; --allow-degraded writes it "
-                            "anyway)", ExitCode.DEGRADED)
+        raise SanitizeError(refusal(plan.count, final, probe_info, opts.max_acc_drop), ExitCode.DEGRADED)
     clock.switch("write")
     if out_onnx is not None:
         written = save_model(sanitized, out_onnx, external=prep.loaded.external)

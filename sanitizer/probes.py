@@ -76,9 +76,9 @@ class _Optimiser:
         self.x = torch.from_numpy(x_fit).to(self.on)
         self.h, self.w, self.ch = self.x.shape[1:]
 
-    def _fit(self, x, target: int | None, shape, paint, steps: int):
+    def _fit(self, x, target: int | None, shape, paint, steps: int, exclude: tuple[int, ...] = ()):
         torch = self.torch
-        loss_of = self._toward(x, target)
+        loss_of = self._toward(x, target, exclude)
         param = torch.zeros(shape, device=self.on, requires_grad=True)
         opt = torch.optim.Adam([param], lr=0.1)
         for _ in range(steps):
@@ -89,10 +89,10 @@ class _Optimiser:
             opt.step()
         return param.detach()
 
-    def _toward(self, x, target: int | None):
-        """The loss of a probe toward `target`, or — None — toward whichever class it can reach: the
-        largest (soft maximum over classes) mean log-probability of a class among the images not already
-        in it, so the probe settles on the class easiest to send every image to."""
+    def _toward(self, x, target: int | None, exclude: tuple[int, ...] = ()):
+        """The loss of a probe toward `target`, or — None — toward whichever class it can reach (other
+        than `exclude`): the largest (soft maximum over classes) mean log-probability of a class among the
+        images not already in it, so the probe settles on the class easiest to send every image to."""
         torch = self.torch
         if target is not None:
             labels = torch.full((len(x),), target, dtype=torch.long, device=self.on)
@@ -103,6 +103,7 @@ class _Optimiser:
         count = outside.sum(0)
         # a class every image is already in cannot be reached: it takes no part
         unreachable = torch.where(count > 0, 0.0, -torch.inf)
+        unreachable[list(exclude)] = -torch.inf
 
         def loss(logits):
             logp = torch.log_softmax(logits, 1)
@@ -113,8 +114,9 @@ class _Optimiser:
     def side(self, share: float) -> int:
         return max(2, int(round(share * min(self.h, self.w))))
 
-    def patches(self, target: int | None, steps: int, x=None, share: float = PATCH_SIDE) -> list[Probe]:
-        """A patch at each place toward `target` (None: toward whichever class it can reach)."""
+    def patches(self, target: int | None, steps: int, x=None, share: float = PATCH_SIDE,
+                exclude: tuple[int, ...] = ()) -> list[Probe]:
+        """A patch at each place toward `target` (None: toward whichever class but `exclude` it can reach)."""
         x = self.x if x is None else x.to(self.on)
         s, torch = self.side(share), self.torch
         out = []
@@ -123,7 +125,7 @@ class _Optimiser:
                 x = x.clone()
                 x[:, r:r + s, c:c + s, :] = torch.sigmoid(p * 4) * self.hi
                 return x
-            p = self._fit(x, target, (s, s, self.ch), paint, steps)
+            p = self._fit(x, target, (s, s, self.ch), paint, steps, exclude)
             out.append(Probe("patch", (r, c), (torch.sigmoid(p * 4) * self.hi).cpu().numpy().astype(np.float32), self.hi))
         return out
 
@@ -163,6 +165,30 @@ class Scan:
     candidates: list[int]          # the classes probed one by one, most reached first
 
 
+class _Reach:
+    """Per class, the share of test images a probe sends there among those the model does not already
+    put in it; probes are fitted on the other images (`n_images` of `x_raw`, half when there are few)."""
+
+    def __init__(self, model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int, n_images: int, spec):
+        x_raw = check_images(x_raw)
+        self.x_fit, self.x_test = _split(x_raw, min(n_images, len(x_raw) // 2), seed)
+        self.opt = _Optimiser(model, self.x_fit, pp, pixel_range(x_raw), spec)
+        fit_logits = self.opt.logits(self.x_fit)
+        self.fit_pred, self.n_classes = fit_logits.argmax(1), fit_logits.shape[1]
+        # images already in c say nothing about reaching it
+        self.outside = self.opt.logits(self.x_test).argmax(1)[:, None] != np.arange(self.n_classes)[None, :]
+
+    def rates(self, probe: Probe) -> np.ndarray:
+        sent = self.opt.logits(probe.apply(self.x_test)).argmax(1)[:, None] == np.arange(self.n_classes)[None, :]
+        return (sent & self.outside).sum(0) / np.maximum(self.outside.sum(0), 1)
+
+    def any_class(self, steps: int, exclude: tuple[int, ...] = ()) -> np.ndarray:
+        """Per class, the best rate of a patch at each place pushed toward whichever class (but `exclude`)
+        it can reach."""
+        x = self.opt.torch.from_numpy(self.x_fit)
+        return np.max([self.rates(p) for p in self.opt.patches(None, steps, x, exclude=exclude)], axis=0)
+
+
 def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 0, *,
          steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES, n_candidates: int = SCAN_CANDIDATES,
          spec=None) -> Scan:
@@ -175,25 +201,24 @@ def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 
     pre-selection of target arms, Shen et al. 2021, with a patch in place of the mask). A class's best flip
     is the best of both. Probes are fitted on `n_images` of `x_raw` and tested on the rest (half each when
     there are few), in both cases on images the model does not already put in the class."""
-    x_raw = check_images(x_raw)
-    x_fit, x_test = _split(x_raw, min(n_images, len(x_raw) // 2), seed)
-    opt = _Optimiser(model, x_fit, pp, pixel_range(x_raw), spec)
-    torch = opt.torch
-    fit_logits = opt.logits(x_fit)
-    fit_pred, test_pred = fit_logits.argmax(1), opt.logits(x_test).argmax(1)
-    n_classes = fit_logits.shape[1]
-    # images already in c say nothing about reaching it
-    outside = test_pred[:, None] != np.arange(n_classes)[None, :]
-
-    def flip_rates(probe: Probe) -> np.ndarray:
-        sent = opt.logits(probe.apply(x_test)).argmax(1)[:, None] == np.arange(n_classes)[None, :]
-        return (sent & outside).sum(0) / np.maximum(outside.sum(0), 1)
-
-    best = np.max([flip_rates(p) for p in opt.patches(None, steps, torch.from_numpy(x_fit))], axis=0)
+    reach = _Reach(model, x_raw, pp, seed, n_images, spec)
+    best = reach.any_class(steps)
     candidates = [int(c) for c in np.argsort(-best, kind="stable")[:n_candidates]]
     for c in candidates:
-        fit = x_fit[fit_pred != c]
-        if len(fit) and outside[:, c].any():
-            best[c] = max(best[c], *(float(flip_rates(p)[c]) for p in opt.patches(c, steps, torch.from_numpy(fit))))
+        fit = reach.x_fit[reach.fit_pred != c]
+        if len(fit) and reach.outside[:, c].any():
+            probes = reach.opt.patches(c, steps, reach.opt.torch.from_numpy(fit))
+            best[c] = max(best[c], *(float(reach.rates(p)[c]) for p in probes))
     top = int(np.argmax(best))
     return Scan(best, top if best[top] >= SCAN_FLIP else None, candidates)
+
+
+def control_class(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target: int, seed: int = 0, *,
+                  steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES, spec=None) -> int:
+    """The class other than `target` that short patch probes toward any class reach most easily on `model`:
+    the yardstick of how reachable a class is without a backdoor, under the same budget (Neural Cleanse's
+    idea of judging the target against the other classes, Wang et al. 2019)."""
+    reach = _Reach(model, x_raw, pp, seed, n_images, spec)
+    best = reach.any_class(steps, exclude=(target,))
+    best[target] = -1.0
+    return int(np.argmax(best))

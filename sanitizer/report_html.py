@@ -117,11 +117,14 @@ def _probes(pr: dict, held: dict) -> str:
              for t in bounds["tried"]], {1, 2, 3})
     fresh = pr.get("reattack")
     if fresh:
-        out += (f"<p>Re-attack: probes synthesized afresh against the result; backdoor "
+        control = fresh.get("control")
+        against = f"; toward the control class {control['class']}" if control else ""
+        out += (f"<p>Re-attack: probes synthesized afresh against the result{_e(against)}; backdoor "
                 f"{'removed' if fresh['silenced'] else '<b>still reachable</b>'}.</p>"
-                + _table(["fresh probe", "flip rate", "bar"],
+                + _table(["fresh probe", "flip rate", "bar"] + (["control flip rate"] if control else []),
                          [[n, rate(f), rate(fresh["bars"].get(n)) if n in fresh["bars"] else "—"]
-                          for n, f in fresh["fresh_probe_flip"].items()], {1, 2}))
+                          + ([rate(control["fresh_probe_flip"].get(n))] if control else [])
+                          for n, f in fresh["fresh_probe_flip"].items()], {1, 2, 3}))
     return out
 
 

@@ -201,3 +201,59 @@ def test_without_torch_the_default_says_how_to_go_on(tmp_path, monkeypatch, caps
     code, report = _run(model, calib, tmp_path)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 9 and report is None and len(err) == 1 and "--criterion linf" in err[0]
+
+
+def _reattack(model, calib, bar):
+    from types import SimpleNamespace
+
+    from calib.preprocess import input_spec
+    from sanitizer.probe_plan import reattack
+    from sanitizer.probes import synthesize
+
+    spec = input_spec(model)
+    names = [p.describe() for p in synthesize(model, calib[:16], PP, TARGET, steps=1)]
+    prep = SimpleNamespace(pre=PP, spec=spec)
+    opts = SimpleNamespace(seed=0, batch_size=64)
+    fit, hold = calib[:150], calib[150:]
+    return reattack(model, prep, fit, hold, PP.apply(hold), TARGET, dict.fromkeys(names, bar), opts,
+                    lambda *a: None)
+
+
+def test_reattack_judges_the_target_against_a_control_class():
+    # bars no probe can pass (0): the verdict rests on the control class alone
+    model, calib, _, _ = trained(poisoned=True)
+    backdoored = _reattack(model, calib, 0.0)
+    assert not backdoored["silenced"] and backdoored["control"]["class"] != TARGET
+    assert backdoored["max_fresh_flip"] > backdoored["control"]["max_fresh_flip"] + 0.3, backdoored
+    # the clean twin: class 0 is reachable by a patch like any other class, so nothing is in place
+    clean, calib, _, _ = trained(poisoned=False)
+    honest = _reattack(clean, calib, 0.0)
+    assert honest["silenced"] and honest["control"]["class"] != TARGET, honest
+    # under bars every fresh probe passes, no control is synthesized
+    passed = _reattack(model, calib, 1.0)
+    assert passed["silenced"] and "control" not in passed
+
+
+def test_removed_counts_only_the_probes_with_a_bar():
+    from sanitizer.probe_plan import FLIP_GOAL, removed
+
+    bars = {"a": 0.05, "b": np.inf}
+    assert removed({"a": 0.04, "b": 0.9}, bars, None), "a probe the count judged adversarial does not count"
+    assert not removed({"a": 0.4, "b": 0.0}, bars, None)
+    assert removed({"a": 0.4, "b": 0.0}, bars, {"a": 0.4 - FLIP_GOAL + 0.01, "b": 0.9})
+    assert not removed({"a": 0.4, "b": 0.0}, bars, {"a": 0.3, "b": 0.9})
+
+
+def test_refusal_names_the_reason_and_what_to_do():
+    from sanitizer.pipeline import refusal
+
+    final = {"drop_estimate": 0.01, "drop_interval90": [0.0, 0.03], "judged_on": "accuracy", "n": 250,
+             "probe_flip": [0.02], "fresh_probes_silenced": False}
+    info = {"reattack": {"max_fresh_flip": 0.62, "control": {"class": 3, "max_fresh_flip": 0.2}}}
+    msg = refusal(4, final, info, 0.02)
+    assert "leaves the backdoor in place" in msg and "0.620" in msg and "control class 3 (0.200)" in msg
+    assert "--suspect" in msg and "--allow-degraded" in msg and "\n" not in msg
+    over = refusal(4, {**final, "drop_estimate": 0.05}, info, 0.02)
+    assert "breaks the accuracy budget" in over and "--max-acc-drop" in over
+    probes = refusal(4, {**final, "fresh_probes_silenced": True, "probe_flip": [0.3]}, info, 0.02)
+    assert "probes working (flip rate 0.300)" in probes

@@ -156,3 +156,15 @@ def test_page_renders_in_chromium(cli, tmp_path):
         gray = np.asarray(shot.convert("L"))
     # text, tables and the figure: a blank or error page is nearly one colour
     assert (gray < 128).mean() > 0.01 and gray.std() > 20
+
+
+def test_reattack_table_shows_the_control_class():
+    from sanitizer.report_html import _probes
+
+    pr = {"probes": [], "target": 0, "source": "synthesized", "ranking": "relative", "chosen": "pruned",
+          "candidates": [], "reattack": {"silenced": True, "max_fresh_flip": 0.4, "bars": {"patch 2x2 at (0, 0)": 0.05},
+                                     "fresh_probe_flip": {"patch 2x2 at (0, 0)": 0.4},
+                                     "control": {"class": 7, "max_fresh_flip": 0.45,
+                                                 "fresh_probe_flip": {"patch 2x2 at (0, 0)": 0.45}}}}
+    page = _probes(pr, {})
+    assert "control class 7" in page and "control flip rate" in page and "0.4500" in page and "removed" in page
