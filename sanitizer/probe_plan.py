@@ -127,10 +127,11 @@ def count_by_probes(prep, base: onnx.ModelProto, order: list[tuple[str, int]], l
     if max(flips_at[0]) <= FLIP_GOAL:
         plan.count = 0
         return plan, agree_at[0], np.full(len(probed_x), FLIP_GOAL)
-    grid, k = [], 1
+    # the base itself (bounded) may already have every probe that counts under its bar
+    grid, k = [0], 1
     while True:
         measure(k)
-        if agree_at[k] < ALIVE and grid:
+        if agree_at[k] < ALIVE:
             break
         grid.append(k)
         if k >= cap:
@@ -159,28 +160,35 @@ def count_by_probes(prep, base: onnx.ModelProto, order: list[tuple[str, int]], l
 
 def choose_bounds(prep, clean: dict, held, clean_x: np.ndarray, probed_x: list[np.ndarray], paired: bool,
                   target: int, opts) -> tuple[onnx.ModelProto, dict]:
-    """The original with every site's units bounded at the strongest quantile of BOUND_QUANTILES whose
-    held-out accuracy drop stays within BOUND_BUDGET of the budget (bound.py; bounds tighten monotonically,
-    so the first quantile past it ends the search) and under which no probe still follows the shortcut
-    (flip < USE_FLIP); the loosest, the largest ℓ∞ any fit image reaches, when no tighter one does. Every
-    prunable site is bounded, residual joins too.
+    """The original with every site's units bounded at a quantile of BOUND_QUANTILES (bound.py), chosen
+    the way count_by_probes chooses a count: over the quantiles whose held-out accuracy drop stays within
+    BOUND_BUDGET of the budget (bounds tighten monotonically, so the first past it ends the search), the
+    loosest at which every probe that some bound silences is under its bar (`bars`); probes no bound
+    silences are ordinary adversarial weakness and do not count. When no probe falls, the loosest bound —
+    the largest ℓ∞ any fit image reaches — is kept for nothing. Every prunable site is bounded, residual
+    joins too.
     `clean`: raw_stats over the fit images with per-image reductions kept. Returns the bounded model (the
     original when even the loosest bound spends too much) and what was tried, for the report."""
     per_image = {s.name: clean[s.tensor].per_image["linf"] for s in prep.sites.values() if s.prunable}
-    chosen, model, tried = None, prep.model, []
+    tried, models, rates = [], {}, {}
     for q in BOUND_QUANTILES:
         bounds = {name: np.quantile(v, q, axis=0) for name, v in per_image.items()}
         bounded = apply_bounds(prep.model, prep.sites, bounds)
-        pred, rates = flips(bounded, prep.spec, clean_x, probed_x, target, opts.batch_size, paired)
+        pred, rates[q] = flips(bounded, prep.spec, clean_x, probed_x, target, opts.batch_size, paired)
         ag = held.agreement_of(pred)
-        tried.append({"quantile": q, "probe_flip": [round(r, 4) for r in rates], **ag.to_dict()})
+        tried.append({"quantile": q, "probe_flip": [round(r, 4) for r in rates[q]], **ag.to_dict()})
         if not ag.within(BOUND_BUDGET * opts.max_acc_drop):
             break
-        # the loosest bound (what clean images reach) is kept for nothing; a tighter one that leaves the
-        # probes' shortcut working (see USE_FLIP) would only spend accuracy: pruning does that job
-        if q == BOUND_QUANTILES[0] or max(rates) < USE_FLIP:
-            chosen, model = q, bounded
-    return model, {"quantile": chosen, "sites": len(per_image) if chosen is not None else 0, "tried": tried}
+        models[q] = bounded
+    chosen = None
+    if models:
+        floor = np.min([rates[q] for q in models], axis=0)
+        good = bars(floor)
+        chosen = BOUND_QUANTILES[0]
+        if (floor <= FLIP_GOAL).any():
+            chosen = next(q for q in models if (np.array(rates[q]) <= good).all())
+    return models.get(chosen, prep.model), {"quantile": chosen, "sites": len(per_image) if chosen is not None else 0,
+                                            "tried": tried}
 
 
 def removed(target_flip: dict[str, float], bars: dict[str, float], control_flip: dict[str, float] | None) -> bool:

@@ -63,12 +63,13 @@ def test_default_removes_a_trigger_larger_than_the_small_probe(tmp_path):
     assert after["clean_acc"] >= before["clean_acc"] - 0.03, (before, after)
     # the result was attacked afresh: probes synthesized against it no longer reach the target either
     assert report["probes"]["reattack"]["max_fresh_flip"] <= 0.1, report["probes"]["reattack"]
-    # bounds: tried loosest first, kept within half the budget; a tighter one than the loosest only with
-    # every probe broken
+    # bounds: tried loosest first, kept within half the budget; a tighter one than the loosest only where
+    # some bound silences a probe
     bounds = report["probes"]["bounds"]
     assert [t["quantile"] for t in bounds["tried"]] == sorted((t["quantile"] for t in bounds["tried"]), reverse=True)
     (kept,) = [t for t in bounds["tried"] if t["quantile"] == bounds["quantile"]]
-    assert kept["drop_estimate"] <= 0.01 and (kept["quantile"] == 1.0 or max(kept["probe_flip"]) < 0.5)
+    silenced = min(min(t["probe_flip"]) for t in bounds["tried"]) <= 0.05
+    assert kept["drop_estimate"] <= 0.01 and (kept["quantile"] == 1.0 or silenced)
 
 
 def test_default_leaves_a_clean_model_unchanged(tmp_path):
