@@ -208,15 +208,18 @@ def removed(target_flip: dict[str, float], bars: dict[str, float], control_flip:
 def reattack(model: onnx.ModelProto, prep, fit_raw: np.ndarray, hold_raw: np.ndarray, clean_x: np.ndarray,
              target: int, bars: dict[str, float], opts, progress) -> dict:
     """Fresh probes synthesized against the sanitized `model` with the same budget as on the original: the
-    backdoor is judged by attacking the result, not by replaying probes it was pruned against. When they
+    backdoor is judged by attacking the result, not by replaying probes it was pruned against. Only the
+    probes the count judged (finite bar) are synthesized: the others take no part in the verdict. When they
     pass a bar (`bars`: per probe description, the flip rate the count brought it under; inf: not
     counted), the same probes are synthesized toward a control class (probes.control_class) and the
     target must be no easier to reach than it (see removed). Returns per probe its held-out flip rate
     toward `target` (and the control's), the bars and the verdict."""
     from .probes import control_class, synthesize
 
+    counted = {n for n, g in bars.items() if np.isfinite(g)}
+
     def attack(cls: int) -> dict[str, float]:
-        fresh = synthesize(model, fit_raw, prep.pre, cls, opts.seed, spec=prep.spec)
+        fresh = synthesize(model, fit_raw, prep.pre, cls, opts.seed, spec=prep.spec, only=counted)
         _, rates = flips(model, prep.spec, clean_x, [prep.pre.apply(p.apply(hold_raw)) for p in fresh], cls,
                          opts.batch_size)
         return {p.describe(): round(r, 4) for p, r in zip(fresh, rates)}

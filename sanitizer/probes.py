@@ -9,6 +9,7 @@ rank by; probes that only find ordinary adversarial weakness spread over many un
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,9 +57,12 @@ class Probe:
         return np.clip(x + self.delta, 0.0, self.hi).astype(np.float32)
 
     def describe(self) -> str:
-        if self.kind == "patch":
-            return f"patch {self.delta.shape[0]}x{self.delta.shape[1]} at {self.at}"
-        return f"blend ±{BLEND_EPS:g} of range"
+        return probe_name(self.kind, self.delta.shape[0], self.at)
+
+
+def probe_name(kind: str, side: int | None = None, at: tuple[int, int] | None = None) -> str:
+    """How a probe is named in reports and matched across syntheses: its kind, side and place."""
+    return f"patch {side}x{side} at {at}" if kind == "patch" else f"blend ±{BLEND_EPS:g} of range"
 
 
 def _locations(h: int, w: int, s: int) -> list[tuple[int, int]]:
@@ -115,12 +119,15 @@ class _Optimiser:
         return max(2, int(round(share * min(self.h, self.w))))
 
     def patches(self, target: int | None, steps: int, x=None, share: float = PATCH_SIDE,
-                exclude: tuple[int, ...] = ()) -> list[Probe]:
-        """A patch at each place toward `target` (None: toward whichever class but `exclude` it can reach)."""
+                exclude: tuple[int, ...] = (), only: Collection[str] | None = None) -> list[Probe]:
+        """A patch at each place toward `target` (None: toward whichever class but `exclude` it can reach);
+        with `only`, at the places whose probe_name is in it."""
         x = self.x if x is None else x.to(self.on)
         s, torch = self.side(share), self.torch
         out = []
         for r, c in _locations(self.h, self.w, s):
+            if only is not None and probe_name("patch", s, (r, c)) not in only:
+                continue
             def paint(x, p, r=r, c=c):
                 x = x.clone()
                 x[:, r:r + s, c:c + s, :] = torch.sigmoid(p * 4) * self.hi
@@ -149,13 +156,16 @@ def _split(x_raw: np.ndarray, n_images: int, seed: int) -> tuple[np.ndarray, np.
 
 
 def synthesize(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target: int, seed: int = 0, *,
-               steps: int = STEPS, n_images: int = N_IMAGES, spec=None) -> list[Probe]:
+               steps: int = STEPS, n_images: int = N_IMAGES, spec=None,
+               only: Collection[str] | None = None) -> list[Probe]:
     """One probe per location and patch side plus one full-image probe, each optimised to send `x_raw` to
-    `target`. `spec`: the model's InputSpec (see probe.classifier)."""
+    `target`; with `only`, just the probes whose probe_name is in it. `spec`: the model's InputSpec (see
+    probe.classifier)."""
     x_fit, _ = _split(x_raw, n_images, seed)
     opt = _Optimiser(model, x_fit, pp, pixel_range(x_raw), spec)
     sides = {opt.side(share): share for share in (PATCH_SIDE, LARGE_PATCH_SIDE)}
-    return [p for share in sides.values() for p in opt.patches(target, steps, share=share)] + [opt.blend(target, steps)]
+    out = [p for share in sides.values() for p in opt.patches(target, steps, share=share, only=only)]
+    return out + ([opt.blend(target, steps)] if only is None or probe_name("blend") in only else [])
 
 
 @dataclass

@@ -204,7 +204,7 @@ def test_without_torch_the_default_says_how_to_go_on(tmp_path, monkeypatch, caps
     assert code == 9 and report is None and len(err) == 1 and "--criterion linf" in err[0]
 
 
-def _reattack(model, calib, bar):
+def _reattack(model, calib, bar, counted=None):
     from types import SimpleNamespace
 
     from calib.preprocess import input_spec
@@ -216,8 +216,8 @@ def _reattack(model, calib, bar):
     prep = SimpleNamespace(pre=PP, spec=spec)
     opts = SimpleNamespace(seed=0, batch_size=64)
     fit, hold = calib[:150], calib[150:]
-    return reattack(model, prep, fit, hold, PP.apply(hold), TARGET, dict.fromkeys(names, bar), opts,
-                    lambda *a: None)
+    bars = {n: bar if counted is None or n in counted else np.inf for n in names}
+    return reattack(model, prep, fit, hold, PP.apply(hold), TARGET, bars, opts, lambda *a: None)
 
 
 def test_reattack_judges_the_target_against_a_control_class():
@@ -230,9 +230,10 @@ def test_reattack_judges_the_target_against_a_control_class():
     clean, calib, _, _ = trained(poisoned=False)
     honest = _reattack(clean, calib, 0.0)
     assert honest["silenced"] and honest["control"]["class"] != TARGET, honest
-    # under bars every fresh probe passes, no control is synthesized
-    passed = _reattack(model, calib, 1.0)
+    # under bars every fresh probe passes, no control is synthesized; probes without a bar are not attacked
+    passed = _reattack(model, calib, 1.0, counted={"patch 2x2 at (6, 6)", "blend ±0.1 of range"})
     assert passed["silenced"] and "control" not in passed
+    assert set(passed["fresh_probe_flip"]) == {"patch 2x2 at (6, 6)", "blend ±0.1 of range"}
 
 
 def test_removed_counts_only_the_probes_with_a_bar():
