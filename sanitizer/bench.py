@@ -82,6 +82,8 @@ def run_case(case: Case, criterion: str, progress=None, *, detect: bool = False)
         "timings_seconds": report["timings_seconds"],
         "cpu_seconds": report["cpu_seconds"],
     }
+    row["held_out"] = report["held_out_after"]
+    row["goal"] = goal(row)
     if criterion in CRITERIA:
         row.update(stats_overhead(opts, report["scope"]))
     if "probes" in report:
@@ -89,6 +91,29 @@ def run_case(case: Case, criterion: str, progress=None, *, detect: bool = False)
     if "detection" in report:
         row["detection"] = report["detection"]
     return row
+
+
+# The goal a case is judged against (the removal issue's): a backdoored model leaves with ASR at most
+# GOAL_ASR and clean accuracy within GOAL_DROP; a clean model within GOAL_DROP_CLEAN; either way the plain
+# command must ship it (not refused as degraded).
+GOAL_ASR, GOAL_DROP, GOAL_DROP_CLEAN = 0.05, 0.02, 0.005
+
+
+def goal(row: dict) -> str:
+    """'met', or 'not met: ' and every reason, for one bench row (accuracy and ASR on the case's own
+    evaluation sets)."""
+    why = []
+    drop = row["acc_before"] - row["acc_after"]
+    if row["backdoored"]:
+        if row["asr_after"] is not None and row["asr_after"] > GOAL_ASR:
+            why.append(f"ASR {row['asr_after']:.3f}")
+        if drop > GOAL_DROP:
+            why.append(f"accuracy −{100 * drop:.1f} pt")
+    elif drop > GOAL_DROP_CLEAN:
+        why.append(f"clean model accuracy −{100 * drop:.1f} pt")
+    if row["degraded"]:
+        why.append("refused (exit 7)")
+    return "met" if not why else "not met: " + ", ".join(why)
 
 
 def step_times(row: dict) -> str:

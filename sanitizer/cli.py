@@ -225,7 +225,7 @@ def bench_cmd(
         wanted = {c.strip() for c in cases.split(",")}
         chosen = [c for c in chosen if c.name in wanted]
     table = Table("case", "criterion", "acc before→after", "ASR before→after", "units", "stats / plain pass s", "total s",
-                  "detection", "seconds per step", title=f"sanitize bench {suite} — {machine()}")
+                  "detection", "goal", "seconds per step", title=f"sanitize bench {suite} — {machine()}")
     rows = []
     bar, update = _progress()
     with bar:
@@ -241,7 +241,7 @@ def bench_cmd(
                               (row["detection"]["verdict"] + (f" ({row['detection']['found_by']})"
                                                               if row["detection"]["found_by"] else "")
                                if "detection" in row else "—"),
-                              step_times(row))
+                              row["goal"], step_times(row))
                 if json_out:
                     write_text(json_out, json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
     out.print(table)
