@@ -19,7 +19,7 @@ import onnx
 from calib.stats import collect
 
 from . import rewrite
-from .bound import apply_bounds
+from .rewrite import apply_bounds
 from .evaluate import Predictor
 from .graph import Site, stat_tensors
 from .plan import Plan, rank, safe_limit
@@ -160,7 +160,7 @@ def count_by_probes(prep, base: onnx.ModelProto, order: list[tuple[str, int]], l
 
 def choose_bounds(prep, clean: dict, held, clean_x: np.ndarray, probed_x: list[np.ndarray], paired: bool,
                   target: int, opts) -> tuple[onnx.ModelProto, dict]:
-    """The original with every site's units bounded at a quantile of BOUND_QUANTILES (bound.py), chosen
+    """The original with every site's units bounded at a quantile of BOUND_QUANTILES (rewrite.apply_bounds), chosen
     the way count_by_probes chooses a count: over the quantiles whose held-out accuracy drop stays within
     BOUND_BUDGET of the budget (bounds tighten monotonically, so the first past it ends the search), the
     loosest at which every probe that some bound silences is under its bar (`bars`); probes no bound

@@ -12,7 +12,7 @@ from onnx import helper
 import models as M
 from calib.stats import probe_shapes
 from test_sites import tokens_block
-from sanitizer.bound import apply_bounds
+from sanitizer.rewrite import apply_bounds
 from sanitizer.graph import find_sites
 
 
