@@ -112,7 +112,7 @@ def show_summary(result: dict) -> None:
             if ev["before"][key] is not None:
                 table.add_row(label, f"{ev['before'][key]:.4f}", f"{ev['after'][key]:.4f}")
     if "detection" in result:
-        from .pipeline import evidence
+        from .defense.detect import evidence
 
         table.add_row("detection", "", f"{result['detection']['verdict']} ({evidence(result['detection'])})")
     if "probes" in result:

@@ -20,6 +20,7 @@ from calib.stats import collect, probe_shapes
 
 from . import rewrite
 from .atomic import check_writable, write_text
+from .defense.detect import detect
 from .errors import BadData, BadModel, SanitizeError, ExitCode
 from .evaluate import Predictor, accuracy, agreement, attack_success, probabilities
 from .graph import Site, blocked_reasons, find_sites, last_stage, stat_tensors
@@ -290,55 +291,6 @@ def rank_units(prep: Prepared, sites: list[Site], criterion: str, fit: np.ndarra
         scores = normalised(scores)
     info = {"provider": collected.provider}
     return rank(scores), info
-
-
-def _per_class(values: np.ndarray, digits: int) -> list[float | None]:
-    """A per-class array for the report; null where the class was not looked at (NaN)."""
-    return [None if np.isnan(v) else round(float(v), digits) for v in values]
-
-
-def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress) -> dict:
-    """Which class, if any, a backdoor sends images to, judged on the fit images only.
-
-    First short patch probes (cheap, and decisive for patch triggers): toward any class, then toward the
-    few classes those reach most; when no patch finds a target, the Neural-Cleanse mask search over those
-    candidates and a sample of the other classes, whose smallest-mask anomaly also catches triggers that
-    are not a patch (blended, full-image). Neither step's cost grows with the number of classes."""
-    from .probe import ANOMALY_THRESHOLD, probe
-    from .probes import SCAN_FLIP, scan
-
-    progress("detection", 0, 2)
-    start = time.perf_counter()
-    raw = prep.calib.subset(fit).read(0, len(fit))
-    patch = scan(prep.model, raw, prep.pre, seed, spec=prep.spec)
-    out = {"patch_scan": {"best_flip": _per_class(patch.best_flip, 4), "candidates": patch.candidates,
-                          "threshold": SCAN_FLIP}}
-    target, how = patch.suspected_target, "patch scan"
-    progress("detection", 1, 2)
-    if target is None:
-        found = probe(prep.model, raw, prep.pre, seed, candidates=patch.candidates, spec=prep.spec)
-        target, how = found.suspected_target, "mask anomaly"
-        out["neural_cleanse"] = {"anomaly_index": _per_class(found.anomaly, 4),
-                                 "mask_l1": _per_class(found.mask_norms, 3),
-                                 "threshold": ANOMALY_THRESHOLD,
-                                 "synthesized_trigger_flip_rate": round(found.flip_rate, 4)}
-    progress("detection", 2, 2)
-    return {"verdict": "no backdoor found" if target is None else f"backdoor suspected, target class {target}",
-            "suspected_target": target, "found_by": how if target is not None else None, **out,
-            "seconds": round(time.perf_counter() - start, 1)}
-
-
-def evidence(detection: dict) -> str:
-    """One line on what the verdict rests on, for summaries."""
-    flips = detection["patch_scan"]["best_flip"]
-    top = int(np.argmax(flips))
-    parts = [f"best patch probe sends {flips[top]:.2f} of images to class {top}, "
-             f"threshold {detection['patch_scan']['threshold']}"]
-    if "neural_cleanse" in detection:
-        nc = detection["neural_cleanse"]
-        parts.append(f"max mask anomaly {max(a for a in nc['anomaly_index'] if a is not None):.2f}, "
-                     f"threshold {nc['threshold']}")
-    return "; ".join(parts)
 
 
 def render_plots(opts: Options, prep: Prepared, plan: Plan, report: dict, figures: dict) -> dict[str, bytes]:

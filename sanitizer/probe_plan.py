@@ -3,7 +3,7 @@
 Units are ranked three ways, and the held-out images pick one: by how far the probes lift their ℓ∞ (max
 over the spatial map) above what clean images do — the paper's signature, measured with synthesized probes
 in place of the unknown trigger — in two normalisations, and by how much the probes' margin toward the
-target rests on each unit (attribution.py), which finds the units that matter to the decision among
+target rests on each unit (defense/rank.py), which finds the units that matter to the decision among
 those that merely fire. How many to
 prune is read off the probes on the held-out images: the smallest count at which every probe that
 pruning can silence is at the attack-success goal; probes that no count silences before the model breaks
@@ -211,10 +211,11 @@ def reattack(model: onnx.ModelProto, prep, fit_raw: np.ndarray, hold_raw: np.nda
     backdoor is judged by attacking the result, not by replaying probes it was pruned against. Only the
     probes the count judged (finite bar) are synthesized: the others take no part in the verdict. When they
     pass a bar (`bars`: per probe description, the flip rate the count brought it under; inf: not
-    counted), the same probes are synthesized toward a control class (probes.control_class) and the
+    counted), the same probes are synthesized toward a control class (defense.detect.control_class) and the
     target must be no easier to reach than it (see removed). Returns per probe its held-out flip rate
     toward `target` (and the control's), the bars and the verdict."""
-    from .probes import control_class, synthesize
+    from .defense.detect import control_class
+    from .defense.probes import synthesize
 
     counted = {n for n, g in bars.items() if np.isfinite(g)}
 
@@ -245,13 +246,13 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
 
     With `suspects` (raw images a user believes carry the trigger) those replace the synthesized probes:
     half of them rank the units, the other half count them."""
-    from .attribution import margin_gradients
-    from .repair import repair
+    from .defense.rank import margin_gradients
+    from .defense.repair import repair
 
     fit_raw = prep.calib.subset(fit).read(0, len(fit))
     clean_x, paired = held.inputs(), suspects is None
     if paired:
-        from .probes import synthesize
+        from .defense.probes import synthesize
 
         hold_raw = prep.calib.subset(hold).read(0, len(hold))
         progress("probes", 0, 1)
@@ -336,7 +337,7 @@ def defend(prep, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held, tar
             "chosen": best["name"]}
     if opts.figures_wanted:
         from .plots import linf_histograms
-        from .probe import pixel_range
+        from .defense.torchnet import pixel_range
 
         shown = [(p.describe(), p.apply(fit_raw[:1])[0]) for p in used] or [
             (f"suspicious sample {i}", img) for i, img in enumerate(rank_sets[0][:4])]

@@ -86,7 +86,7 @@ def _before_after(report: dict) -> list[list]:
 
 
 def _detection(det: dict) -> str:
-    from .pipeline import evidence
+    from .defense.detect import evidence
 
     flips = det["patch_scan"]["best_flip"]
     nc = det.get("neural_cleanse")

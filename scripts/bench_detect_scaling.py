@@ -82,7 +82,8 @@ def cpu_seconds() -> float:
 def time_detection(folder: Path, classes: int, size: int, images: int, width: int) -> dict:
     import torch
 
-    from sanitizer.pipeline import Options, detect, prepare, split
+    from sanitizer.defense.detect import detect
+    from sanitizer.pipeline import Options, prepare, split
 
     torch.manual_seed(0)
     model, calib = folder / f"r18_{classes}.onnx", folder / f"calib_{size}.npz"

@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sanitizer.bench import case_options, load_suite  # noqa: E402
-from sanitizer.pipeline import detect, prepare, split  # noqa: E402
+from sanitizer.defense.detect import detect  # noqa: E402
+from sanitizer.pipeline import prepare, split  # noqa: E402
 
 
 def cpu_seconds() -> float:

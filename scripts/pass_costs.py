@@ -42,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(1)
     model = onnx.load(args.model)
     frozen, tuned = to_torch(model, frozen=True), to_torch(model)
-    # NHWC pixels permuted to NCHW, as probe.make_input feeds the graph
+    # NHWC pixels permuted to NCHW, as defense.torchnet.make_input feeds the graph
     x = torch.rand(args.batch, args.size, args.size, 3).permute(0, 3, 1, 2)
 
     def input_grad():

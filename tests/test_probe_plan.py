@@ -13,8 +13,8 @@ from digits_backdoor import PP, TARGET, acc_asr, trained  # noqa: E402
 from sanitizer import rewrite  # noqa: E402
 from sanitizer.cli import main  # noqa: E402
 from sanitizer.graph import find_sites  # noqa: E402
-from sanitizer.probes import Probe, synthesize  # noqa: E402
-from sanitizer.repair import repair  # noqa: E402
+from sanitizer.defense.probes import Probe, synthesize  # noqa: E402
+from sanitizer.defense.repair import repair  # noqa: E402
 from calib.stats import probe_shapes  # noqa: E402
 
 
@@ -209,7 +209,7 @@ def _reattack(model, calib, bar, counted=None):
 
     from calib.preprocess import input_spec
     from sanitizer.probe_plan import reattack
-    from sanitizer.probes import synthesize
+    from sanitizer.defense.probes import synthesize
 
     spec = input_spec(model)
     names = [p.describe() for p in synthesize(model, calib[:16], PP, TARGET, steps=1)]

@@ -17,8 +17,8 @@ import onnx
 
 from calib.preprocess import Preprocess
 
-from .errors import require
-from .probe import check_images, classifier, device, make_input, pixel_range
+from ..errors import require
+from .torchnet import classifier, device, make_input, pixel_range
 
 # Patch sides as a share of the image side: patch triggers in the literature cover ~1-4 % of the image,
 # i.e. a side of 10-20 %. A probe smaller than the trigger can be silenced while the trigger still works,
@@ -29,15 +29,6 @@ LARGE_PATCH_SIDE = 0.2
 BLEND_EPS = 0.1
 STEPS = 100
 N_IMAGES = 64
-# Share of held-back images one patch probe must send to a class to call it a backdoor target: a patch
-# trigger works on nearly every image (that is its attack success rate), while the universal patches a
-# model admits without a backdoor reach a fraction of them (0.3-0.55 on the suite's models, see README).
-SCAN_FLIP = 0.9
-# The scan probes every class, so each probe gets a fifth of the steps and half the images of a final probe.
-SCAN_STEPS = 20
-SCAN_IMAGES = 32
-# Classes the scan probes one by one after the patches toward any class have named them.
-SCAN_CANDIDATES = 5
 
 
 @dataclass
@@ -160,75 +151,9 @@ def synthesize(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target
                only: Collection[str] | None = None) -> list[Probe]:
     """One probe per location and patch side plus one full-image probe, each optimised to send `x_raw` to
     `target`; with `only`, just the probes whose probe_name is in it. `spec`: the model's InputSpec (see
-    probe.classifier)."""
+    torchnet.classifier)."""
     x_fit, _ = _split(x_raw, n_images, seed)
     opt = _Optimiser(model, x_fit, pp, pixel_range(x_raw), spec)
     sides = {opt.side(share): share for share in (PATCH_SIDE, LARGE_PATCH_SIDE)}
     out = [p for share in sides.values() for p in opt.patches(target, steps, share=share, only=only)]
     return out + ([opt.blend(target, steps)] if only is None or probe_name("blend") in only else [])
-
-
-@dataclass
-class Scan:
-    best_flip: np.ndarray          # per class: the highest share of test images one patch probe sends there
-    suspected_target: int | None
-    candidates: list[int]          # the classes probed one by one, most reached first
-
-
-class _Reach:
-    """Per class, the share of test images a probe sends there among those the model does not already
-    put in it; probes are fitted on the other images (`n_images` of `x_raw`, half when there are few)."""
-
-    def __init__(self, model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int, n_images: int, spec):
-        x_raw = check_images(x_raw)
-        self.x_fit, self.x_test = _split(x_raw, min(n_images, len(x_raw) // 2), seed)
-        self.opt = _Optimiser(model, self.x_fit, pp, pixel_range(x_raw), spec)
-        fit_logits = self.opt.logits(self.x_fit)
-        self.fit_pred, self.n_classes = fit_logits.argmax(1), fit_logits.shape[1]
-        # images already in c say nothing about reaching it
-        self.outside = self.opt.logits(self.x_test).argmax(1)[:, None] != np.arange(self.n_classes)[None, :]
-
-    def rates(self, probe: Probe) -> np.ndarray:
-        sent = self.opt.logits(probe.apply(self.x_test)).argmax(1)[:, None] == np.arange(self.n_classes)[None, :]
-        return (sent & self.outside).sum(0) / np.maximum(self.outside.sum(0), 1)
-
-    def any_class(self, steps: int, exclude: tuple[int, ...] = ()) -> np.ndarray:
-        """Per class, the best rate of a patch at each place pushed toward whichever class (but `exclude`)
-        it can reach."""
-        x = self.opt.torch.from_numpy(self.x_fit)
-        return np.max([self.rates(p) for p in self.opt.patches(None, steps, x, exclude=exclude)], axis=0)
-
-
-def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 0, *,
-         steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES, n_candidates: int = SCAN_CANDIDATES,
-         spec=None) -> Scan:
-    """Short patch probes; a class some patch sends nearly every image to is the target.
-
-    That is what a patch backdoor is — a small stamp that works on any image — while the universal patches
-    a model admits without a backdoor reach a fraction of the images. So that the cost does not grow with
-    the number of classes, a patch at each place first goes toward whichever class it can reach; the
-    `n_candidates` classes those patches send most test images to are then probed one by one (K-Arm's
-    pre-selection of target arms, Shen et al. 2021, with a patch in place of the mask). A class's best flip
-    is the best of both. Probes are fitted on `n_images` of `x_raw` and tested on the rest (half each when
-    there are few), in both cases on images the model does not already put in the class."""
-    reach = _Reach(model, x_raw, pp, seed, n_images, spec)
-    best = reach.any_class(steps)
-    candidates = [int(c) for c in np.argsort(-best, kind="stable")[:n_candidates]]
-    for c in candidates:
-        fit = reach.x_fit[reach.fit_pred != c]
-        if len(fit) and reach.outside[:, c].any():
-            probes = reach.opt.patches(c, steps, reach.opt.torch.from_numpy(fit))
-            best[c] = max(best[c], *(float(reach.rates(p)[c]) for p in probes))
-    top = int(np.argmax(best))
-    return Scan(best, top if best[top] >= SCAN_FLIP else None, candidates)
-
-
-def control_class(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target: int, seed: int = 0, *,
-                  steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES, spec=None) -> int:
-    """The class other than `target` that short patch probes toward any class reach most easily on `model`:
-    the yardstick of how reachable a class is without a backdoor, under the same budget (Neural Cleanse's
-    idea of judging the target against the other classes, Wang et al. 2019)."""
-    reach = _Reach(model, x_raw, pp, seed, n_images, spec)
-    best = reach.any_class(steps, exclude=(target,))
-    best[target] = -1.0
-    return int(np.argmax(best))

@@ -15,15 +15,15 @@ import onnx
 
 from calib.preprocess import Preprocess
 
-from .errors import require
-from .graph import Site
-from .probe import classifier, device, make_input
+from ..errors import require
+from ..graph import Site
+from .torchnet import classifier, device, make_input
 
 
 def margin_gradients(model: onnx.ModelProto, sites: list[Site], pp: Preprocess, probed_sets: list[np.ndarray],
                      clean_raw: np.ndarray, target: int, batch_size: int, spec=None) -> dict[str, np.ndarray]:
     """Per site, per unit: mean margin gradient over the probed sets minus the mean over clean images.
-    `spec`: the model's InputSpec (see probe.classifier)."""
+    `spec`: the model's InputSpec (see torchnet.classifier)."""
     torch = require("torch", "torch")
     graph = classifier(model, spec, frozen=True)
 

@@ -13,10 +13,10 @@ import onnx
 
 from calib.preprocess import Preprocess
 
-from .errors import require
-from .graph import Site
-from .probe import classifier, device, make_input
+from ..errors import require
+from ..graph import Site
 from .probes import Probe
+from .torchnet import classifier, device, make_input
 
 # A fixed number of steps, not epochs: small calibration sets need as many updates as large ones.
 STEPS = 300
@@ -28,7 +28,7 @@ def repair(model: onnx.ModelProto, sites: dict[str, Site], pruned: dict[str, lis
            pp: Preprocess, probes: list[Probe], seed: int = 0, *, steps: int = STEPS,
            avoid: tuple[np.ndarray, int] | None = None, spec=None) -> onnx.ModelProto:
     """`avoid`: (raw images, class) — images that must not go to that class (a user's triggered samples).
-    `spec`: the model's InputSpec (see probe.classifier)."""
+    `spec`: the model's InputSpec (see torchnet.classifier)."""
     torch = require("torch", "torch")
     torch.manual_seed(seed)
     graph = classifier(model, spec)

@@ -12,7 +12,7 @@ from test_rewrite import analyse
 
 pytest.importorskip("torch")
 
-from sanitizer.attribution import margin_gradients  # noqa: E402
+from sanitizer.defense.rank import margin_gradients  # noqa: E402
 
 PP = Preprocess(scale=1 / 255, mean=(0.5,), std=(0.25,), layout="nchw")
 TARGET = 1

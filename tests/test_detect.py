@@ -9,9 +9,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from sanitizer import probes  # noqa: E402
-from sanitizer.probe import probe, searched_classes  # noqa: E402
-from sanitizer.probes import SCAN_FLIP, scan  # noqa: E402
+import sanitizer.defense.detect as detection  # noqa: E402
+from sanitizer.defense.detect import SCAN_FLIP, mask_search, scan, searched_classes  # noqa: E402
 from digits_backdoor import PP, TARGET, acc_asr, trained  # noqa: E402
 
 
@@ -25,12 +24,12 @@ def clean():
     return trained(poisoned=False)
 
 
-def test_probe_finds_the_target_of_a_backdoored_model(backdoored):
+def test_mask_search_finds_the_target_of_a_backdoored_model(backdoored):
     model, calib, x_test, y_test = backdoored
     acc0, asr0 = acc_asr(model, x_test, y_test)
     assert acc0 > 0.9 and asr0 > 0.9, "the fixture model should carry a working backdoor"
 
-    found = probe(model, calib, PP, seed=0)
+    found = mask_search(model, calib, PP, seed=0)
     assert found.suspected_target == TARGET
     assert found.anomaly[TARGET] > 2 and found.flip_rate > 0.5
     stamped = found.trigger.stamp(calib[:4])
@@ -38,18 +37,18 @@ def test_probe_finds_the_target_of_a_backdoored_model(backdoored):
 
 
 
-def test_probe_finds_no_backdoor_in_a_clean_model(clean):
+def test_mask_search_finds_no_backdoor_in_a_clean_model(clean):
     model, calib, x_test, y_test = clean
     acc0, asr0 = acc_asr(model, x_test, y_test)
     assert acc0 > 0.9 and asr0 < 0.3, "the clean fixture must not react to the patch"
-    found = probe(model, calib, PP, seed=0)
+    found = mask_search(model, calib, PP, seed=0)
     assert found.suspected_target is None, found.anomaly
 
 
-def test_probe_is_deterministic(backdoored):
+def test_mask_search_is_deterministic(backdoored):
     model, calib, _, _ = backdoored
-    a = probe(model, calib, PP, seed=3, first_steps=20, refine_steps=10)
-    b = probe(model, calib, PP, seed=3, first_steps=20, refine_steps=10)
+    a = mask_search(model, calib, PP, seed=3, first_steps=20, refine_steps=10)
+    b = mask_search(model, calib, PP, seed=3, first_steps=20, refine_steps=10)
     np.testing.assert_array_equal(a.mask_norms, b.mask_norms)
     np.testing.assert_array_equal(a.trigger.mask, b.trigger.mask)
 
@@ -99,7 +98,7 @@ def test_a_patch_found_by_the_scan_skips_the_mask_search(backdoored, tmp_path):
 
 def test_the_mask_search_decides_when_no_patch_reaches_the_bar(backdoored, tmp_path, monkeypatch):
     # a bar no flip rate can reach stands in for a trigger the patch probes cannot imitate
-    monkeypatch.setattr(probes, "SCAN_FLIP", 1.01)
+    monkeypatch.setattr(detection, "SCAN_FLIP", 1.01)
     found = _detect(backdoored[0], backdoored[1], tmp_path)
     assert found["patch_scan"]["threshold"] == 1.01
     assert found["suspected_target"] == TARGET and found["found_by"] == "mask anomaly"
@@ -115,7 +114,7 @@ def test_the_scan_probes_only_the_candidates_the_any_class_patches_name(backdoor
 
 def test_the_mask_search_runs_on_at_most_max_classes(backdoored):
     model, calib, _, _ = backdoored
-    found = probe(model, calib, PP, seed=0, first_steps=20, refine_steps=10, candidates=[TARGET], max_classes=4)
+    found = mask_search(model, calib, PP, seed=0, first_steps=20, refine_steps=10, candidates=[TARGET], max_classes=4)
     searched = np.flatnonzero(~np.isnan(found.anomaly))
     assert len(searched) == 4 and TARGET in searched
     np.testing.assert_array_equal(np.isnan(found.mask_norms), np.isnan(found.anomaly))

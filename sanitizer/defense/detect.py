@@ -1,0 +1,318 @@
+"""Detection: which class, if any, a backdoor sends images to, from unlabeled clean images.
+
+Two searches, cheapest first (`detect` runs them and writes the report's "detection" section):
+
+The patch scan. Short patch probes (probes.py) toward any class, then toward the few classes those reach
+most (K-Arm's pre-selection of target arms, Shen et al. 2021, with a patch in place of the mask); a class
+some patch sends nearly every image to is the target. `control_class` uses the same probes to find the
+class that is easiest to reach without a backdoor, the yardstick of the re-attack (reattack.py).
+
+The mask search (Neural-Cleanse style, Wang et al. 2019). For each class we search the smallest mask +
+pattern that sends clean images to that class. A backdoor target needs a far smaller mask than any other
+class, which the MAD anomaly index exposes without labels. To fit a CPU budget every class gets a short
+first round and only the few smallest-mask candidates are refined (as in K-Arm); the anomaly index is
+computed on the first round, where every class had the same number of steps, so refinement cannot
+manufacture an outlier.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+from calib.preprocess import Preprocess
+
+from ..errors import require
+from .probes import Probe, _Optimiser, _split
+from .torchnet import check_images, classifier, device, make_input, pixel_range
+
+if TYPE_CHECKING:
+    from ..pipeline import Prepared, Progress
+
+# Anomaly index above which the smallest mask is called a backdoor (the Neural Cleanse threshold:
+# two consistent-MAD units, ~95% of a normal distribution lies within it).
+ANOMALY_THRESHOLD = 2.0
+# Attack success the synthesized trigger must keep while the mask shrinks.
+SUCCESS_TARGET = 0.95
+# Classes the mask search runs on at most, so that its cost does not grow with the number of classes: past
+# it, the candidates it is given and a seeded sample of the other classes, which is what the median and MAD
+# of the anomaly index need.
+MAX_CLASSES = 32
+# Share of held-back images one patch probe must send to a class to call it a backdoor target: a patch
+# trigger works on nearly every image (that is its attack success rate), while the universal patches a
+# model admits without a backdoor reach a fraction of them (0.3-0.55 on the suite's models, see README).
+SCAN_FLIP = 0.9
+# The scan probes every class, so each probe gets a fifth of the steps and half the images of a final probe.
+SCAN_STEPS = 20
+SCAN_IMAGES = 32
+# Classes the scan probes one by one after the patches toward any class have named them.
+SCAN_CANDIDATES = 5
+
+
+def _per_class(values: np.ndarray, digits: int) -> list[float | None]:
+    """A per-class array for the report; null where the class was not looked at (NaN)."""
+    return [None if np.isnan(v) else round(float(v), digits) for v in values]
+
+
+def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress) -> dict:
+    """Which class, if any, a backdoor sends images to, judged on the fit images only.
+
+    First short patch probes (cheap, and decisive for patch triggers): toward any class, then toward the
+    few classes those reach most; when no patch finds a target, the Neural-Cleanse mask search over those
+    candidates and a sample of the other classes, whose smallest-mask anomaly also catches triggers that
+    are not a patch (blended, full-image). Neither step's cost grows with the number of classes."""
+    progress("detection", 0, 2)
+    start = time.perf_counter()
+    raw = prep.calib.subset(fit).read(0, len(fit))
+    patch = scan(prep.model, raw, prep.pre, seed, spec=prep.spec)
+    out = {"patch_scan": {"best_flip": _per_class(patch.best_flip, 4), "candidates": patch.candidates,
+                          "threshold": SCAN_FLIP}}
+    target, how = patch.suspected_target, "patch scan"
+    progress("detection", 1, 2)
+    if target is None:
+        found = mask_search(prep.model, raw, prep.pre, seed, candidates=patch.candidates, spec=prep.spec)
+        target, how = found.suspected_target, "mask anomaly"
+        out["neural_cleanse"] = {"anomaly_index": _per_class(found.anomaly, 4),
+                                 "mask_l1": _per_class(found.mask_norms, 3),
+                                 "threshold": ANOMALY_THRESHOLD,
+                                 "synthesized_trigger_flip_rate": round(found.flip_rate, 4)}
+    progress("detection", 2, 2)
+    return {"verdict": "no backdoor found" if target is None else f"backdoor suspected, target class {target}",
+            "suspected_target": target, "found_by": how if target is not None else None, **out,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def evidence(detection: dict) -> str:
+    """One line on what the verdict rests on, for summaries."""
+    flips = detection["patch_scan"]["best_flip"]
+    top = int(np.argmax(flips))
+    parts = [f"best patch probe sends {flips[top]:.2f} of images to class {top}, "
+             f"threshold {detection['patch_scan']['threshold']}"]
+    if "neural_cleanse" in detection:
+        nc = detection["neural_cleanse"]
+        parts.append(f"max mask anomaly {max(a for a in nc['anomaly_index'] if a is not None):.2f}, "
+                     f"threshold {nc['threshold']}")
+    return "; ".join(parts)
+
+
+# ---- the patch scan
+
+@dataclass
+class Scan:
+    best_flip: np.ndarray          # per class: the highest share of test images one patch probe sends there
+    suspected_target: int | None
+    candidates: list[int]          # the classes probed one by one, most reached first
+
+
+class _Reach:
+    """Per class, the share of test images a probe sends there among those the model does not already
+    put in it; probes are fitted on the other images (`n_images` of `x_raw`, half when there are few)."""
+
+    def __init__(self, model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int, n_images: int, spec):
+        x_raw = check_images(x_raw)
+        self.x_fit, self.x_test = _split(x_raw, min(n_images, len(x_raw) // 2), seed)
+        self.opt = _Optimiser(model, self.x_fit, pp, pixel_range(x_raw), spec)
+        fit_logits = self.opt.logits(self.x_fit)
+        self.fit_pred, self.n_classes = fit_logits.argmax(1), fit_logits.shape[1]
+        # images already in c say nothing about reaching it
+        self.outside = self.opt.logits(self.x_test).argmax(1)[:, None] != np.arange(self.n_classes)[None, :]
+
+    def rates(self, probe: Probe) -> np.ndarray:
+        sent = self.opt.logits(probe.apply(self.x_test)).argmax(1)[:, None] == np.arange(self.n_classes)[None, :]
+        return (sent & self.outside).sum(0) / np.maximum(self.outside.sum(0), 1)
+
+    def any_class(self, steps: int, exclude: tuple[int, ...] = ()) -> np.ndarray:
+        """Per class, the best rate of a patch at each place pushed toward whichever class (but `exclude`)
+        it can reach."""
+        x = self.opt.torch.from_numpy(self.x_fit)
+        return np.max([self.rates(p) for p in self.opt.patches(None, steps, x, exclude=exclude)], axis=0)
+
+
+def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 0, *,
+         steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES, n_candidates: int = SCAN_CANDIDATES,
+         spec=None) -> Scan:
+    """Short patch probes; a class some patch sends nearly every image to is the target.
+
+    That is what a patch backdoor is — a small stamp that works on any image — while the universal patches
+    a model admits without a backdoor reach a fraction of the images. So that the cost does not grow with
+    the number of classes, a patch at each place first goes toward whichever class it can reach; the
+    `n_candidates` classes those patches send most test images to are then probed one by one (K-Arm's
+    pre-selection of target arms, Shen et al. 2021, with a patch in place of the mask). A class's best flip
+    is the best of both. Probes are fitted on `n_images` of `x_raw` and tested on the rest (half each when
+    there are few), in both cases on images the model does not already put in the class."""
+    reach = _Reach(model, x_raw, pp, seed, n_images, spec)
+    best = reach.any_class(steps)
+    candidates = [int(c) for c in np.argsort(-best, kind="stable")[:n_candidates]]
+    for c in candidates:
+        fit = reach.x_fit[reach.fit_pred != c]
+        if len(fit) and reach.outside[:, c].any():
+            probes = reach.opt.patches(c, steps, reach.opt.torch.from_numpy(fit))
+            best[c] = max(best[c], *(float(reach.rates(p)[c]) for p in probes))
+    top = int(np.argmax(best))
+    return Scan(best, top if best[top] >= SCAN_FLIP else None, candidates)
+
+
+def control_class(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target: int, seed: int = 0, *,
+                  steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES, spec=None) -> int:
+    """The class other than `target` that short patch probes toward any class reach most easily on `model`:
+    the yardstick of how reachable a class is without a backdoor, under the same budget (Neural Cleanse's
+    idea of judging the target against the other classes, Wang et al. 2019)."""
+    reach = _Reach(model, x_raw, pp, seed, n_images, spec)
+    best = reach.any_class(steps, exclude=(target,))
+    best[target] = -1.0
+    return int(np.argmax(best))
+
+
+# ---- the mask search (Neural Cleanse)
+
+@dataclass
+class Trigger:
+    """Mask (H, W, 1) in [0, 1] and pattern (H, W, C) in raw pixel units."""
+
+    target: int
+    mask: np.ndarray
+    pattern: np.ndarray
+
+    def stamp(self, x_raw: np.ndarray) -> np.ndarray:
+        return ((1.0 - self.mask) * x_raw + self.mask * self.pattern).astype(np.float32)
+
+
+@dataclass
+class ProbeResult:
+    mask_norms: np.ndarray      # per class: mask ℓ1 (pixels) after the equal-effort first round; NaN: not searched
+    anomaly: np.ndarray         # per class: (median - norm) / (1.4826 * MAD); large = suspiciously small mask; NaN: not searched
+    suspected_target: int | None
+    trigger: Trigger            # refined trigger of the most anomalous class (returned even when not flagged)
+    flip_rate: float            # share of held-out images the trigger sends to its class
+    refined_norms: dict[int, float]
+
+
+class _Search:
+    """Mask/pattern optimisation for one class, resumable so a candidate can be refined later."""
+
+    def __init__(self, torch, graph, pp, x, target, hi, seed):
+        self.torch, self.graph, self.pp, self.x, self.target, self.hi = torch, graph, pp, x, target, hi
+        g = torch.Generator().manual_seed(seed * 1000 + target)
+        h, w, c = x.shape[1:]
+        on = x.device
+        self.mask_p = (torch.randn((h, w, 1), generator=g) * 0.1 - 2.0).to(on).requires_grad_(True)
+        self.pattern_p = (torch.randn((h, w, c), generator=g) * 0.1).to(on).requires_grad_(True)
+        self.opt = torch.optim.Adam([self.mask_p, self.pattern_p], lr=0.1, betas=(0.5, 0.9))
+        self.lam = 1e-3
+        self.best_norm = float("inf")
+        self.best = self.current()
+        self.streak_ok = self.streak_bad = 0
+
+    def current(self):
+        t = self.torch
+        with t.no_grad():
+            return t.sigmoid(self.mask_p).clone(), ((t.tanh(self.pattern_p) + 1) / 2 * self.hi).clone()
+
+    def run(self, steps: int, batch: int):
+        t = self.torch
+        n = len(self.x)
+        labels = t.full((batch,), self.target, dtype=t.long, device=self.x.device)
+        for step in range(steps):
+            idx = t.arange(step * batch, (step + 1) * batch, device=self.x.device) % n
+            mask = t.sigmoid(self.mask_p)
+            pattern = (t.tanh(self.pattern_p) + 1) / 2 * self.hi
+            stamped = (1 - mask) * self.x[idx] + mask * pattern
+            logits, _ = self.graph(make_input(t, stamped, self.pp))
+            ce = t.nn.functional.cross_entropy(logits, labels)
+            norm = mask.sum()
+            loss = ce + self.lam * norm
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            success = float((logits.argmax(1) == self.target).float().mean())
+            if success >= SUCCESS_TARGET and float(norm.detach()) < self.best_norm:
+                self.best_norm = float(norm.detach())
+                self.best = (mask.detach().clone(), pattern.detach().clone())
+            # Neural Cleanse's λ schedule: tighten the mask while the attack holds, relax it when it breaks,
+            # which keeps λ free of any per-model setting.
+            self.streak_ok = self.streak_ok + 1 if success >= SUCCESS_TARGET else 0
+            self.streak_bad = self.streak_bad + 1 if success < SUCCESS_TARGET else 0
+            if self.streak_ok >= 5:
+                self.lam, self.streak_ok = self.lam * 1.5, 0
+            elif self.streak_bad >= 5:
+                self.lam, self.streak_bad = self.lam / 1.5, 0
+
+    @property
+    def norm(self) -> float:
+        if np.isfinite(self.best_norm):
+            return self.best_norm
+        return float(self.torch.sigmoid(self.mask_p.detach()).sum()) * 2  # never reached the target: penalise
+
+
+def anomaly_index(norms: np.ndarray) -> np.ndarray:
+    median = np.median(norms)
+    mad = 1.4826 * np.median(np.abs(norms - median))
+    return (median - norms) / max(mad, 1e-12)
+
+
+def searched_classes(n_classes: int, candidates: list[int], seed: int, limit: int = MAX_CLASSES) -> list[int]:
+    """Every class up to `limit`; past it the candidates first, then a seeded sample of the others."""
+    if n_classes <= limit:
+        return list(range(n_classes))
+    chosen = list(dict.fromkeys(c for c in candidates if 0 <= c < n_classes))[:limit]
+    rest = np.setdiff1d(np.arange(n_classes), chosen)
+    sample = np.random.default_rng(seed).choice(rest, limit - len(chosen), replace=False)
+    return sorted(chosen + [int(c) for c in sample])
+
+
+def mask_search(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 0, *,
+          n_images: int = 64, first_steps: int = 60, refine_steps: int = 150, n_refine: int = 3,
+          batch: int = 32, candidates: list[int] = (), max_classes: int = MAX_CLASSES, spec=None) -> ProbeResult:
+    """Neural-Cleanse search on `x_raw` (N, H, W, C raw pixels, N ≥ 8) over at most `max_classes` classes
+    (`candidates` always among them); classes not searched get NaN norms and anomaly. `spec`: the model's
+    InputSpec (see torchnet.classifier). Raises BadData on too few images."""
+    torch = require("torch", "torch")
+    x_raw = check_images(x_raw)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x_raw))
+    opt_idx, held_idx = order[: min(n_images, len(x_raw) // 2)], order[min(n_images, len(x_raw) // 2):]
+    torch.manual_seed(seed)
+    graph = classifier(model, spec, frozen=True)
+    hi = pixel_range(x_raw)
+    x_all = torch.from_numpy(x_raw).to(device(torch))
+    with torch.no_grad():
+        logits, _ = graph(make_input(torch, x_all[torch.from_numpy(opt_idx)], pp))
+    preds = logits.argmax(1).cpu().numpy()
+    n_classes = logits.shape[1]
+
+    searches = {}
+    classes = searched_classes(n_classes, list(candidates), seed, max_classes)
+    for c in classes:
+        # Images the model already assigns to c teach nothing about flipping to c.
+        pool = opt_idx[preds != c]
+        if len(pool) == 0:
+            pool = opt_idx
+        s = _Search(torch, graph, pp, x_all[torch.from_numpy(pool)], c, hi, seed)
+        s.run(first_steps, min(batch, len(pool)))
+        searches[c] = s
+    first = np.full(n_classes, np.nan)
+    first[classes] = [searches[c].norm for c in classes]
+    anomaly = np.full(n_classes, np.nan)
+    anomaly[classes] = anomaly_index(first[classes])
+
+    refined = {}
+    for c in np.array(classes)[np.argsort(first[classes])[:n_refine]]:
+        searches[int(c)].run(refine_steps, min(batch, len(searches[int(c)].x)))
+        refined[int(c)] = searches[int(c)].norm
+    best = int(np.nanargmax(anomaly))
+    mask, pattern = searches[best].best
+    trigger = Trigger(best, mask.cpu().numpy().astype(np.float32), pattern.cpu().numpy().astype(np.float32))
+
+    with torch.no_grad():
+        held = x_raw[held_idx]
+        held_logits, _ = graph(make_input(torch, torch.from_numpy(held), pp))
+        keep = held_logits.argmax(1).cpu().numpy() != best
+        flip = 0.0
+        if keep.any():
+            stamped, _ = graph(make_input(torch, torch.from_numpy(trigger.stamp(held[keep])), pp))
+            flip = float((stamped.argmax(1).cpu().numpy() == best).mean())
+    suspected = best if anomaly[best] > ANOMALY_THRESHOLD else None
+    return ProbeResult(first, anomaly, suspected, trigger, flip, refined)
