@@ -20,6 +20,7 @@ from calib.stats import collect, probe_shapes
 
 from . import rewrite
 from .atomic import check_writable, write_text
+from .defense import defend
 from .defense.detect import detect
 from .errors import BadData, BadModel, SanitizeError, ExitCode
 from .evaluate import Predictor, accuracy, agreement, attack_success, probabilities
@@ -418,8 +419,6 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         plan = Plan([], 0, [{"units": 0, **held.agreement(prep.model).to_dict(), "within_budget": True}])
         sanitized = prep.model
     elif probing:
-        from .probe_plan import defend
-
         plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, target, opts, progress, suspects)
     else:
         order, info = rank_units(prep, sites, opts.criterion, fit, opts, progress)

@@ -3,6 +3,7 @@
 pruning_curve.png  held-out agreement (and probe flip rate, and ASR when --eval-triggered is given)
                    against units pruned, from the plan's trace
 linf_hist.png      per-image ℓ∞ of the top suspect units on clean vs probed images
+                   (computed by defense.rank.linf_histograms: this module only draws arrays)
 probes.png         the probes (synthesized triggers, or the user's suspicious samples) on a clean image
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ from .atomic import check_writable, write_bytes
 from .errors import BadOutput, require
 
 FILES = ("pruning_curve.png", "linf_hist.png", "probes.png")
-TOP_UNITS = 4
 
 
 def check(folder: Path, force: bool, inputs: tuple[Path, ...]) -> None:
@@ -112,19 +112,3 @@ def render(report: dict, figures: dict, asr_curve: dict[int, float] | None) -> d
             ax.axis("off")
         pngs[FILES[2]] = _png(plt, fig)
     return pngs
-
-
-def linf_histograms(model, sites_by_name, order, spec, pre, clean_raw, probed_raw, batch_size) -> list:
-    """Per-image ℓ∞ of the first TOP_UNITS units of `order` on clean and probed images (onnxruntime)."""
-    from .graph import stat_tensors
-    from .probe_plan import raw_stats
-
-    top = order[:TOP_UNITS]
-    tensors = stat_tensors(sites_by_name[s] for s, _ in top)
-    clean, probed = (raw_stats(model, tensors, spec, pre, raw, batch_size, keep_per_image=True)
-                     for raw in (clean_raw, probed_raw))
-    out = []
-    for site, ch in top:
-        t = sites_by_name[site].tensor
-        out.append((f"{site} #{ch}", clean[t].per_image["linf"][:, ch], probed[t].per_image["linf"][:, ch]))
-    return out

@@ -1,1 +1,29 @@
-"""The default defense, one module per step (moving here from probe_plan.py, step by step)."""
+"""The default defense (`--criterion probe`): find the class a backdoor sends images to, then bound, prune
+and repair the model until probes toward that class fail, every decision judged on held-out images.
+
+The steps, in order, one module each (pipeline.sanitize runs detect, then defend.defend the rest):
+
+1. detect (detect.py): which class, if any, is a backdoor's target. A short patch scan toward any class,
+   then toward the few classes it reaches most (K-Arm's pre-selection of target arms, Shen et al. 2021);
+   when no patch finds one, the Neural-Cleanse mask search and its MAD anomaly index (Wang et al. 2019).
+2. probes (probes.py): universal patches at the corners and the centre and a faint full-image perturbation,
+   each optimised to send clean images to the target: what a trigger would do, found without one.
+3. bound (bound.py; the graph rewrite is rewrite.apply_bounds): cap every unit at a quantile of its clean
+   per-image ℓ∞ (activation clipping, Wang, Xiang, Miller, Kesidis, MLSP 2024).
+4. rank (rank.py): units ordered by the probes' ℓ∞ rise over clean images (the signature of Cheng et al.,
+   "Defending against Backdoor Attack on Deep Neural Networks"), in two normalisations, and by the
+   gradient of the probes' target margin through a mask on each unit (margin attribution).
+5. count (count.py): how many top units to prune, the smallest count at which every probe that pruning
+   can silence is at the attack-success goal on the held-out images.
+6. repair (repair.py): short distillation from the original's own predictions with the pruned units
+   masked, each probed image held to the prediction on its clean twin.
+7. re-attack (reattack.py): fresh probes against the result, the target judged against a control class
+   under the same budget (Neural Cleanse's comparison with the other classes).
+
+context.py holds Context, what every step needs; torchnet.py the torch side (device, the ONNX model as a
+torch classifier, raw pixels to model input). torch is imported only when a step that needs it runs.
+"""
+from .context import Context
+from .defend import defend
+
+__all__ = ["Context", "defend"]

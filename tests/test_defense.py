@@ -105,7 +105,7 @@ def test_synthesized_probes_reach_the_target_only_where_the_trigger_is():
 
 
 def test_only_probes_that_pruning_silences_set_the_count():
-    from sanitizer.probe_plan import FLIP_GOAL, bars
+    from sanitizer.defense.count import FLIP_GOAL, bars
 
     # trigger-like probes reach the goal (one within the goal of a small floor); the third never falls
     np.testing.assert_allclose(bars(np.array([0.0, 0.04, 0.3])), [FLIP_GOAL, 0.04 + FLIP_GOAL, np.inf])
@@ -208,8 +208,9 @@ def _reattack(model, calib, bar, counted=None):
     from types import SimpleNamespace
 
     from calib.preprocess import input_spec
-    from sanitizer.probe_plan import reattack
+    from sanitizer.defense import Context
     from sanitizer.defense.probes import synthesize
+    from sanitizer.defense.reattack import reattack
 
     spec = input_spec(model)
     names = [p.describe() for p in synthesize(model, calib[:16], PP, TARGET, steps=1)]
@@ -217,7 +218,9 @@ def _reattack(model, calib, bar, counted=None):
     opts = SimpleNamespace(seed=0, batch_size=64)
     fit, hold = calib[:150], calib[150:]
     bars = {n: bar if counted is None or n in counted else np.inf for n in names}
-    return reattack(model, prep, fit, hold, PP.apply(hold), TARGET, bars, opts, lambda *a: None)
+    # the re-attack reads no held-out agreement: no HeldOut needed
+    ctx = Context(prep, opts, lambda *a: None, TARGET, fit, hold, None, PP.apply(hold))
+    return reattack(ctx, model, bars)
 
 
 def test_reattack_judges_the_target_against_a_control_class():
@@ -237,7 +240,8 @@ def test_reattack_judges_the_target_against_a_control_class():
 
 
 def test_removed_counts_only_the_probes_with_a_bar():
-    from sanitizer.probe_plan import FLIP_GOAL, removed
+    from sanitizer.defense.count import FLIP_GOAL
+    from sanitizer.defense.reattack import removed
 
     bars = {"a": 0.05, "b": np.inf}
     assert removed({"a": 0.04, "b": 0.9}, bars, None), "a probe the count judged adversarial does not count"

@@ -1,0 +1,34 @@
+"""What every step of the defense needs, in one object: `defend` builds a Context once per run and hands it
+to the steps (bound, rank, count, re-attack) in place of the prepared model, the options, the progress
+callback, the target and the images one by one."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+from .count import flips
+
+if TYPE_CHECKING:
+    from ..pipeline import HeldOut, Options, Prepared, Progress
+
+
+@dataclass
+class Context:
+    prep: Prepared                  # the model, its sites, input spec, preprocessing and calibration images
+    opts: Options                   # the run's options: seed, batch_size, max_acc_drop, figures_wanted, ...
+    progress: Progress              # (stage, done, total) callback
+    target: int                     # the class the backdoor is suspected to send images to
+    fit_raw: np.ndarray             # raw pixels of the fit images: probes are fitted and units ranked on them
+    hold_raw: np.ndarray | None     # raw pixels of the held-out images, to probe; None with suspicious samples
+    held: HeldOut                   # the held-out images, on which every decision is judged
+    clean_x: np.ndarray             # held.inputs(): the held-out images as model inputs
+
+    def flips(self, model: onnx.ModelProto, probed_x: list[np.ndarray], paired: bool = True,
+              target: int | None = None) -> tuple[np.ndarray, list[float]]:
+        """count.flips on the held-out images, in batches of the run's batch size, toward `target` (None: the
+        run's target)."""
+        return flips(model, self.prep.spec, self.clean_x, probed_x, self.target if target is None else target,
+                     self.opts.batch_size, paired)
