@@ -4,7 +4,7 @@
     python scripts/bench_detect_scaling.py --resnet50      # also a whole default run, ResNet-50 at 224x224
 
 Models have random weights, made here with torch and exported to ONNX (TorchScript exporter, opset 17);
-the calibration set is uniform noise images (seeded). Detection is pipeline.detect on the fit half, as a
+the calibration set is uniform noise images (seeded). Detection is defense.detect.detect on the fit half, as a
 default run does it; the ResNet-50 run is pipeline.sanitize with the default criterion. Prints one JSON line
 per measurement with wall and CPU (user+sys) seconds and the machine; exits 1 when the 1000-class
 detection takes more than 3x the 10-class one.

@@ -1,4 +1,4 @@
-"""Detection alone (pipeline.detect, as the default run does it) on each case of a suite: verdict, candidates
+"""Detection alone (defense.detect.detect, as the default run does it) on each case of a suite: verdict, candidates
 and seconds. A benchmark, not a test.
 
     python scripts/detect_suite.py ../shared/bench/suite [--cases a,b]
