@@ -92,8 +92,8 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
     progress("final checks", 0, 1)
     candidates = []
     for name, model in (("pruned", pruned), ("pruned+repaired", repaired)):
-        base, rates = ctx.flips(model, used_x, paired)
-        ag = held.agreement_of(base)
+        pred, rates = ctx.flips(model, used_x, paired)
+        ag = held.agreement_of(pred)
         candidates.append({"name": name, "model": model, "within_budget": ag.within(opts.max_acc_drop),
                            "probes_silenced": bool((np.array(rates) <= good).all()),
                            "probe_flip": [round(r, 4) for r in rates], **ag.to_dict()})
