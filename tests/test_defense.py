@@ -63,13 +63,14 @@ def test_default_removes_a_trigger_larger_than_the_small_probe(tmp_path):
     assert after["clean_acc"] >= before["clean_acc"] - 0.03, (before, after)
     # the result was attacked afresh: probes synthesized against it no longer reach the target either
     assert report["probes"]["reattack"]["max_fresh_flip"] <= 0.1, report["probes"]["reattack"]
-    # bounds: tried loosest first, kept within half the budget; a tighter one than the loosest only where
-    # some bound silences a probe
+    # bounds: tried loosest first while within half the budget, the kept one picked from those by the
+    # probes' flip rates
+    from sanitizer.defense.bound import chosen_quantile
+
     bounds = report["probes"]["bounds"]
     assert [t["quantile"] for t in bounds["tried"]] == sorted((t["quantile"] for t in bounds["tried"]), reverse=True)
-    (kept,) = [t for t in bounds["tried"] if t["quantile"] == bounds["quantile"]]
-    silenced = min(min(t["probe_flip"]) for t in bounds["tried"]) <= 0.05
-    assert kept["drop_estimate"] <= 0.01 and (kept["quantile"] == 1.0 or silenced)
+    within = {t["quantile"]: t["probe_flip"] for t in bounds["tried"] if t["drop_estimate"] <= 0.01}
+    assert bounds["quantile"] == chosen_quantile(within)
 
 
 def test_default_leaves_a_clean_model_unchanged(tmp_path):
@@ -248,6 +249,23 @@ def test_removed_counts_only_the_probes_with_a_bar():
     assert not removed({"a": 0.4, "b": 0.0}, bars, None)
     assert removed({"a": 0.4, "b": 0.0}, bars, {"a": 0.4 - FLIP_GOAL + 0.01, "b": 0.9})
     assert not removed({"a": 0.4, "b": 0.0}, bars, {"a": 0.3, "b": 0.9})
+    # the whole counted set is compared: the control's easiest place need not be the target's
+    two = {"a": 0.05, "c": 0.05}
+    assert removed({"a": 0.4, "c": 0.01}, two, {"a": 0.0, "c": 0.4})
+
+
+def test_a_tighter_bound_is_taken_while_it_still_takes_probes_off_the_target():
+    from sanitizer.defense.bound import chosen_quantile
+
+    # flip rates measured on the suite's ResNet-18 (10 used probes, the last a full-image perturbation)
+    resnet = {1.0: [0.0045, 0.536, 0.4459, 0.0405, 0.027, 0.009, 0.4279, 0.6216, 0.1081, 0.973],
+              0.99: [0.0045, 0.2523, 0.2207, 0.045, 0.027, 0.009, 0.2072, 0.3784, 0.0991, 0.9459],
+              0.95: [0.0045, 0.0852, 0.0762, 0.0359, 0.0269, 0.0045, 0.0628, 0.157, 0.0897, 0.87],
+              0.9: [0.0045, 0.0538, 0.0538, 0.0359, 0.0179, 0.009, 0.0538, 0.1121, 0.0852, 0.7623]}
+    assert chosen_quantile(resnet) == 0.95
+    # probes bounds do not move (MNIST's dense backdoor): the loosest, which changes nothing clean
+    assert chosen_quantile({1.0: [0.75, 1.0], 0.99: [0.74, 1.0], 0.95: [0.73, 1.0], 0.9: [0.70, 1.0]}) == 1.0
+    assert chosen_quantile({1.0: [0.3]}) == 1.0
 
 
 def test_refusal_names_the_reason_and_what_to_do():

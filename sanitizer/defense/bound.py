@@ -1,8 +1,9 @@
-"""Bound: the original with every unit capped at what clean images drive it to, at the loosest quantile that works.
+"""Bound: the original with every unit capped at what clean images drive it to, at the loosest quantile past
+which tighter bounds no longer take the probes off the target.
 
 The graph rewrite is rewrite.apply_bounds (activation clipping, Wang, Xiang, Miller, Kesidis, MLSP 2024, on
-the ℓ∞ signature of Cheng et al.); this step picks the quantile of each unit's per-image clean ℓ∞ the way
-count.py picks a count, on the held-out images.
+the ℓ∞ signature of Cheng et al.); this step picks the quantile of each unit's per-image clean ℓ∞ on the
+held-out images.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import onnx
 
 from ..rewrite import apply_bounds
-from .count import FLIP_GOAL, bars
+from .count import FLIP_GOAL
 
 if TYPE_CHECKING:
     from .context import Context
@@ -24,14 +25,24 @@ BOUND_QUANTILES = (1.0, 0.99, 0.95, 0.9, 0.8)
 BOUND_BUDGET = 0.5
 
 
+def chosen_quantile(rates: dict[float, list[float]]) -> float:
+    """Of the quantiles tried within the budget (`rates`: per quantile, loosest first, the used probes'
+    held-out flip rates), the loosest whose mean flip rate is within FLIP_GOAL of the lowest mean any of
+    them reaches: a tighter bound is taken only while it still takes probes off the target. Judged on the
+    mean rather than probe by probe: a patch probe that falls from 0.54 to 0.054 has fallen, whether or not
+    it crosses the goal, while a universal adversarial perturbation keeps falling slowly at every bound."""
+    means = {q: float(np.mean(r)) for q, r in rates.items()}
+    lowest = min(means.values())
+    return next(q for q, m in means.items() if m <= lowest + FLIP_GOAL)
+
+
 def choose_bounds(ctx: Context, clean: dict, probed_x: list[np.ndarray], paired: bool
                   ) -> tuple[onnx.ModelProto, dict]:
-    """The original with every site's units bounded at a quantile of BOUND_QUANTILES (rewrite.apply_bounds),
-    chosen the way count.count_by_probes chooses a count: over the quantiles whose held-out accuracy drop
-    stays within BOUND_BUDGET of the budget (bounds tighten monotonically, so the first past it ends the
-    search), the loosest at which every probe that some bound silences is under its bar (count.bars); probes
-    no bound silences are ordinary adversarial weakness and do not count. When no probe falls, the loosest
-    bound — the largest ℓ∞ any fit image reaches — is kept for nothing. Every prunable site is bounded,
+    """The original with every site's units bounded at a quantile of BOUND_QUANTILES (rewrite.apply_bounds):
+    over the quantiles whose held-out accuracy drop stays within BOUND_BUDGET of the budget (bounds tighten
+    monotonically, so the first past it ends the search), the one chosen_quantile picks from the probes'
+    flip rates — where bounds do not move the probes (a blended or dense backdoor), the loosest, the largest
+    ℓ∞ any fit image reaches, which changes (almost) nothing clean. Every prunable site is bounded,
     residual joins too.
     `clean`: rank.raw_stats over the fit images with per-image reductions kept. Returns the bounded model (the
     original when even the loosest bound spends too much) and what was tried, for the report."""
@@ -41,18 +52,12 @@ def choose_bounds(ctx: Context, clean: dict, probed_x: list[np.ndarray], paired:
     for q in BOUND_QUANTILES:
         bounds = {name: np.quantile(v, q, axis=0) for name, v in per_image.items()}
         bounded = apply_bounds(prep.model, prep.sites, bounds)
-        pred, rates[q] = ctx.flips(bounded, probed_x, paired)
+        pred, rate = ctx.flips(bounded, probed_x, paired)
         ag = ctx.held.agreement_of(pred)
-        tried.append({"quantile": q, "probe_flip": [round(r, 4) for r in rates[q]], **ag.to_dict()})
+        tried.append({"quantile": q, "probe_flip": [round(r, 4) for r in rate], **ag.to_dict()})
         if not ag.within(BOUND_BUDGET * ctx.opts.max_acc_drop):
             break
-        models[q] = bounded
-    chosen = None
-    if models:
-        floor = np.min([rates[q] for q in models], axis=0)
-        good = bars(floor)
-        chosen = BOUND_QUANTILES[0]
-        if (floor <= FLIP_GOAL).any():
-            chosen = next(q for q in models if (np.array(rates[q]) <= good).all())
+        models[q], rates[q] = bounded, rate
+    chosen = chosen_quantile(rates) if models else None
     return models.get(chosen, prep.model), {"quantile": chosen, "sites": len(per_image) if chosen is not None else 0,
                                             "tried": tried}
