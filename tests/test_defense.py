@@ -62,7 +62,10 @@ def test_default_removes_a_trigger_larger_than_the_small_probe(tmp_path):
     assert before["asr"] > 0.9 and after["asr"] <= 0.1, (before, after)
     assert after["clean_acc"] >= before["clean_acc"] - 0.03, (before, after)
     # the result was attacked afresh: probes synthesized against it no longer reach the target either
-    assert report["probes"]["reattack"]["max_fresh_flip"] <= 0.1, report["probes"]["reattack"]
+    fresh = report["probes"]["reattack"]
+    assert fresh["max_fresh_flip"] <= 0.1, fresh
+    # judged at the goal (or against a control class), not at the count's looser bars
+    assert {b for b in fresh["bars"].values() if b is not None} == {0.05}, fresh
     # bounds: tried loosest first while within half the budget, the kept one picked from those by the
     # probes' flip rates
     from sanitizer.defense.bound import chosen_quantile

@@ -104,9 +104,11 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
     best["within_budget"] = bool(ok)
     fresh = None
     if paired:
-        # the bar of each used probe, applied to the fresh probe of the same kind and place: one the count
-        # judged ordinary adversarial weakness (inf) does not count here either
-        bars_by_name = {probes[i].describe(): float(g) for i, g in zip(chosen, good)}
+        # the fresh probe of each used probe's kind and place must be at the goal, or the target no easier
+        # to reach than a control class (reattack.removed); one the count judged ordinary adversarial
+        # weakness (inf) does not count here either. Not the count's own bar: where pruning silenced no
+        # probe that bar is the probe's floor plus the goal, which an untouched backdoor passes too.
+        bars_by_name = {probes[i].describe(): (FLIP_GOAL if np.isfinite(g) else np.inf) for i, g in zip(chosen, good)}
         # in order of preference, the first candidate the fresh probes fail against is kept (else the last
         # one attacked, whose fresh flips the report then shows)
         for best in ok or [best]:
