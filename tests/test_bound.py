@@ -118,6 +118,34 @@ def test_torch_path_runs_the_bounds_and_keeps_them_out_of_the_weights():
         got = graph(torch.from_numpy(next(iter(feed.values()))))[0].numpy()
     np.testing.assert_allclose(got, M.run(bounded, feed)[0], rtol=1e-5, atol=1e-5)
     assert len(list(graph.parameters())) == len(model.graph.initializer)
+    # each site's Min/Max pair runs as one clamp (half the elementwise passes)
+    from sanitizer.torch_graph import _clamp_bounds
+
+    assert sum(fn is _clamp_bounds for fn, *_ in graph._nodes) == len(sites)
+
+
+def test_a_min_max_pair_that_is_not_a_bound_keeps_its_own_meaning():
+    # Max(Min(x, hi), lo) with lo > hi somewhere is lo there, not a clamp (torch.clamp would give hi)
+    torch = pytest.importorskip("torch")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sanitizer.torch_graph import _clamp_bounds, to_torch
+
+    hi = np.array([1.0, -1.0], np.float32).reshape(1, 2)
+    lo = np.array([-1.0, 0.5], np.float32).reshape(1, 2)
+    g = helper.make_graph(
+        [helper.make_node("Constant", [], ["hi"], value=numpy_helper.from_array(hi)),
+         helper.make_node("Constant", [], ["lo"], value=numpy_helper.from_array(lo)),
+         helper.make_node("Min", ["x", "hi"], ["m"]), helper.make_node("Max", ["m", "lo"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.array([[3.0, 3.0], [-3.0, -3.0], [0.2, 0.7]], np.float32)
+    graph = to_torch(model)
+    assert not any(fn is _clamp_bounds for fn, *_ in graph._nodes)
+    with torch.no_grad():
+        got = graph(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_array_equal(got, _run(model, {"x": x})[0])
 
 
 def test_bounds_take_the_type_of_their_tensor():
