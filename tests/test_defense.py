@@ -50,8 +50,6 @@ def test_default_removes_the_backdoor_within_the_budget(tmp_path):
 
 def test_default_removes_a_trigger_larger_than_the_small_probe(tmp_path):
     # the shipped demo: 16x16 digits, 3x3 trigger; the 15 % probe is 2x2, so only the 20 % probe covers it
-    from sanitizer.demo import DEMO
-
     # `sanitize demo` is the default defense on it, plain flags: it must ship (exit 0) with the backdoor gone
     code = main(["demo", "--out", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json")])
     assert code == 0
