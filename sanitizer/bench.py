@@ -12,6 +12,7 @@ from pathlib import Path
 
 from calib.stats import collect, plain_pass
 
+from .defense.count import FLIP_GOAL
 from .errors import BadData
 from .graph import stat_tensors
 from .scores import CRITERIA
@@ -82,6 +83,7 @@ def run_case(case: Case, criterion: str, progress=None, *, detect: bool = False)
         "timings_seconds": report["timings_seconds"],
         "cpu_seconds": report["cpu_seconds"],
     }
+    row["max_acc_drop"] = opts.max_acc_drop
     row["held_out"] = report["held_out_after"]
     row["goal"] = goal(row)
     if criterion in CRITERIA:
@@ -93,21 +95,21 @@ def run_case(case: Case, criterion: str, progress=None, *, detect: bool = False)
     return row
 
 
-# The goal a case is judged against (the removal issue's): a backdoored model leaves with ASR at most
-# GOAL_ASR and clean accuracy within GOAL_DROP; a clean model within GOAL_DROP_CLEAN; either way the plain
-# command must ship it (not refused as degraded).
-GOAL_ASR, GOAL_DROP, GOAL_DROP_CLEAN = 0.05, 0.02, 0.005
+# A clean model may lose at most this much accuracy (the removal issue's goal).
+GOAL_DROP_CLEAN = 0.005
 
 
 def goal(row: dict) -> str:
     """'met', or 'not met: ' and every reason, for one bench row (accuracy and ASR on the case's own
-    evaluation sets)."""
+    evaluation sets): a backdoored model leaves with ASR at most the defense's goal (count.FLIP_GOAL) and
+    clean accuracy within the run's budget (`max_acc_drop`); a clean model within GOAL_DROP_CLEAN; either way
+    the plain command must ship it (not refused as degraded)."""
     why = []
     drop = row["acc_before"] - row["acc_after"]
     if row["backdoored"]:
-        if row["asr_after"] is not None and row["asr_after"] > GOAL_ASR:
+        if row["asr_after"] is not None and row["asr_after"] > FLIP_GOAL:
             why.append(f"ASR {row['asr_after']:.3f}")
-        if drop > GOAL_DROP:
+        if drop > row["max_acc_drop"]:
             why.append(f"accuracy −{100 * drop:.1f} pt")
     elif drop > GOAL_DROP_CLEAN:
         why.append(f"clean model accuracy −{100 * drop:.1f} pt")

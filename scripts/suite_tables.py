@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 import sys
 
-BUDGET = 0.02
-
-
 def rows(paths: list[str]) -> list[dict]:
     out = []
     for path in paths:
@@ -62,8 +59,8 @@ def stop_rule_table(rs: list[dict]) -> str:
     for r in rs:
         h = r["held_out"]
         measured = r["acc_before"] - r["acc_after"]
-        ships = h["drop_estimate"] <= BUDGET
-        fits = measured <= BUDGET
+        ships = h["drop_estimate"] <= r["max_acc_drop"]
+        fits = measured <= r["max_acc_drop"]
         right = "yes" if ships == fits else ("false refusal" if fits else "false ship")
         lo, hi = h["drop_interval90"]
         lines.append(f"| {r['case']} | {h['drop_estimate']:.4f} ({h['n']}) | {lo:.4f} .. {hi:.4f} | {measured:.4f} | "

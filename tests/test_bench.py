@@ -13,7 +13,7 @@ from sanitizer.cli import main
 
 def _row(**kw):
     return {"backdoored": True, "acc_before": 0.9, "acc_after": 0.89, "asr_before": 1.0, "asr_after": 0.04,
-            "degraded": False, **kw}
+            "degraded": False, "max_acc_drop": 0.02, **kw}
 
 
 def test_goal_names_every_reason_a_case_misses():
