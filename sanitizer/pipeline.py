@@ -357,17 +357,17 @@ def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: floa
                f"{final['drop_estimate']:.3f} (80 % interval {lo:.3f}..{hi:.3f}) > {max_acc_drop} on "
                f"{final['n']} held-out images")
         act = "more --calib images narrow the estimate; --max-acc-drop raises the budget"
-    elif not final.get("fresh_probes_silenced", True):
-        fresh = probe_info["reattack"]
-        control = fresh.get("control")
-        than = (f", more than the control class {control['class']} ({control['max_fresh_flip']:.3f})"
-                if control else "")
-        why = (f"leaves the backdoor in place: probes synthesized afresh against the result still reach the "
-               f"target (flip rate {fresh['max_fresh_flip']:.3f}{than})")
-        act = "--suspect with triggered samples, if you have any, aims the search"
     else:
-        why = f"leaves the backdoor's probes working (flip rate {max(final['probe_flip']):.3f})"
         act = "--suspect with triggered samples, if you have any, aims the search"
+        if not final.get("fresh_probes_silenced", True):
+            fresh = probe_info["reattack"]
+            control = fresh.get("control")
+            than = (f", more than the control class {control['class']} ({control['max_fresh_flip']:.3f})"
+                    if control else "")
+            why = (f"leaves the backdoor in place: probes synthesized afresh against the result still reach the "
+                   f"target (flip rate {fresh['max_fresh_flip']:.3f}{than})")
+        else:
+            why = f"leaves the backdoor's probes working (flip rate {max(final['probe_flip']):.3f})"
     return f"pruning {count} units {why}; nothing written ({act}; --allow-degraded writes it anyway)"
 
 

@@ -783,18 +783,18 @@ def _clamp_bounds(ins, attrs):
     return torch.clamp(ins[0], min=ins[1], max=ins[2])
 
 
-def _clamp_pairs(graph: onnx.GraphProto, needed: set[int]) -> dict[int, tuple[str, str, str] | None]:
+def _clamp_pairs(graph: onnx.GraphProto, needed: set[int], producer: dict[str, onnx.NodeProto]
+                 ) -> dict[int, tuple[str, str, str] | None]:
     """Per node id, what replaces it when it is part of Max(Min(t, hi), lo) with `hi`, `lo` from Constant
     nodes, lo ≤ hi everywhere and the Min's output read by that Max alone: the Min maps to None (dropped),
     the Max to the clamp's inputs (t, lo, hi). Equal values to the pair: max(min(t, hi), lo) is
-    clamp(t, lo, hi) whenever lo ≤ hi."""
+    clamp(t, lo, hi) whenever lo ≤ hi. `producer`: per tensor name, the node that outputs it."""
     constant = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")}
     readers: dict[str, int] = {}
     for n in graph.node:
         for name in n.input:
             readers[name] = readers.get(name, 0) + 1
     outputs = {o.name for o in graph.output}
-    producer = {o: n for n in graph.node for o in n.output}
     out: dict[int, tuple[str, str, str] | None] = {}
     for mx in graph.node:
         if mx.op_type != "Max" or id(mx) not in needed or len(mx.input) != 2 or mx.domain not in ("", "ai.onnx"):
@@ -881,7 +881,7 @@ class TorchGraph(torch.nn.Module):
                 needed.add(id(node))
                 todo.extend(node.input)
         self._nodes = []
-        clamps = _clamp_pairs(graph, needed)
+        clamps = _clamp_pairs(graph, needed, producer)
         for node in (n for n in graph.node if id(n) in needed):
             if id(node) in clamps:
                 # Max(Min(t, b), -b) (rewrite.apply_bounds) as one clamp: the elementwise passes over every

@@ -1,7 +1,7 @@
 """Re-attack: the result is judged by attacking it afresh, not by replaying the probes it was pruned against.
 
 Fresh probes (probes.py) are synthesized against the sanitized model with the same budget as on the
-original; where they still pass their bars, the target is judged against a control class under the same
+original; where one is over its bar, the target is judged against a control class under the same
 budget (detect.control_class), Neural Cleanse's idea of judging the target against the other classes
 (Wang et al. 2019).
 """
@@ -43,8 +43,8 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
     """Fresh probes synthesized against the sanitized `model` with the same budget as on the original: the
     backdoor is judged by attacking the result, not by replaying probes it was pruned against. Only the
     probes the count judged (finite bar) are synthesized: the others take no part in the verdict. When one
-    is over its bar (`bars`: per probe description, the flip rate the count brought it under; inf: not
-    counted), the same probes are synthesized toward a control class (detect.control_class) and the target
+    is over its bar (`bars`: per probe description, the flip rate it must be under — defend gives the goal,
+    FLIP_GOAL; inf: not counted), the same probes are synthesized toward a control class (detect.control_class) and the target
     must be no easier to reach than it (see removed). Returns per probe its held-out flip rate toward the target
     (and the control's), the bars and the verdict."""
     prep, opts, progress = ctx.prep, ctx.opts, ctx.progress
