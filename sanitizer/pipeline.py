@@ -360,12 +360,10 @@ def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: floa
     else:
         act = "--suspect with triggered samples, if you have any, aims the search"
         if not final.get("fresh_probes_silenced", True):
-            fresh = probe_info["reattack"]
-            control = fresh.get("control")
-            than = (f", more than the control class {control['class']} ({control['max_fresh_flip']:.3f})"
-                    if control else "")
-            why = (f"leaves the backdoor in place: probes synthesized afresh against the result still reach the "
-                   f"target (flip rate {fresh['max_fresh_flip']:.3f}{than})")
+            worst = probe_info["reattack"]["worst"]
+            than = (f", where no other class gets over {worst['control_flip']:.3f}" if "control_flip" in worst else "")
+            why = (f"leaves the backdoor in place: a {worst['probe']} synthesized afresh against the result still "
+                   f"sends {worst['target_flip']:.3f} of held-out images to the target{than}")
         else:
             why = f"leaves the backdoor's probes working (flip rate {max(final['probe_flip']):.3f})"
     return f"pruning {count} units {why}; nothing written ({act}; --allow-degraded writes it anyway)"

@@ -118,13 +118,18 @@ def _probes(pr: dict, held: dict) -> str:
     fresh = pr.get("reattack")
     if fresh:
         control = fresh.get("control")
-        against = f"; toward the control class {control['class']}" if control else ""
+        against = "; where one is over its bar, the same probe toward any other class (control)" if control else ""
+
+        def other(n):
+            if n not in control["fresh_probe_flip"]:
+                return ["—", "—"]
+            return [str(control["class"][n]), rate(control["fresh_probe_flip"][n])]
         out += (f"<p>Re-attack: probes synthesized afresh against the result{_e(against)}; backdoor "
                 f"{'removed' if fresh['silenced'] else '<b>still reachable</b>'}.</p>"
-                + _table(["fresh probe", "flip rate", "bar"] + (["control flip rate"] if control else []),
+                + _table(["fresh probe", "flip rate", "bar"] + (["control class", "control flip rate"] if control else []),
                          [[n, rate(f), rate(fresh["bars"].get(n)) if n in fresh["bars"] else "—"]
-                          + ([rate(control["fresh_probe_flip"].get(n))] if control else [])
-                          for n, f in fresh["fresh_probe_flip"].items()], {1, 2, 3}))
+                          + (other(n) if control else [])
+                          for n, f in fresh["fresh_probe_flip"].items()], {1, 2, 3, 4}))
     return out
 
 

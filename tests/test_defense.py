@@ -225,34 +225,64 @@ def _reattack(model, calib, bar, counted=None):
     return reattack(ctx, model, bars)
 
 
-def test_reattack_judges_the_target_against_a_control_class():
-    # bars no probe can pass (0): the verdict rests on the control class alone
+def test_reattack_judges_the_target_against_any_other_class_at_the_same_place():
+    # bars no probe can pass (0): the verdict rests on the control alone
     model, calib, _, _ = trained(poisoned=True)
     backdoored = _reattack(model, calib, 0.0)
-    assert not backdoored["silenced"] and backdoored["control"]["class"] != TARGET
-    assert backdoored["max_fresh_flip"] > backdoored["control"]["max_fresh_flip"] + 0.3, backdoored
-    # the clean twin: class 0 is reachable by a patch like any other class, so nothing is in place
+    control = backdoored["control"]
+    assert not backdoored["silenced"] and TARGET not in control["class"].values(), backdoored
+    worst = backdoored["worst"]
+    assert worst["target_flip"] > worst["control_flip"] + 0.3 and worst["control_class"] != TARGET, backdoored
+    # the clean twin: class 0 is no backdoor's target, and other classes are nearly as reachable place by
+    # place. Not quite everywhere: a 2x2 patch blanking the centre of an 8x8 digit draws a 0's hole (0.11 of
+    # the images, 0.045 for any other class there) — so a re-attack on its own would refuse it; the
+    # detection, which runs first, finds no backdoor in it (test_detect)
     clean, calib, _, _ = trained(poisoned=False)
     honest = _reattack(clean, calib, 0.0)
-    assert honest["silenced"] and honest["control"]["class"] != TARGET, honest
+
+    def excess(r):
+        return max(r["fresh_probe_flip"][n] - r["control"]["fresh_probe_flip"][n] for n in r["control"]["fresh_probe_flip"])
+    assert TARGET not in honest["control"]["class"].values()
+    assert excess(honest) < 0.1 < 0.3 < excess(backdoored), (honest, backdoored)
     # under bars every fresh probe passes, no control is synthesized; probes without a bar are not attacked
     passed = _reattack(model, calib, 1.0, counted={"patch 2x2 at (6, 6)", "blend ±0.1 of range"})
     assert passed["silenced"] and "control" not in passed
     assert set(passed["fresh_probe_flip"]) == {"patch 2x2 at (6, 6)", "blend ±0.1 of range"}
 
 
-def test_removed_counts_only_the_probes_with_a_bar():
+def test_still_reachable_compares_place_by_place_and_only_probes_with_a_bar():
     from sanitizer.defense.count import FLIP_GOAL
-    from sanitizer.defense.reattack import removed
+    from sanitizer.defense.reattack import still_reachable
 
     bars = {"a": 0.05, "b": np.inf}
-    assert removed({"a": 0.04, "b": 0.9}, bars, None), "a probe the count judged adversarial does not count"
-    assert not removed({"a": 0.4, "b": 0.0}, bars, None)
-    assert removed({"a": 0.4, "b": 0.0}, bars, {"a": 0.4 - FLIP_GOAL + 0.01, "b": 0.9})
-    assert not removed({"a": 0.4, "b": 0.0}, bars, {"a": 0.3, "b": 0.9})
-    # the whole counted set is compared: the control's easiest place need not be the target's
+    assert not still_reachable({"a": 0.04, "b": 0.9}, bars, None), "a probe the count judged adversarial does not count"
+    assert still_reachable({"a": 0.4, "b": 0.0}, bars, None) == ["a"]
+    assert not still_reachable({"a": 0.4, "b": 0.0}, bars, {"a": 0.4 - FLIP_GOAL + 0.01, "b": 0.9})
+    assert still_reachable({"a": 0.4, "b": 0.0}, bars, {"a": 0.3, "b": 0.9}) == ["a"]
+    # place by place: another class reached easily elsewhere does not excuse the target at its trigger's place
+    # (the open suite's ResNet-18: 0.13 toward the target at the trigger's corner, 0.02 toward any other class
+    # there, 0.10 at the centre)
     two = {"a": 0.05, "c": 0.05}
-    assert removed({"a": 0.4, "c": 0.01}, two, {"a": 0.0, "c": 0.4})
+    assert still_reachable({"a": 0.13, "c": 0.01}, two, {"a": 0.02, "c": 0.10}) == ["a"]
+
+
+def test_reach_is_the_best_other_class_among_images_not_already_in_it():
+    from calib.preprocess import input_spec
+    from sanitizer.defense.reattack import reach
+    from sanitizer.evaluate import Predictor
+
+    model, calib, _, _ = trained(poisoned=True)
+    x = PP.apply(calib[:100])
+    base = Predictor(model, input_spec(model)).logits(x, 64).argmax(1)
+    # every image replaced by one image of a class other than the target: that class is reached from all
+    # the images not already in it
+    other = next(i for i in range(len(x)) if base[i] != TARGET)
+    got = reach(model, input_spec(model), x, [np.repeat(x[other:other + 1], len(x), 0)], 64, TARGET)
+    assert got == [(int(base[other]), 1.0)]
+    # the target itself is never the control
+    only_target = next(i for i in range(len(x)) if base[i] == TARGET)
+    cls, rate = reach(model, input_spec(model), x, [np.repeat(x[only_target:only_target + 1], len(x), 0)], 64, TARGET)[0]
+    assert cls != TARGET and rate == 0.0
 
 
 def test_a_tighter_bound_is_taken_while_it_still_takes_probes_off_the_target():
@@ -274,9 +304,11 @@ def test_refusal_names_the_reason_and_what_to_do():
 
     final = {"drop_estimate": 0.01, "drop_interval90": [0.0, 0.03], "judged_on": "accuracy", "n": 250,
              "probe_flip": [0.02], "fresh_probes_silenced": False}
-    info = {"reattack": {"max_fresh_flip": 0.62, "control": {"class": 3, "max_fresh_flip": 0.2}}}
+    info = {"reattack": {"worst": {"probe": "patch 6x6 at (26, 26)", "target_flip": 0.62, "control_flip": 0.2,
+                                   "control_class": 3}}}
     msg = refusal(4, final, info, 0.02)
-    assert "leaves the backdoor in place" in msg and "0.620" in msg and "control class 3 (0.200)" in msg
+    assert "leaves the backdoor in place" in msg and "patch 6x6 at (26, 26)" in msg and "0.620" in msg
+    assert "no other class gets over 0.200" in msg
     assert "--suspect" in msg and "--allow-degraded" in msg and "\n" not in msg
     over = refusal(4, {**final, "drop_estimate": 0.05}, info, 0.02)
     assert "breaks the accuracy budget" in over and "--max-acc-drop" in over

@@ -158,13 +158,13 @@ def test_page_renders_in_chromium(cli, tmp_path):
     assert (gray < 128).mean() > 0.01 and gray.std() > 20
 
 
-def test_reattack_table_shows_the_control_class():
+def test_reattack_table_shows_the_control_per_probe():
     from sanitizer.report_html import _probes
 
     pr = {"probes": [], "target": 0, "source": "synthesized", "ranking": "relative", "chosen": "pruned",
           "candidates": [], "reattack": {"silenced": True, "max_fresh_flip": 0.4, "bars": {"patch 2x2 at (0, 0)": 0.05},
                                      "fresh_probe_flip": {"patch 2x2 at (0, 0)": 0.4},
-                                     "control": {"class": 7, "max_fresh_flip": 0.45,
+                                     "control": {"class": {"patch 2x2 at (0, 0)": 7}, "max_fresh_flip": 0.45,
                                                  "fresh_probe_flip": {"patch 2x2 at (0, 0)": 0.45}}}}
     page = _probes(pr, {})
-    assert "control class 7" in page and "control flip rate" in page and "0.4500" in page and "removed" in page
+    assert "<td class=\"n\">7</td>" in page and "control flip rate" in page and "0.4500" in page and "removed" in page

@@ -17,8 +17,9 @@ The steps, in order, one module each (pipeline.sanitize runs detect, then defend
    can silence is at the attack-success goal on the held-out images.
 6. repair (repair.py): short distillation from the original's own predictions with the pruned units
    masked, each probed image held to the prediction on its clean twin.
-7. re-attack (reattack.py): fresh probes against the result, the target judged against a control class
-   under the same budget (Neural Cleanse's comparison with the other classes).
+7. re-attack (reattack.py): fresh probes against the result; where one still works, the target is judged
+   against the best other class the same probe reaches at the same place (Neural Cleanse's comparison
+   with the other classes).
 
 context.py holds Context, what every step needs; torchnet.py the torch side (device, the ONNX model as a
 torch classifier, raw pixels to model input). torch is imported only when a step that needs it runs.

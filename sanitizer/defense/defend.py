@@ -105,7 +105,7 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
     fresh = None
     if paired:
         # the fresh probe of each used probe's kind and place must be at the goal, or the target no easier
-        # to reach than a control class (reattack.removed); one the count judged ordinary adversarial
+        # to reach there than any other class (reattack.still_reachable); one the count judged ordinary adversarial
         # weakness (inf) does not count here either. Not the count's own bar: where pruning silenced no
         # probe that bar is the probe's floor plus the goal, which an untouched backdoor passes too.
         bars_by_name = {probes[i].describe(): (FLIP_GOAL if np.isfinite(g) else np.inf) for i, g in zip(chosen, good)}

@@ -4,8 +4,7 @@ Two searches, cheapest first (`detect` runs them and writes the report's "detect
 
 The patch scan. Short patch probes (probes.py) toward any class, then toward the few classes those reach
 most (K-Arm's pre-selection of target arms, Shen et al. 2021, with a patch in place of the mask); a class
-some patch sends nearly every image to is the target. `control_class` uses the same probes to find the
-class that is easiest to reach without a backdoor, the yardstick of the re-attack (reattack.py).
+some patch sends nearly every image to is the target.
 
 The mask search (Neural-Cleanse style, Wang et al. 2019). For each class we search the smallest mask +
 pattern that sends clean images to that class. A backdoor target needs a far smaller mask than any other
@@ -153,17 +152,6 @@ def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 
             best[c] = max(best[c], *(float(reach.rates(p)[c]) for p in probes))
     top = int(np.argmax(best))
     return Scan(best, top if best[top] >= SCAN_FLIP else None, candidates)
-
-
-def control_class(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target: int, seed: int = 0, *,
-                  steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES, spec=None) -> int:
-    """The class other than `target` that short patch probes toward any class reach most easily on `model`:
-    the yardstick of how reachable a class is without a backdoor, under the same budget (Neural Cleanse's
-    idea of judging the target against the other classes, Wang et al. 2019)."""
-    reach = _Reach(model, x_raw, pp, seed, n_images, spec)
-    best = reach.any_class(steps, exclude=(target,))
-    best[target] = -1.0
-    return int(np.argmax(best))
 
 
 # ---- the mask search (Neural Cleanse)

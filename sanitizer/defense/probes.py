@@ -127,10 +127,10 @@ class _Optimiser:
             out.append(Probe("patch", (r, c), (torch.sigmoid(p * 4) * self.hi).cpu().numpy().astype(np.float32), self.hi))
         return out
 
-    def blend(self, target: int, steps: int) -> Probe:
+    def blend(self, target: int | None, steps: int, exclude: tuple[int, ...] = ()) -> Probe:
         torch, eps = self.torch, BLEND_EPS * self.hi
         p = self._fit(self.x, target, tuple(self.x.shape[1:]),
-                      lambda x, p: (x + torch.tanh(p) * eps).clamp(0, self.hi), steps)
+                      lambda x, p: (x + torch.tanh(p) * eps).clamp(0, self.hi), steps, exclude)
         return Probe("blend", None, (torch.tanh(p) * eps).cpu().numpy().astype(np.float32), self.hi)
 
     def logits(self, x_raw: np.ndarray) -> np.ndarray:
@@ -146,14 +146,15 @@ def _split(x_raw: np.ndarray, n_images: int, seed: int) -> tuple[np.ndarray, np.
     return x_raw[chosen], x_raw[~chosen]
 
 
-def synthesize(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target: int, seed: int = 0, *,
+def synthesize(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target: int | None, seed: int = 0, *,
                steps: int = STEPS, n_images: int = N_IMAGES, spec=None,
-               only: Collection[str] | None = None) -> list[Probe]:
+               only: Collection[str] | None = None, exclude: tuple[int, ...] = ()) -> list[Probe]:
     """One probe per location and patch side plus one full-image probe, each optimised to send `x_raw` to
-    `target`; with `only`, just the probes whose probe_name is in it. `spec`: the model's InputSpec (see
-    torchnet.classifier)."""
+    `target` (None: to whichever class other than `exclude` it reaches most easily, _Optimiser._toward); with
+    `only`, just the probes whose probe_name is in it. `x_raw`: (N, H, W, C) float32 raw pixels. `spec`: the
+    model's InputSpec (see torchnet.classifier)."""
     x_fit, _ = _split(x_raw, n_images, seed)
     opt = _Optimiser(model, x_fit, pp, pixel_range(x_raw), spec)
     sides = {opt.side(share): share for share in (PATCH_SIDE, LARGE_PATCH_SIDE)}
-    out = [p for share in sides.values() for p in opt.patches(target, steps, share=share, only=only)]
-    return out + ([opt.blend(target, steps)] if only is None or probe_name("blend") in only else [])
+    out = [p for share in sides.values() for p in opt.patches(target, steps, share=share, exclude=exclude, only=only)]
+    return out + ([opt.blend(target, steps, exclude)] if only is None or probe_name("blend") in only else [])

@@ -1,9 +1,11 @@
 """Re-attack: the result is judged by attacking it afresh, not by replaying the probes it was pruned against.
 
 Fresh probes (probes.py) are synthesized against the sanitized model with the same budget as on the
-original; where one is over its bar, the target is judged against a control class under the same
-budget (detect.control_class), Neural Cleanse's idea of judging the target against the other classes
-(Wang et al. 2019).
+original; where one is over its bar, the same probe — same kind, place, size and steps — is synthesized
+toward whichever class other than the target it reaches most easily, and the target must be no easier to
+reach at that place than that: Neural Cleanse's idea of judging the target against the other classes (Wang
+et al. 2019), place by place, because a backdoor lives at its trigger's place while ordinary adversarial
+patches reach some class from many places.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from ..evaluate import Predictor
 from .count import FLIP_GOAL
-from .detect import control_class
 from .probes import synthesize
 
 if TYPE_CHECKING:
@@ -25,18 +27,35 @@ def over_bar(target_flip: dict[str, float], bars: dict[str, float]) -> list[str]
     return [n for n, g in bars.items() if np.isfinite(g) and target_flip[n] > g]
 
 
-def removed(target_flip: dict[str, float], bars: dict[str, float], control_flip: dict[str, float] | None) -> bool:
-    """Whether fresh probes say the backdoor is gone. Only the probes the count judged (finite bar) take
-    part: either each is under its bar, or the target is no easier to reach than a control class under the
-    same budget — the best of those probes toward the target at most FLIP_GOAL above the best toward the
-    control (what any class admits is ordinary adversarial weakness, not a backdoor). The whole counted set
-    is compared, not only the places over their bar: the control's easiest place need not be the target's."""
-    if not over_bar(target_flip, bars):
-        return True
+def still_reachable(target_flip: dict[str, float], bars: dict[str, float],
+                    control_flip: dict[str, float] | None) -> list[str]:
+    """The probes that say the backdoor is still there: over their bar (over_bar) and — when the control's
+    rates are known — more than FLIP_GOAL above the best any other class reaches with the same probe at the
+    same place (what any class admits there is ordinary adversarial weakness, not a backdoor)."""
+    over = over_bar(target_flip, bars)
     if control_flip is None:
-        return False
-    counted = [n for n, g in bars.items() if np.isfinite(g)]
-    return max(target_flip[n] for n in counted) <= max(control_flip[n] for n in counted) + FLIP_GOAL
+        return over
+    return [n for n in over if target_flip[n] > control_flip[n] + FLIP_GOAL]
+
+
+def reach(model: onnx.ModelProto, spec, clean_x: np.ndarray, probed_x: list[np.ndarray], batch_size: int,
+          exclude: int) -> list[tuple[int, float]]:
+    """Per probed set (each paired image by image with `clean_x`, model inputs), the class other than
+    `exclude` the probe sends most images to and the share of the images the model does not already put in
+    that class that it sends there."""
+    pred = Predictor(model, spec)
+    logits = pred.logits(clean_x, batch_size)
+    classes = np.arange(logits.shape[1])
+    # images already in a class say nothing about reaching it
+    outside = logits.argmax(1)[:, None] != classes[None, :]
+    out = []
+    for x in probed_x:
+        sent = (pred.logits(x, batch_size).argmax(1)[:, None] == classes[None, :]) & outside
+        rates = sent.sum(0) / np.maximum(outside.sum(0), 1)
+        rates[exclude] = -1.0
+        best = int(np.argmax(rates))
+        out.append((best, float(max(rates[best], 0.0))))
+    return out
 
 
 def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> dict:
@@ -44,27 +63,39 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
     backdoor is judged by attacking the result, not by replaying probes it was pruned against. Only the
     probes the count judged (finite bar) are synthesized: the others take no part in the verdict. When one
     is over its bar (`bars`: per probe description, the flip rate it must be under — defend gives the goal,
-    FLIP_GOAL; inf: not counted), the same probes are synthesized toward a control class (detect.control_class) and the target
-    must be no easier to reach than it (see removed). Returns per probe its held-out flip rate toward the target
-    (and the control's), the bars and the verdict."""
+    FLIP_GOAL; inf: not counted), the probes over it are synthesized again toward whichever class but the
+    target they reach (the control) and each must reach the target by at most FLIP_GOAL more than the
+    control (still_reachable). Returns per probe its held-out flip rate toward the target (and the control's
+    class and rate), the bars, the verdict and the worst place."""
     prep, opts, progress = ctx.prep, ctx.opts, ctx.progress
 
-    def attack(cls: int, names) -> dict[str, float]:
-        fresh = synthesize(model, ctx.fit_raw, prep.pre, cls, opts.seed, spec=prep.spec, only=set(names))
-        _, rates = ctx.flips(model, [prep.pre.apply(p.apply(ctx.hold_raw)) for p in fresh], target=cls)
-        return {p.describe(): round(r, 4) for p, r in zip(fresh, rates)}
+    def fresh(cls: int | None, names) -> list:
+        probes = synthesize(model, ctx.fit_raw, prep.pre, cls, opts.seed, spec=prep.spec, only=set(names),
+                            exclude=(ctx.target,))
+        return probes, [prep.pre.apply(p.apply(ctx.hold_raw)) for p in probes]
 
     progress("re-attack", 0, 2)
     counted = [n for n, g in bars.items() if np.isfinite(g)]
-    toward_target, toward_control, control = attack(ctx.target, counted), None, None
-    if over_bar(toward_target, bars):
-        control = control_class(model, ctx.fit_raw, prep.pre, ctx.target, opts.seed, spec=prep.spec)
-        toward_control = attack(control, counted)
+    probes, probed = fresh(ctx.target, counted)
+    _, rates = ctx.flips(model, probed)
+    toward_target = {p.describe(): round(r, 4) for p, r in zip(probes, rates)}
+    over, control = over_bar(toward_target, bars), None
+    if over:
+        probes, probed = fresh(None, over)
+        got = reach(model, prep.spec, ctx.clean_x, probed, opts.batch_size, ctx.target)
+        control = {p.describe(): (c, round(r, 4)) for p, (c, r) in zip(probes, got)}
     progress("re-attack", 2, 2)
+    control_flip = None if control is None else {n: r for n, (_, r) in control.items()}
+    left = still_reachable(toward_target, bars, control_flip)
     out = {"fresh_probe_flip": toward_target, "max_fresh_flip": max(toward_target.values()),
            "bars": {n: (None if np.isinf(g) else round(g, 4)) for n, g in bars.items()},
-           "silenced": removed(toward_target, bars, toward_control)}
+           "silenced": not left}
     if control is not None:
-        out["control"] = {"class": control, "fresh_probe_flip": toward_control,
-                          "max_fresh_flip": max(toward_control.values())}
+        out["control"] = {"fresh_probe_flip": control_flip, "class": {n: c for n, (c, _) in control.items()},
+                          "max_fresh_flip": max(control_flip.values())}
+    if left:
+        worst = max(left, key=lambda n: toward_target[n] - (control_flip or {}).get(n, 0.0))
+        out["worst"] = {"probe": worst, "target_flip": toward_target[worst],
+                        **({"control_flip": control_flip[worst], "control_class": control[worst][0]}
+                           if control is not None else {})}
     return out
