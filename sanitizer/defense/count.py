@@ -64,8 +64,9 @@ def count_by_probes(ctx: Context, base: onnx.ModelProto, order: list[tuple[str, 
     held-out images (past that, flips say nothing: the model is broken).
     Units are pruned from `base` (the original, or the original with its activations bounded); when `base`
     already has every probe at the goal, nothing is pruned.
-    Returns the plan, the pruned model's held-out agreement and the flip rate each probe must get under
-    (inf: the probe does not count)."""
+    Returns the plan (its trace has, per count measured, the probes' flip rates, the held-out agreement and
+    the estimated accuracy drop), the pruned model's held-out agreement and the flip rate each probe must
+    get under (inf: the probe does not count)."""
     plan = Plan(order)
     cap = min(limit, max(1, int(MAX_SHARE * len(order))))
     flips_at: dict[int, list[float]] = {}
@@ -74,9 +75,10 @@ def count_by_probes(ctx: Context, base: onnx.ModelProto, order: list[tuple[str, 
     def measure(k: int) -> None:
         model = rewrite.apply(base, ctx.prep.sites, plan.pruned(k))
         pred, flips_at[k] = ctx.flips(model, probed_x, paired)
-        agree_at[k] = ctx.held.agreement_of(pred).rate
+        ag = ctx.held.agreement_of(pred)
+        agree_at[k] = ag.rate
         plan.trace.append({"units": k, "probe_flip": [round(r, 4) for r in flips_at[k]],
-                           "agreement": round(agree_at[k], 6)})
+                           "agreement": round(agree_at[k], 6), "drop_estimate": round(ag.drop, 6)})
         ctx.progress("search", len(plan.trace), 0)
 
     measure(0)
@@ -112,3 +114,14 @@ def count_by_probes(ctx: Context, base: onnx.ModelProto, order: list[tuple[str, 
     plan.count = hi
     plan.trace.sort(key=lambda t: t["units"])
     return plan, agree_at[hi], good
+
+
+def preference(plan: Plan, agreement: float, max_acc_drop: float) -> tuple:
+    """How a ranking's count (count_by_probes: `plan`, `agreement`) ranks against the other rankings', larger
+    first: within the accuracy budget on the held-out estimate; then the more used probes brought to the goal
+    — each one a shortcut the ranking's top units carry, while a probe left over it (or judged ordinary
+    adversarial weakness) is one whose units the ranking did not find; then the higher held-out agreement and
+    the fewer units."""
+    at = next(t for t in reversed(plan.trace) if t["units"] == plan.count)
+    return (at["drop_estimate"] <= max_acc_drop, sum(f <= FLIP_GOAL for f in at["probe_flip"]), agreement,
+            -plan.count)

@@ -1,11 +1,12 @@
 """The default defense, run: probe toward the suspected target, bound, rank units, prune until the probes fail,
 repair, re-attack (the steps and their sources: see the package's docstring).
 
-Units are ranked three ways, and the held-out images pick one: by how far the probes lift their ℓ∞ (max
-over the spatial map) above what clean images do — the paper's signature, measured with synthesized probes
-in place of the unknown trigger — in two normalisations, and by how much the probes' margin toward the
-target rests on each unit (rank.margin_gradients), which finds the units that matter to the decision among
-those that merely fire. How many to
+Units are ranked three ways: by how far the probes lift their ℓ∞ (max over the spatial map) above what
+clean images do — the paper's signature, measured with synthesized probes in place of the unknown trigger —
+in two normalisations, and by how much the probes' margin toward the target rests on each unit
+(rank.margin_gradients), which finds the units that matter to the decision among those that merely fire.
+The held-out images pick one (count.preference): within the budget, the one whose count brings the most
+probes to the goal, then the one that costs the held-out images least. How many to
 prune is read off the probes on the held-out images: the smallest count at which every probe that
 pruning can silence is at the attack-success goal; probes that no count silences before the model breaks
 are ordinary adversarial weakness and do not count (unless no probe falls, then each must reach the
@@ -24,7 +25,7 @@ from ..graph import Site, stat_tensors
 from ..plan import Plan, rank, safe_limit
 from .bound import choose_bounds
 from .context import Context
-from .count import FLIP_GOAL, USE_FLIP, count_by_probes
+from .count import FLIP_GOAL, USE_FLIP, count_by_probes, preference
 from .probes import synthesize
 from .rank import ell_inf_gaps, linf_histograms, margin_gradients, raw_stats
 from .reattack import reattack
@@ -79,8 +80,7 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
         order = rank(gap, descending=True)
         limit = safe_limit(order, {s.name: s.channels for s in sites})
         searches[name] = count_by_probes(ctx, base, order, limit, used_x, paired)
-    # the ranking that silences the probes at the smaller cost to the held-out images
-    ranking = max(searches, key=lambda n: (searches[n][1], -searches[n][0].count))
+    ranking = max(searches, key=lambda n: preference(*searches[n][:2], opts.max_acc_drop))
     plan, _, good = searches[ranking]
     pruned = rewrite.apply(base, prep.sites, plan.pruned())
     progress("repair", 0, 1)
