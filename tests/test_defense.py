@@ -122,12 +122,22 @@ def test_repair_keeps_the_graph_and_the_pruned_channels_zero():
     sites = {s.name: s for s in find_sites(model, shapes, ints)}
     name = next(n for n, s in sites.items() if s.kind == "conv" and s.prunable)
     pruned = {name: [0, 3]}
-    fixed = rewrite.apply(repair(model, sites, pruned, calib, PP, [], seed=0, steps=5), sites, pruned)
+    def run(*runs):
+        return repair(model, sites, pruned, calib, PP, [], seed=0, runs=runs)
+
+    def weights(models):
+        return {k: [i.raw_data for i in m.graph.initializer] for k, m in models.items()}
+
+    fixed = rewrite.apply(run((5, 1e-4))[(5, 1e-4)], sites, pruned)
     assert [n.op_type for n in fixed.graph.node] == [n.op_type for n in model.graph.node]
     moved = [a.name for a, b in zip(model.graph.initializer, fixed.graph.initializer) if a.raw_data != b.raw_data]
     assert moved, "repair tuned no weight"
     weight = next(onnx.numpy_helper.to_array(i) for i in fixed.graph.initializer if i.name == sites[name].zero[0][0])
     assert not weight[[0, 3]].any()
+    # each run starts from the model and the seed: a run's result does not depend on the runs before it
+    both, alone = weights(run((9, 1e-4), (5, 1e-4))), weights(run((5, 1e-4)))
+    assert sorted(both) == [(5, 1e-4), (9, 1e-4)] and both[(5, 1e-4)] == alone[(5, 1e-4)]
+    assert both[(9, 1e-4)] != both[(5, 1e-4)]
 
 
 def test_a_backdoor_that_cannot_be_removed_within_the_budget_is_refused(tmp_path):

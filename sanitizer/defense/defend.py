@@ -86,18 +86,21 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
     progress("repair", 0, 1)
     # suspicious samples have no clean twin to hold them to: the repair keeps them off the target instead
     avoid = None if paired else (rank_sets[0], target)
-    repaired = rewrite.apply(repair(base, prep.sites, plan.pruned(), fit_raw, prep.pre, used, opts.seed,
-                                    avoid=avoid, spec=prep.spec), prep.sites, plan.pruned())
+    repaired = repair(base, prep.sites, plan.pruned(), fit_raw, prep.pre, used, opts.seed, avoid=avoid, spec=prep.spec)
     progress("repair", 1, 1)
     progress("final checks", 0, 1)
     candidates = []
-    for name, model in (("pruned", pruned), ("pruned+repaired", repaired)):
+    for name, model in (("pruned", pruned),
+                        *((f"pruned+repaired ({n} steps at {lr:g})", rewrite.apply(m, prep.sites, plan.pruned()))
+                          for (n, lr), m in repaired.items())):
         pred, rates = ctx.flips(model, used_x, paired)
         ag = held.agreement_of(pred)
         candidates.append({"name": name, "model": model, "within_budget": ag.within(opts.max_acc_drop),
                            "probes_silenced": bool((np.array(rates) <= good).all()),
                            "probe_flip": [round(r, 4) for r in rates], **ag.to_dict()})
-    # a repair can teach the backdoor back: a candidate counts only if the probes stay silenced
+    # a repair can teach the backdoor back: a candidate counts only if the probes stay silenced. The pruned
+    # model is preferred unless a repair silences the probes by more than the goal; repairs (repair.RUNS: how
+    # far to tune is the held-out images' choice) by their probes, the gentler on a tie
     ok = sorted((c for c in candidates if c["within_budget"] and c["probes_silenced"]),
                 key=lambda c: max(c["probe_flip"]) - (FLIP_GOAL if c["name"] == "pruned" else 0))
     best = ok[0] if ok else min(candidates, key=lambda c: (not c["probes_silenced"], c["drop_estimate"]))
