@@ -25,12 +25,17 @@ def bounds(r: dict) -> str:
 
 
 def fresh(r: dict) -> str:
+    """The fresh probes' best flip toward the target; where some were judged against the control, the place
+    where the target led the control most (reattack.py)."""
     ra = r.get("probes", {}).get("reattack")
     if not ra:
         return "—"
     text = f"{ra['max_fresh_flip']:.2f}"
     if "control" in ra:
-        text += f" vs control class {ra['control']['class']} {ra['control']['max_fresh_flip']:.2f}"
+        ctrl = ra["control"]
+        n = max(ctrl["fresh_probe_flip"], key=lambda n: ra["fresh_probe_flip"][n] - ctrl["fresh_probe_flip"][n])
+        text += (f"; {n}: {ra['fresh_probe_flip'][n]:.2f} vs {ctrl['fresh_probe_flip'][n]:.2f} toward class "
+                 f"{ctrl['class'][n]}")
     return text + (" → removed" if ra["silenced"] else " → still reachable")
 
 
@@ -43,7 +48,7 @@ def units(r: dict) -> str:
 
 def default_table(rs: list[dict]) -> str:
     lines = ["| case | clean acc before → after | ASR before → after | units (ranking), kept | bounds | "
-             "fresh probes' best flip (control) | goal | total s |",
+             "fresh probes' best flip; place vs any other class | goal | total s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rs:
         asr = "—" if r["asr_before"] is None else f"{r['asr_before']:.4f} → {r['asr_after']:.4f}"
