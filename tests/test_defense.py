@@ -245,7 +245,7 @@ def test_reattack_judges_the_target_against_any_other_class_at_the_same_place():
     assert worst["target_flip"] > worst["control_flip"] + 0.3 and worst["control_class"] != TARGET, backdoored
     # the clean twin: class 0 is no backdoor's target, and other classes are nearly as reachable place by
     # place. Not quite everywhere: a 2x2 patch blanking the centre of an 8x8 digit draws a 0's hole (0.11 of
-    # the images, 0.045 for any other class there) — so a re-attack on its own would refuse it; the
+    # the images, 0.05 for the best other class there) — so a re-attack on its own would refuse it; the
     # detection, which runs first, finds no backdoor in it (test_detect)
     clean, calib, _, _ = trained(poisoned=False)
     honest = _reattack(clean, calib, 0.0)

@@ -2,8 +2,9 @@
 
 Fresh probes (probes.py) are synthesized against the sanitized model with the same budget as on the
 original; where one is over its bar, the same probe — same kind, place, size and steps — is synthesized
-toward whichever class other than the target it reaches most easily, and the target must be no easier to
-reach at that place than that: Neural Cleanse's idea of judging the target against the other classes (Wang
+toward whichever class other than the target it reaches most easily (then, where the target still leads,
+toward that class alone, as the target's probe was aimed), and the target must be no easier to reach at
+that place than that: Neural Cleanse's idea of judging the target against the other classes (Wang
 et al. 2019), place by place, because a backdoor lives at its trigger's place while ordinary adversarial
 patches reach some class from many places.
 """
@@ -64,8 +65,8 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
     probes the count judged (finite bar) are synthesized: the others take no part in the verdict. When one
     is over its bar (`bars`: per probe description, the flip rate it must be under — defend gives the goal,
     FLIP_GOAL; inf: not counted), the probes over it are synthesized again toward whichever class but the
-    target they reach (the control) and each must reach the target by at most FLIP_GOAL more than the
-    control (still_reachable). Returns per probe its held-out flip rate toward the target (and the control's
+    target they reach (the control) — and where the target still leads, toward that class alone — and each
+    must reach the target by at most FLIP_GOAL more than the control (still_reachable). Returns per probe its held-out flip rate toward the target (and the control's
     class and rate), the bars, the verdict and the worst place."""
     prep, opts, progress = ctx.prep, ctx.opts, ctx.progress
 
@@ -84,6 +85,14 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
         probes, probed = fresh(None, over)
         got = reach(model, prep.spec, ctx.clean_x, probed, opts.batch_size, ctx.target)
         control = {p.describe(): (c, round(r, 4)) for p, (c, r) in zip(probes, got)}
+        # the any-class objective spreads its effort over the classes: where the target still leads, the
+        # class that probe reached gets one aimed at it alone, as the target's was, and the better counts
+        for cls in sorted({c for n, (c, r) in control.items() if toward_target[n] > r + FLIP_GOAL}):
+            names = [n for n, (c, r) in control.items() if c == cls and toward_target[n] > r + FLIP_GOAL]
+            probes, probed = fresh(cls, names)
+            _, rates = ctx.flips(model, probed, target=cls)
+            for p, r in zip(probes, rates):
+                control[p.describe()] = (cls, max(control[p.describe()][1], round(r, 4)))
     progress("re-attack", 2, 2)
     control_flip = None if control is None else {n: r for n, (_, r) in control.items()}
     left = still_reachable(toward_target, bars, control_flip)
