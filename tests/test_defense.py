@@ -41,11 +41,13 @@ def test_default_removes_the_backdoor_within_the_budget(tmp_path):
     # the corner probe is the one that found the trigger
     used = [p["probe"] for p in report["probes"]["probes"] if p["used"]]
     assert "patch 2x2 at (6, 6)" in used, report["probes"]["probes"]
-    # wall seconds per step of the defense, adding up to no more than the whole run
+    # wall seconds per step of the defense, adding up to no more than the whole run (each rounded to the
+    # millisecond, so the sum may exceed it by half a millisecond per step)
     steps = report["timings_seconds"]
     assert set(steps) == {"setup", "detection", "probes", "linf statistics", "bounds", "attribution", "search",
                           "repair", "re-attack", "final checks", "write", "total"}, steps
-    assert all(v >= 0 for v in steps.values()) and sum(steps.values()) - steps["total"] <= steps["total"] + 1e-3
+    assert all(v >= 0 for v in steps.values())
+    assert sum(steps.values()) - steps["total"] <= steps["total"] + 5e-4 * len(steps)
 
 
 def test_default_removes_a_trigger_larger_than_the_small_probe(tmp_path):
