@@ -332,19 +332,19 @@ def test_the_ranking_that_brings_more_probes_to_the_goal_within_budget_is_prefer
     from sanitizer.defense.count import preference
     from sanitizer.plan import Plan
 
-    def plan(units, flips, drop):
+    def plan(units, flips, drop, agreement):
         return Plan([("s", i) for i in range(100)], units,
-                    [{"units": 0, "probe_flip": [1.0] * len(flips), "drop_estimate": 0.0},
-                     {"units": units, "probe_flip": flips, "drop_estimate": drop}])
+                    [{"units": 0, "probe_flip": [1.0] * len(flips), "drop_estimate": 0.0, "agreement": 1.0},
+                     {"units": units, "probe_flip": flips, "drop_estimate": drop, "agreement": agreement}])
     # the open suite's MobileNetV2: equal agreement; 'attribution' prunes 2 units and leaves two probes over the
     # goal (real ASR 0.082), 'relative' prunes 59 and brings all four patch probes under it (real ASR 0.038)
-    rankings = {"relative": (plan(59, [0.0388, 0.0129, 0.0431, 0.0474, 0.5819], 0.0096), 0.94),
-                "spread": (plan(7, [0.0676, 0.0135, 0.0586, 0.0495, 0.6216], 0.012), 0.924),
-                "attribution": (plan(2, [0.1106, 0.0221, 0.0752, 0.0398, 0.6504], 0.0096), 0.94)}
-    assert max(rankings, key=lambda n: preference(*rankings[n], 0.02)) == "relative"
+    rankings = {"relative": plan(59, [0.0388, 0.0129, 0.0431, 0.0474, 0.5819], 0.0096, 0.94),
+                "spread": plan(7, [0.0676, 0.0135, 0.0586, 0.0495, 0.6216], 0.012, 0.924),
+                "attribution": plan(2, [0.1106, 0.0221, 0.0752, 0.0398, 0.6504], 0.0096, 0.94)}
+    assert max(rankings, key=lambda n: preference(rankings[n], 0.02)) == "relative"
     # over the budget it comes last, whatever its probes say
-    rankings["relative"] = (plan(59, [0.0388, 0.0129, 0.0431, 0.0474, 0.5819], 0.03), 0.94)
-    assert max(rankings, key=lambda n: preference(*rankings[n], 0.02)) == "attribution"
+    rankings["relative"] = plan(59, [0.0388, 0.0129, 0.0431, 0.0474, 0.5819], 0.03, 0.94)
+    assert max(rankings, key=lambda n: preference(rankings[n], 0.02)) == "attribution"
     # same probes at the goal: the higher agreement, then the fewer units
-    same = {"a": (plan(9, [0.01], 0.0), 0.95), "b": (plan(3, [0.01], 0.0), 0.95), "c": (plan(1, [0.01], 0.0), 0.9)}
-    assert max(same, key=lambda n: preference(*same[n], 0.02)) == "b"
+    same = {"a": plan(9, [0.01], 0.0, 0.95), "b": plan(3, [0.01], 0.0, 0.95), "c": plan(1, [0.01], 0.0, 0.9)}
+    assert max(same, key=lambda n: preference(same[n], 0.02)) == "b"

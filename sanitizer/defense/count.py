@@ -116,12 +116,12 @@ def count_by_probes(ctx: Context, base: onnx.ModelProto, order: list[tuple[str, 
     return plan, agree_at[hi], good
 
 
-def preference(plan: Plan, agreement: float, max_acc_drop: float) -> tuple:
-    """How a ranking's count (count_by_probes: `plan`, `agreement`) ranks against the other rankings', larger
+def preference(plan: Plan, max_acc_drop: float) -> tuple:
+    """How a ranking's count (count_by_probes' plan, read off its trace) ranks against the other rankings', larger
     first: within the accuracy budget on the held-out estimate; then the more used probes brought to the goal
     — each one a shortcut the ranking's top units carry, while a probe left over it (or judged ordinary
     adversarial weakness) is one whose units the ranking did not find; then the higher held-out agreement and
     the fewer units."""
     at = next(t for t in reversed(plan.trace) if t["units"] == plan.count)
-    return (at["drop_estimate"] <= max_acc_drop, sum(f <= FLIP_GOAL for f in at["probe_flip"]), agreement,
+    return (at["drop_estimate"] <= max_acc_drop, sum(f <= FLIP_GOAL for f in at["probe_flip"]), at["agreement"],
             -plan.count)

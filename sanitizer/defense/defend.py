@@ -80,7 +80,7 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
         order = rank(gap, descending=True)
         limit = safe_limit(order, {s.name: s.channels for s in sites})
         searches[name] = count_by_probes(ctx, base, order, limit, used_x, paired)
-    ranking = max(searches, key=lambda n: preference(*searches[n][:2], opts.max_acc_drop))
+    ranking = max(searches, key=lambda n: preference(searches[n][0], opts.max_acc_drop))
     plan, _, good = searches[ranking]
     pruned = rewrite.apply(base, prep.sites, plan.pruned())
     progress("repair", 0, 1)

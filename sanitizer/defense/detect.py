@@ -106,6 +106,15 @@ class Scan:
     candidates: list[int]          # the classes probed one by one, most reached first
 
 
+def reach_rates(base: np.ndarray, sent: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per class (float [n_classes]), the share of the images a probe sends there among those the model does
+    not already put in it: `base` int [N] the predictions without the probe, `sent` int [N] with it. Images
+    already in a class say nothing about reaching it."""
+    classes = np.arange(n_classes)
+    outside = base[:, None] != classes[None, :]
+    return ((sent[:, None] == classes[None, :]) & outside).sum(0) / np.maximum(outside.sum(0), 1)
+
+
 class _Reach:
     """Per class, the share of test images a probe sends there among those the model does not already
     put in it; probes are fitted on the other images (`n_images` of `x_raw`, half when there are few)."""
@@ -116,12 +125,10 @@ class _Reach:
         self.opt = _Optimiser(model, self.x_fit, pp, pixel_range(x_raw), spec)
         fit_logits = self.opt.logits(self.x_fit)
         self.fit_pred, self.n_classes = fit_logits.argmax(1), fit_logits.shape[1]
-        # images already in c say nothing about reaching it
-        self.outside = self.opt.logits(self.x_test).argmax(1)[:, None] != np.arange(self.n_classes)[None, :]
+        self.test_pred = self.opt.logits(self.x_test).argmax(1)
 
     def rates(self, probe: Probe) -> np.ndarray:
-        sent = self.opt.logits(probe.apply(self.x_test)).argmax(1)[:, None] == np.arange(self.n_classes)[None, :]
-        return (sent & self.outside).sum(0) / np.maximum(self.outside.sum(0), 1)
+        return reach_rates(self.test_pred, self.opt.logits(probe.apply(self.x_test)).argmax(1), self.n_classes)
 
     def any_class(self, steps: int, exclude: tuple[int, ...] = ()) -> np.ndarray:
         """Per class, the best rate of a patch at each place pushed toward whichever class (but `exclude`)
@@ -147,7 +154,7 @@ def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 
     candidates = [int(c) for c in np.argsort(-best, kind="stable")[:n_candidates]]
     for c in candidates:
         fit = reach.x_fit[reach.fit_pred != c]
-        if len(fit) and reach.outside[:, c].any():
+        if len(fit) and (reach.test_pred != c).any():
             probes = reach.opt.patches(c, steps, reach.opt.torch.from_numpy(fit))
             best[c] = max(best[c], *(float(reach.rates(p)[c]) for p in probes))
     top = int(np.argmax(best))

@@ -17,6 +17,7 @@ import onnx
 
 from ..evaluate import Predictor
 from .count import FLIP_GOAL
+from .detect import reach_rates
 from .probes import synthesize
 
 if TYPE_CHECKING:
@@ -42,17 +43,12 @@ def still_reachable(target_flip: dict[str, float], bars: dict[str, float],
 def reach(model: onnx.ModelProto, spec, clean_x: np.ndarray, probed_x: list[np.ndarray], batch_size: int,
           exclude: int) -> list[tuple[int, float]]:
     """Per probed set (each paired image by image with `clean_x`, model inputs), the class other than
-    `exclude` the probe sends most images to and the share of the images the model does not already put in
-    that class that it sends there."""
+    `exclude` the probe sends most images to and its detect.reach_rates share."""
     pred = Predictor(model, spec)
     logits = pred.logits(clean_x, batch_size)
-    classes = np.arange(logits.shape[1])
-    # images already in a class say nothing about reaching it
-    outside = logits.argmax(1)[:, None] != classes[None, :]
     out = []
     for x in probed_x:
-        sent = (pred.logits(x, batch_size).argmax(1)[:, None] == classes[None, :]) & outside
-        rates = sent.sum(0) / np.maximum(outside.sum(0), 1)
+        rates = reach_rates(logits.argmax(1), pred.logits(x, batch_size).argmax(1), logits.shape[1])
         rates[exclude] = -1.0
         best = int(np.argmax(rates))
         out.append((best, float(max(rates[best], 0.0))))
@@ -66,8 +62,9 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
     is over its bar (`bars`: per probe description, the flip rate it must be under — defend gives the goal,
     FLIP_GOAL; inf: not counted), the probes over it are synthesized again toward whichever class but the
     target they reach (the control) — and where the target still leads, toward that class alone — and each
-    must reach the target by at most FLIP_GOAL more than the control (still_reachable). Returns per probe its held-out flip rate toward the target (and the control's
-    class and rate), the bars, the verdict and the worst place."""
+    must reach the target by at most FLIP_GOAL more than the control (still_reachable). Returns per probe
+    its held-out flip rate toward the target (and the control's class and rate), the bars, the verdict and
+    the worst place."""
     prep, opts, progress = ctx.prep, ctx.opts, ctx.progress
 
     def fresh(cls: int | None, names) -> list:
@@ -87,9 +84,9 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
         control = {p.describe(): (c, round(r, 4)) for p, (c, r) in zip(probes, got)}
         # the any-class objective spreads its effort over the classes: where the target still leads, the
         # class that probe reached gets one aimed at it alone, as the target's was, and the better counts
-        for cls in sorted({c for n, (c, r) in control.items() if toward_target[n] > r + FLIP_GOAL}):
-            names = [n for n, (c, r) in control.items() if c == cls and toward_target[n] > r + FLIP_GOAL]
-            probes, probed = fresh(cls, names)
+        leading = still_reachable(toward_target, bars, {n: r for n, (_, r) in control.items()})
+        for cls in sorted({control[n][0] for n in leading}):
+            probes, probed = fresh(cls, [n for n in leading if control[n][0] == cls])
             _, rates = ctx.flips(model, probed, target=cls)
             for p, r in zip(probes, rates):
                 control[p.describe()] = (cls, max(control[p.describe()][1], round(r, 4)))
