@@ -255,6 +255,9 @@ def _register_optional() -> None:
 
 _register_optional()
 
+# the shell's code for a command ended by SIGINT (128 + 2)
+INTERRUPTED = 130
+
 COMMANDS = {"run", "evaluate", "layers", "demo", "bench", "build", "compare", "--help", "-h"}
 
 
@@ -270,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv = ["run"] + argv   # `sanitize MODEL ...` is the main job
     try:
-        app(argv, standalone_mode=False, obj={"command": command})
+        # commands return nothing; with standalone_mode=False typer returns the code of an Exit it caught
+        # instead of raising it, which is how it reports Ctrl-C (130)
+        code = app(argv, standalone_mode=False, obj={"command": command})
     except SanitizeError as e:
         if debug:
             raise
@@ -280,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
     except typer.Abort:
         err.print("aborted", highlight=False)
-        return 130
+        return INTERRUPTED
     except Exception as e:  # click's usage errors and real bugs
         # typer vendors its own click; both spell usage errors as ClickException with format_message()
         if any(c.__name__ == "ClickException" for c in type(e).__mro__):
@@ -291,4 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]} (rerun with --debug for a traceback)",
                   highlight=False, markup=False, soft_wrap=True)
         return int(ExitCode.INTERNAL)
+    if code == INTERRUPTED:
+        err.print("aborted", highlight=False)
+        return INTERRUPTED
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 
 import numpy as np
 import onnx
@@ -80,6 +81,26 @@ def test_failures_exit_with_their_code_one_line_and_write_nothing(name, cli, wri
     before = files_in(tmp_path)
     result = cli(*argv)
     assert_one_line_error(result, code)
+    assert files_in(tmp_path) == before
+
+
+def test_ctrl_c_exits_130_says_so_and_writes_nothing(cli, write_model, write_npz, tmp_path, monkeypatch):
+    """A SIGINT mid-run (here right after the model is prepared) ends with the shell's 130 and one line, not 0:
+    a script doing `sanitize ... && deploy` must not go on."""
+    from sanitizer import pipeline
+
+    prepare = pipeline.prepare
+
+    def interrupted(opts):
+        prepared = prepare(opts)
+        signal.raise_signal(signal.SIGINT)
+        return prepared
+
+    monkeypatch.setattr(pipeline, "prepare", interrupted)
+    argv = [write_model(), "--calib", write_npz(), "--out", tmp_path / "clean.onnx", "--criterion", "linf", UNCHECKED]
+    before = files_in(tmp_path)
+    result = cli(*argv)
+    assert (result.code, result.err_lines) == (130, ["aborted"]), result.err
     assert files_in(tmp_path) == before
 
 
