@@ -185,24 +185,55 @@ def predict(predictor: Predictor, data: Dataset, pre: Preprocess, batch_size: in
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
+def check_target(target: int | None, classes: int) -> None:
+    """Raises a usage error when `target` is not one of the model's `classes` classes: an ASR toward a class
+    the model cannot output would read 0, which looks like a removed backdoor."""
+    if target is not None and not 0 <= target < classes:
+        raise SanitizeError(f"--target {target} is not a class of this model: its output has {classes} classes "
+                            f"(0..{classes - 1})", ExitCode.USAGE)
+
+
+def _predictions(predictor: Predictor, ds: Dataset, pre: Preprocess, batch_size: int) -> tuple[np.ndarray, int]:
+    parts = [predictor.logits(x, batch_size) for x in model_inputs(ds, pre, batch_size)]
+    return np.concatenate([p.argmax(1) for p in parts]), parts[0].shape[1]
+
+
 def evaluate(model: onnx.ModelProto, prep_spec: InputSpec, pre: Preprocess, *, data: Path | None,
              triggered: Path | None, target: int | None, batch_size: int = 64) -> dict:
-    """Clean accuracy (needs labels) and ASR (share of triggered images predicted as `target`)."""
+    """Clean accuracy (needs labels) and ASR: the share of triggered images predicted as `target`, among
+    those whose label (when the data has labels) is not the target already — the standard definition, so a
+    triggered copy of the whole test set does not count the target class's own images as attacks.
+    Raises BadData for labels that are not the model's classes, a usage error for such a `target`."""
     predictor = Predictor(model, prep_spec)
     result = {"clean_acc": None, "asr": None, "n_clean": None, "n_triggered": None}
     if data is not None:
         ds = open_data(data, prep_spec)
         if ds.labels is None:
             raise BadData(f"{data} has no labels; clean accuracy needs a labeled folder or an npz with y")
-        result["clean_acc"] = accuracy(predict(predictor, ds, pre, batch_size), ds.labels)
+        pred, classes = _predictions(predictor, ds, pre, batch_size)
+        _check_labels(data, ds.labels, classes)
+        result["clean_acc"] = accuracy(pred, ds.labels)
         result["n_clean"] = ds.n
     if triggered is not None:
         if target is None:
             raise SanitizeError("--triggered needs --target (the attacker's class)", ExitCode.USAGE)
         ds = open_data(triggered, prep_spec)
-        result["asr"] = attack_success(predict(predictor, ds, pre, batch_size), target)
-        result["n_triggered"] = ds.n
+        pred, classes = _predictions(predictor, ds, pre, batch_size)
+        check_target(target, classes)
+        attacked = np.ones(ds.n, bool)
+        if ds.labels is not None:
+            _check_labels(triggered, ds.labels, classes)
+            attacked = ds.labels != target
+        result["asr"] = attack_success(pred[attacked], target)
+        result["n_triggered"] = int(attacked.sum())
     return result
+
+
+def _check_labels(path: Path, labels: np.ndarray, classes: int) -> None:
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= classes:
+        raise BadData(f"{path}: labels run {lo}..{hi} but the model has {classes} classes (0..{classes - 1}); "
+                      "the labels do not match the model's classes")
 
 
 class HeldOut:
@@ -300,9 +331,10 @@ def render_plots(opts: Options, prep: Prepared, plan: Plan, report: dict, figure
     asr_curve = None
     if opts.eval_triggered is not None and opts.target is not None:
         triggered = open_data(opts.eval_triggered, prep.spec)
+        attacked = None if triggered.labels is None else np.flatnonzero(triggered.labels != opts.target)
         counts = sorted({t["units"] for t in plan.trace if "agreement" in t})
         asr_curve = {k: attack_success(predict(Predictor(rewrite.apply(prep.model, prep.sites, plan.pruned(k)), prep.spec),
-                                               triggered, prep.pre, opts.batch_size), opts.target)
+                                               triggered, prep.pre, opts.batch_size, attacked), opts.target)
                      for k in counts}
     return plots.render(report, figures, asr_curve)
 
@@ -394,12 +426,17 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
                             "itself (pass --criterion linf to force a ratio)", ExitCode.USAGE)
     # the probes look for the backdoor's units wherever they are; clean statistics only trust the last stage
     sites = scope(prep, "all" if probing and opts.layers is None else opts.layers)
+    if opts.target is not None and opts.eval_triggered is None:
+        raise SanitizeError("--target is the attacker's class for the ASR on --eval-triggered images; nothing "
+                            "else uses it (detection finds the target itself): pass --eval-triggered too",
+                            ExitCode.USAGE)
     if opts.suspect is not None and not probing:
         raise SanitizeError("--suspect works with the probe criterion", ExitCode.USAGE)
     # the flags are checked; before any decision rests on the original's predictions, are they sound?
     sanity = check_original(prep.model, prep.spec, prep.pre, prep.calib, batch_size=opts.batch_size,
                             labels=prep.calib.labels if opts.use_labels else None, enforce=opts.sanity_check)
     prep.spec = replace(prep.spec, output_kind=sanity["output"]["kind"])
+    check_target(opts.target, sanity["classes"])
     held = HeldOut(prep, hold, opts.batch_size, opts.use_labels)
     suspects, detection = None, None
     if opts.suspect is not None:

@@ -61,6 +61,12 @@ ERRORS = {
                                                          "--layers", "conv9"]),
     "blocked_layer": (ExitCode.USAGE, lambda t, wm, wn: [wm(M.blocked), "--calib", wn(), "--out", t / "clean.onnx",
                                                          "--layers", "conv_a"]),
+    # an ASR toward a class the model cannot output would read 0, like a removed backdoor
+    "target_not_a_class": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
+                                                              "--eval-triggered", wn("trig.npz", labels=False),
+                                                              "--target", M.CLASSES, "--criterion", "linf", UNCHECKED]),
+    "target_without_triggered": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
+                                                                    "--target", 0, "--criterion", "linf", UNCHECKED]),
     "unknown_criterion": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
                                                              "--criterion", "entropy"]),
     "ratio_above_one": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
@@ -157,11 +163,30 @@ def test_evaluate_json_prints_one_object(cli, write_model, write_npz, tmp_path):
     (["--triggered", "{t}"], ExitCode.USAGE),                # ASR needs the target class
     ([], ExitCode.USAGE),                                    # nothing to evaluate on
     (["--data", "{t}"], ExitCode.BAD_DATA),                  # clean accuracy needs labels
+    (["--triggered", "{t}", "--target", str(M.CLASSES)], ExitCode.USAGE),   # not a class of the model
+    (["--triggered", "{t}", "--target", "-1"], ExitCode.USAGE),
+    (["--data", "{wide}"], ExitCode.BAD_DATA),               # labels past the model's classes
 ])
 def test_evaluate_errors(cli, write_model, write_npz, argv, code):
     triggered = write_npz("triggered.npz", n=10, labels=False)
-    result = cli("evaluate", write_model(), *[a.format(t=triggered) for a in argv])
+    wide = write_npz("wide.npz", n=40, classes=M.CLASSES + 5, seed=3)
+    result = cli("evaluate", write_model(), *[a.format(t=triggered, wide=wide) for a in argv])
     assert_one_line_error(result, code)
+
+
+def test_asr_leaves_out_triggered_images_already_labelled_target(cli, write_model, write_npz):
+    """The ASR is over triggered images whose true class is not the target: a stamped copy of the whole test
+    set must not count the target class's own images as attacks."""
+    model_path, triggered = write_model(), write_npz("triggered.npz", n=60, seed=7)
+    labels = np.load(triggered)["y"]
+    assert (labels == 0).any() and (labels != 0).any()
+    result = cli("evaluate", model_path, "--triggered", triggered, "--target", 0, "--json")
+    assert result.code == 0, result.err
+    got = json.loads(result.out)
+    x = (np.load(triggered)["X"].astype(np.float32) / 255).transpose(0, 3, 1, 2)
+    pred = M.run(M.plain(), {"input": x})[0].argmax(1)
+    assert got["n_triggered"] == int((labels != 0).sum())
+    assert got["asr"] == pytest.approx(float((pred[labels != 0] == 0).mean()))
 
 
 def test_layers_lists_sites_and_their_rewrite(cli, write_model):
