@@ -201,14 +201,15 @@ def resolve_preprocess(spec: InputSpec, *, scale: float = 1 / 255, mean: list[fl
         raise _usage(f"scale must be a finite number > 0, got {scale}")
     mean_t = _per_channel("mean", [0.0] if mean is None else mean, spec.channels)
     std_t = _per_channel("std", [1.0] if std is None else std, spec.channels)
-    if any(s == 0 for s in std_t):
-        raise _usage(f"std must not contain 0, got {list(std_t)}")
+    if any(s <= 0 for s in std_t):
+        raise _usage(f"std must be > 0 (a standard deviation), got {list(std_t)}")
     return Preprocess(scale=scale, mean=mean_t, std=std_t, layout=spec.layout)
 
 
 def _per_channel(what: str, values: list[float], channels: int) -> tuple[float, ...]:
     if len(values) not in (1, channels):
-        raise _usage(f"{what} needs 1 or {channels} values (one per channel), got {len(values)}")
+        wanted = "1 value (the input has 1 channel)" if channels == 1 else f"1 or {channels} values (one per channel)"
+        raise _usage(f"{what} needs {wanted}, got {len(values)}")
     out = tuple(float(v) for v in values)
     if not all(math.isfinite(v) for v in out):
         raise _usage(f"{what} must be finite numbers, got {list(out)}")

@@ -121,8 +121,10 @@ def show_summary(result: dict) -> None:
         table.add_row("probes toward target", "", f"{len(used)} used: {'; '.join(used)}")
         table.add_row("probe flip rate", f"{max(p['flip_before'] for p in pr['probes'] if p['used']):.3f}",
                       f"{max(result['held_out_after']['probe_flip']):.3f} ({pr['ranking']} ranking, {pr['chosen']})")
-    pruned = result["plan"]["count"]
-    table.add_row("units pruned", "0", f"{pruned} of {result['plan']['candidates']} ({result['criterion']})")
+    if result.get("detection", {}).get("suspected_target", 0) is None:
+        table.add_row("units pruned", "0", "0 (no backdoor found: the model is written unchanged)")
+    else:
+        table.add_row("units pruned", "0", f"{result['plan']['count']} of {result['plan']['candidates']} ({result['criterion']})")
     out.print(table)
     if "output" in result:
         out_console_line(f"sanitized ONNX written to {result['output']['onnx']}")
@@ -289,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # click's usage errors and real bugs
         # typer vendors its own click; both spell usage errors as ClickException with format_message()
         if any(c.__name__ == "ClickException" for c in type(e).__mro__):
-            err.print(f"error: {e.format_message()}", highlight=False, markup=False, soft_wrap=True)
+            # a bare `sanitize` has printed the help and has no message of its own
+            message = e.format_message().strip() or "nothing to do: sanitize MODEL --calib DATA --out OUT (commands above)"
+            err.print(f"error: {message}", highlight=False, markup=False, soft_wrap=True)
             return int(ExitCode.USAGE)
         if debug:
             raise

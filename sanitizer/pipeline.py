@@ -159,6 +159,8 @@ def scope(prep: Prepared, layers: str | None) -> list[Site]:
         if not prep.sites[name].prunable:
             raise SanitizeError(f"--layers: {name} cannot be pruned exactly ({prep.sites[name].why_blocked})", ExitCode.USAGE)
         chosen.append(prep.sites[name])
+    if not chosen:
+        raise SanitizeError(f"--layers {layers!r} names no layer; see `sanitize layers MODEL`", ExitCode.USAGE)
     return chosen
 
 
@@ -168,7 +170,7 @@ def split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
         raise SanitizeError(f"--holdout must be between 0 and 1, got {holdout}", ExitCode.USAGE)
     n_hold = int(round(n * holdout))
     if n_hold < MIN_SPLIT or n - n_hold < MIN_SPLIT:
-        raise BadData(f"calibration set has {n} images; need at least {MIN_SPLIT} on each side of the "
+        raise BadData(f"calibration set has {n} image{'' if n == 1 else 's'}; need at least {MIN_SPLIT} on each side of the "
                       f"{holdout:.0%} held-out split")
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
@@ -426,6 +428,8 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
                             "itself (pass --criterion linf to force a ratio)", ExitCode.USAGE)
     # the probes look for the backdoor's units wherever they are; clean statistics only trust the last stage
     sites = scope(prep, "all" if probing and opts.layers is None else opts.layers)
+    if not 0 <= opts.max_acc_drop < 1:
+        raise SanitizeError(f"--max-acc-drop is a share of accuracy in [0, 1), got {opts.max_acc_drop}", ExitCode.USAGE)
     if opts.target is not None and opts.eval_triggered is None:
         raise SanitizeError("--target is the attacker's class for the ASR on --eval-triggered images; nothing "
                             "else uses it (detection finds the target itself): pass --eval-triggered too",

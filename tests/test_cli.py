@@ -67,6 +67,14 @@ ERRORS = {
                                                               "--target", M.CLASSES, "--criterion", "linf", UNCHECKED]),
     "target_without_triggered": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
                                                                     "--target", 0, "--criterion", "linf", UNCHECKED]),
+    "layers_names_none": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
+                                                             "--layers", ",", "--criterion", "linf", UNCHECKED]),
+    "budget_negative": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
+                                                           "--max-acc-drop", "-0.1", "--criterion", "linf", UNCHECKED]),
+    "budget_past_one": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
+                                                           "--max-acc-drop", "2", "--criterion", "linf", UNCHECKED]),
+    "std_negative": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
+                                                        "--std", "-1", "--criterion", "linf", UNCHECKED]),
     "unknown_criterion": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
                                                              "--criterion", "entropy"]),
     "ratio_above_one": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
@@ -196,6 +204,12 @@ def test_layers_lists_sites_and_their_rewrite(cli, write_model):
         assert name in result.out
     assert "blocked" in result.out and "producer" in result.out
     assert "fc" not in result.out.split()
+
+
+def test_bare_command_shows_help_and_one_error_line(cli):
+    result = cli()
+    assert result.code == ExitCode.USAGE and "Commands" in result.out
+    assert result.err_lines == ["error: nothing to do: sanitize MODEL --calib DATA --out OUT (commands above)"]
 
 
 def test_help_exits_0(cli):

@@ -53,7 +53,7 @@ def test_mask_search_is_deterministic(backdoored):
     np.testing.assert_array_equal(a.trigger.mask, b.trigger.mask)
 
 
-def test_detect_with_a_clean_verdict_prunes_nothing(clean, tmp_path):
+def test_detect_with_a_clean_verdict_prunes_nothing(clean, tmp_path, capsys):
     from sanitizer.cli import main
 
     model, calib, _, _ = clean
@@ -62,6 +62,8 @@ def test_detect_with_a_clean_verdict_prunes_nothing(clean, tmp_path):
     code = main([str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npz"), "--detect",
                  "--out", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json")])
     assert code == 0
+    summary = capsys.readouterr().out
+    assert "unchanged)" in summary and "0 of 0" not in summary
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["detection"]["verdict"] == "no backdoor found"
     # no patch probe reached the bar, so the mask search ran too; both leave a score per class
