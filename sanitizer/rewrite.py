@@ -13,7 +13,8 @@ where the bounds are learned from a small clean set).
 The bound rewrite inserts `Max(Min(t, b), -b)` with a per-unit constant `b` shaped to broadcast along the site's
 unit axis (`Site.mask_shape`), and rewires every reader of the site tensor to the bounded one: two
 element-wise nodes per site, which TensorRT fuses into the producer's epilogue. The bounds are `Constant` nodes, not initializers, so that
-weight edits (pruning, repair) never touch them.
+weight edits (pruning, repair) never touch them. Min and Max broadcast only from opset 8: a model importing an older
+default opset is moved to 8 (`_allow_broadcasting_min_max`), which changes no node of an opset-7 model.
 """
 from __future__ import annotations
 
@@ -21,7 +22,19 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .errors import BadModel
 from .graph import Site, zero_values
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+# Min and Max take multidirectional broadcasting (the bound [C,1,1] against t [N,C,H,W]) from version 8 (Max-8 and
+# Min-8 in onnx's Changelog.md); Min-6/Max-6 need inputs of one shape.
+BROADCASTING_MIN_MAX = 8
+# The operators of the default domain with a version 8 are Expand and Scan, new at 8 (no opset-7 node is one), and
+# these, whose version 8 only widens what the version in force at opset 7 accepts: Min, Max, Sum and Mean gain
+# broadcasting (inputs of one shape, all their version 6 takes, give what they gave); MaxPool gains an optional
+# Indices output and a storage_order attribute that only Indices reads. So an opset-7 node means at opset 8 what it
+# meant at 7.
+WIDENED_AT_8 = frozenset({"Min", "Max", "Sum", "Mean", "MaxPool"})
 
 
 def zero_plan(sites: dict[str, Site], pruned: dict[str, list[int]]) -> dict[str, list[tuple]]:
@@ -81,15 +94,55 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return {k: v or fallback for k, v in types.items()} | {"": fallback}
 
 
+def _nodes(nodes):
+    """Every node, those of subgraphs (If, Loop, Scan bodies) included: they read the model's opset imports too."""
+    for node in nodes:
+        yield node
+        for a in node.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _nodes(sub.node)
+
+
+def _since(op: str, opset: int) -> int | None:
+    """The version of default-domain `op` in force at `opset` (None: not defined there)."""
+    try:
+        return onnx.defs.get_schema(op, opset, "").since_version
+    except onnx.defs.SchemaError:
+        return None
+
+
+def _allow_broadcasting_min_max(model: onnx.ModelProto) -> None:
+    """Raise, in place, the default-domain opset import of `model` to BROADCASTING_MIN_MAX where it is lower, and the
+    IR version to one that opset needs. Raises BadModel when a node would mean something else at the new opset (the
+    opset-7 step never does, see WIDENED_AT_8; an older opset can: Gemm and Add lost their broadcast attribute at 7)."""
+    imports = [o for o in model.opset_import if o.domain in DEFAULT_DOMAINS]
+    old = imports[0].version if imports else BROADCASTING_MIN_MAX
+    if old >= BROADCASTING_MIN_MAX:
+        return
+    changed = sorted({n.op_type for n in _nodes(model.graph.node) if n.domain in DEFAULT_DOMAINS
+                      and _since(n.op_type, old) != _since(n.op_type, BROADCASTING_MIN_MAX)
+                      and not (n.op_type in WIDENED_AT_8 and _since(n.op_type, old) == _since(n.op_type, 7))})
+    if changed:
+        raise BadModel(f"activation bounds need opset {BROADCASTING_MIN_MAX} (Min/Max broadcasting) and the model "
+                       f"imports opset {old}, whose {', '.join(changed)} nodes would compute something else at "
+                       f"{BROADCASTING_MIN_MAX}; convert the model to opset {BROADCASTING_MIN_MAX} or later")
+    imports[0].version = BROADCASTING_MIN_MAX
+    model.ir_version = max(model.ir_version, helper.find_min_ir_version_for([imports[0]], ignore_unknown=True))
+
+
 def apply_bounds(model: onnx.ModelProto, sites: dict[str, Site], bounds: dict[str, np.ndarray]
                  ) -> onnx.ModelProto:
     """A copy of `model` where each site's tensor t is replaced, for all its readers, by clip(t, -b, b).
 
     bounds: site name -> float array [channels], the bound on each unit's |activation| (finite, ≥ 0).
-    Graph outputs are never rebound (a site tensor that is also an output keeps its value there).
-    Raises ValueError on a bound of the wrong length or a negative / non-finite bound."""
+    Graph outputs are never rebound (a site tensor that is also an output keeps its value there). A model below
+    opset 8 comes back at opset 8 (`_allow_broadcasting_min_max`).
+    Raises ValueError on a bound of the wrong length or a negative / non-finite bound; BadModel when the opset
+    cannot be raised without changing a node's meaning."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    if bounds:
+        _allow_broadcasting_min_max(out)
     g = out.graph
     elem = tensor_types(model)
     inserted: dict[str, list[onnx.NodeProto]] = {}     # site tensor -> the nodes that bound it

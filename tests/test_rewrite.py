@@ -11,6 +11,7 @@ import models as M
 from calib.stats import probe_shapes
 from masked import masked_reference
 from sanitizer import rewrite
+from sanitizer.errors import BadModel
 from sanitizer.graph import find_sites
 
 P, C, B = "producer", "consumers", "blocked"
@@ -275,3 +276,32 @@ def test_shape_read_does_not_block_a_tf2onnx_site():
     shapes, sites = analyse(model)
     assert sites["conv2d"].strategy == C
     assert_exact(model, sites, shapes, {"conv2d": [0, 4]})
+
+
+def test_bounds_move_an_opset_7_model_to_opset_8():
+    # Min/Max broadcast the [C,1,1] bound only from opset 8: onnxruntime refused the opset-7 model's Min-6
+    from test_bound import _run, clipped_reference   # here, not at the top: test_bound imports this module
+
+    model = M.plain(opset=7)
+    model.ir_version = 4                              # as the reported model: the IR stays valid at 8
+    shapes, sites = analyse(model)
+    feed = M.random_input(model, batch=3)
+    rng = np.random.default_rng(0)
+    bounds = {n: rng.uniform(0.1, 0.5, s.channels) for n, s in sites.items()}   # below these O(1) activations
+    out = rewrite.apply_bounds(model, sites, bounds)
+
+    assert [(o.domain, o.version) for o in out.opset_import] == [("", 8)] and out.ir_version == 4
+    assert model.opset_import[0].version == 7
+    onnx.checker.check_model(out, full_check=True)
+    got = _run(out, feed)[0]
+    assert np.abs(got - clipped_reference(model, sites, bounds, feed)[0]).max() == 0.0
+    assert np.abs(got - _run(model, feed)[0]).max() > 1e-3
+
+
+def test_bounds_refuse_an_opset_whose_nodes_change_meaning_at_8():
+    # Gemm lost its broadcast attribute at opset 7: moving an opset-6 Gemm to 8 would change what it computes
+    model = M.plain(opset=7)
+    shapes, sites = analyse(model)
+    model.opset_import[0].version = 6
+    with pytest.raises(BadModel, match="opset 6, whose Gemm nodes"):
+        rewrite.apply_bounds(model, sites, {n: np.ones(s.channels) for n, s in sites.items()})
