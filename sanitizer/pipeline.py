@@ -21,6 +21,7 @@ from calib.stats import collect, probe_shapes
 from . import rewrite
 from .atomic import check_writable, write_text
 from .defense import defend
+from .defense.count import USE_FLIP
 from .defense.detect import detect
 from .errors import BadData, BadModel, SanitizeError, ExitCode
 from .evaluate import Predictor, accuracy, agreement, attack_success, probabilities
@@ -349,7 +350,14 @@ def read_suspects(prep: Prepared, opts: Options) -> tuple[np.ndarray, int]:
                       "half count them)")
     raw = data.read(0, data.n)
     pred = Predictor(prep.model, prep.spec).logits(prep.pre.apply(raw), opts.batch_size).argmax(1)
-    target = int(np.bincount(pred).argmax())
+    counts = np.bincount(pred)
+    target = int(counts.argmax())
+    # a working trigger sends its images to one class; a set that does not agree names no target, and
+    # "silencing" it would report a removal that never happened
+    if counts[target] < USE_FLIP * data.n:
+        raise BadData(f"--suspect: the model sends at most {counts[target] / data.n:.0%} of these {data.n} images to "
+                      f"one class (class {target}); images that carry a working trigger go to its target. Are they "
+                      "triggered? Without --suspect, detection looks for the target itself")
     return raw, target
 
 

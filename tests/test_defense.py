@@ -184,6 +184,10 @@ def test_suspect_needs_enough_images_and_the_probe_criterion(tmp_path):
     np.savez(tmp_path / "s.npz", X=suspects.astype(np.uint8))
     code, _ = _run(model, calib, tmp_path, "--suspect", str(tmp_path / "s.npz"), "--criterion", "linf")
     assert code == 2
+    # clean images of every class name no target: refused rather than "silenced"
+    np.savez(tmp_path / "untriggered.npz", X=x_test[:120].astype(np.uint8))
+    code, _ = _run(model, calib, tmp_path, "--suspect", str(tmp_path / "untriggered.npz"))
+    assert code == 5 and not (tmp_path / "o.onnx").exists()
 
 
 def test_plots_are_written_as_png(tmp_path):
