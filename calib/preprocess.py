@@ -93,7 +93,8 @@ def input_spec(model: onnx.ModelProto, input_name: str | None = None, layout: st
 
     `size` (H, W) fixes a dynamic height and width (--input-size); a static one it contradicts is refused.
     Raises SanitizeError: USAGE for a choice the user must make or a flag that contradicts the model (several
-    image inputs or classifier outputs, unknown names, layout, size); BAD_MODEL for what no flag fixes."""
+    classifier outputs, unknown names, layout, size); BAD_MODEL for what no flag fixes (inputs besides the image:
+    onnxruntime needs them all, and only images can be fed)."""
     if layout is not None and layout not in LAYOUTS:
         raise _usage(f"layout must be nchw or nhwc, got {layout!r}")
     initializers = {t.name for t in model.graph.initializer}
@@ -101,18 +102,17 @@ def input_spec(model: onnx.ModelProto, input_name: str | None = None, layout: st
     if not inputs:
         raise BadModel("model has no inputs")
     names = ", ".join(i.name for i in inputs)
+    if len(inputs) > 1:
+        # onnxruntime needs every input that has no initializer; only an image can be fed from --calib
+        raise BadModel(f"model has {len(inputs)} inputs ({names}); the sanitizer feeds one image input and nothing "
+                       "else: export the model with the other inputs as constants")
     if input_name is not None:
         chosen = [i for i in inputs if i.name == input_name]
         if not chosen:
             raise _usage(f"model has no input named {input_name!r}; its inputs are: {names}")
         inp = chosen[0]
-    elif len(inputs) == 1:
-        inp = inputs[0]
     else:
-        images = [i for i in inputs if (d := _dims(i)) is not None and len(d) == 4]
-        if len(images) != 1:
-            raise _usage(f"model has several inputs ({names}); name the image input to use")
-        inp = images[0]
+        inp = inputs[0]
 
     if not inp.type.HasField("tensor_type"):
         raise BadModel(f"input {inp.name} is not a tensor")

@@ -394,7 +394,10 @@ CASES: dict[str, tuple[int, Callable[[Env], list]]] = {
     "dangling_tensor_name": (ExitCode.BAD_MODEL, lambda e: e.argv(e.model(edited(
         lambda m: node(m, "conv2").input.__setitem__(0, "nowhere")), check=False))),
     "no_inputs": (ExitCode.BAD_MODEL, lambda e: e.argv(e.model(edited(_no_inputs), check=False))),
-    "several_image_inputs_without_input_name": (ExitCode.USAGE, lambda e: e.argv(e.model(edited(_two_images), check=False))),
+    # only images can be fed, and onnxruntime needs every input
+    "several_image_inputs": (ExitCode.BAD_MODEL, lambda e: e.argv(e.model(edited(_two_images), check=False))),
+    "several_image_inputs_one_named": (ExitCode.BAD_MODEL, lambda e: e.argv(e.model(edited(_two_images), check=False),
+                                                                          None, "--input-name", "input")),
     "uint8_input": (ExitCode.BAD_MODEL, lambda e: e.argv(e.model(edited(_uint8_input), check=False))),
     "unknown_op_domain": (ExitCode.BAD_MODEL, lambda e: e.argv(e.model(edited(_unknown_domain), check=False))),
     "unknown_op_type": (ExitCode.BAD_MODEL, lambda e: e.argv(e.model(edited(

@@ -141,17 +141,19 @@ def test_initializers_are_not_inputs():
     assert input_spec(m).name == "x"
 
 
-def test_several_inputs_need_a_name():
-    m = model(("a", TensorProto.FLOAT, [1, 3, 4, 4]), ("b", TensorProto.FLOAT, [1, 1, 4, 4]))
-    msg = fails(ExitCode.USAGE, input_spec, m)
-    assert "a" in msg and "b" in msg
-    assert input_spec(m, "b").channels == 1
-    fails(ExitCode.USAGE, input_spec, m, "c")
-
-
-def test_the_only_image_input_is_picked_among_others():
+@pytest.mark.parametrize("name", [None, "img"])
+def test_inputs_besides_the_image_are_refused(name):
+    """onnxruntime needs every input without an initializer, and only images can be fed: naming the image input
+    does not make a model with another input runnable."""
     m = model(("img", TensorProto.FLOAT, [1, 3, 4, 4]), ("scale", TensorProto.FLOAT, [1]))
-    assert input_spec(m).name == "img"
+    msg = fails(ExitCode.BAD_MODEL, input_spec, m, name)
+    assert "img" in msg and "scale" in msg
+    two = model(("a", TensorProto.FLOAT, [1, 3, 4, 4]), ("b", TensorProto.FLOAT, [1, 1, 4, 4]))
+    fails(ExitCode.BAD_MODEL, input_spec, two, name)
+
+
+def test_an_unknown_input_name_is_a_usage_error():
+    fails(ExitCode.USAGE, input_spec, model(IMG), "c")
 
 
 # ------------------------------------------------------------------------------------- Preprocess
