@@ -32,6 +32,15 @@ def _first_line(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def _quiet():
+    """polygraphy's logger silenced for a `with` block. verbosity() alone leaves CRITICAL on, and polygraphy
+    logs a CRITICAL line (plus, without the `colored` module, a [W] line on stdout) before each exception it
+    raises; the exception reaches the user as the one `error:` line instead."""
+    from polygraphy.logger import G_LOGGER
+
+    return G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1)
+
+
 def is_engine(path: Path) -> bool:
     return Path(path).suffix.lower() in ENGINE_SUFFIXES
 
@@ -39,7 +48,6 @@ def is_engine(path: Path) -> bool:
 def _load_runner(path: Path, name: str):
     """A polygraphy runner whose session/engine is loaded now, so activating it per chunk is cheap."""
     from polygraphy.exception import PolygraphyException
-    from polygraphy.logger import G_LOGGER
 
     path = Path(path)
     if not path.is_file():
@@ -52,7 +60,7 @@ def _load_runner(path: Path, name: str):
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
         try:
-            with G_LOGGER.verbosity():
+            with _quiet():
                 loaded = EngineFromBytes(BytesFromPath(str(path)))()
         except (PolygraphyException, RuntimeError) as e:
             raise BadModel(f"engine {path} cannot be loaded here ({_first_line(e)}); engines only run with the "
@@ -74,17 +82,83 @@ def _load_runners(models: list[Path]) -> list:
     return [_load_runner(path, f"{i}:{Path(path).name}") for i, path in enumerate(models)]
 
 
-def _run(runners: list, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
-    """Outputs of every runner over `feeds`, concatenated along the batch axis."""
+def _shape(shape) -> str:
+    return "[" + ", ".join("?" if d is None or (isinstance(d, int) and d < 0) else str(d) for d in shape) + "]"
+
+
+def _input_metadata(runners: list, models: list[Path]) -> list[tuple[Path, object]]:
+    """(model, polygraphy TensorMetadata of its inputs or None when it cannot be read), per runner; read once
+    (activating a TensorRT runner creates an execution context), checked against every chunk of feeds."""
+    metas = []
+    for runner, path in zip(runners, models):
+        try:
+            with _quiet(), runner:
+                try:
+                    meta = runner.get_input_metadata(use_numpy_dtypes=False)
+                except TypeError:  # polygraphy before 0.50 has no such flag (and only numpy dtypes)
+                    meta = runner.get_input_metadata()
+        except Exception:
+            meta = None  # the run itself reports what is wrong with this model
+        metas.append((Path(path), meta))
+    return metas
+
+
+def _input_mismatch(inputs: list[tuple[Path, object]], feeds: list[dict]) -> str | None:
+    """Why some model cannot take `feeds` as they are; None when every model can.
+
+    Checked before inference because polygraphy "rescues" an input of the wrong shape by transposing or
+    reshaping it (50 images of 3x6x6 become 540 rows for a model taking [N, 10]), which compares nothing,
+    and otherwise fails with a log of its own. Dtypes are left to polygraphy, which casts (an FP16 engine
+    gets the float32 images as float16), and so are names when model and data have one input each."""
+    from polygraphy.util import is_valid_shape_override
+
+    seen = set()
+    for feed in feeds:
+        key = tuple((name, np.shape(x)) for name, x in feed.items())
+        if key in seen:
+            continue
+        seen.add(key)
+        fed = ", ".join(f"{name} {_shape(np.shape(x))} {np.asarray(x).dtype}" for name, x in feed.items())
+        for path, meta in inputs:
+            if meta is None:
+                continue
+            for name, (dtype, shape) in meta.items():
+                if name in feed:
+                    x = feed[name]
+                elif len(meta) == 1 and len(feed) == 1:
+                    x = next(iter(feed.values()))
+                else:
+                    return (f"{path} takes input {name}, which compare does not feed (it feeds every model {fed}); "
+                            "compare needs models with the same input")
+                if shape is None or is_valid_shape_override(tuple(np.shape(x)), tuple(shape)):
+                    continue
+                hint = ""
+                if (len(shape) == np.ndim(x) and isinstance(shape[0], int) and shape[0] > 0 and not is_engine(path)
+                        and is_valid_shape_override(np.shape(x)[1:], tuple(shape)[1:])):
+                    hint = f"; it takes batches of exactly {shape[0]}: list it first, so compare feeds it full batches"
+                return (f"{path} takes input {name} {_shape(shape)} {dtype}, but compare feeds every model {fed}"
+                        + (hint or "; compare needs models with the same input"))
+    return None
+
+
+def _run(runners: list, feeds: list[dict], inputs: list | None = None) -> list[dict[str, np.ndarray]]:
+    """Outputs of every runner over `feeds`, concatenated along the batch axis; `inputs` (from
+    _input_metadata) has the feeds checked against every model first."""
     from polygraphy.comparator import Comparator
     from polygraphy.exception import PolygraphyException
-    from polygraphy.logger import G_LOGGER
 
+    if inputs is not None and (why := _input_mismatch(inputs, feeds)):
+        raise BadModel(why)
     try:
-        with G_LOGGER.verbosity():
+        with _quiet():
             results = Comparator.run(runners, data_loader=feeds)
     except PolygraphyException as e:
         raise BadModel(f"inference failed: {_first_line(e)}") from None
+    except Exception as e:
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        # a model that loads but cannot execute (a Reshape to a fixed batch...): polygraphy lets it through
+        raise BadModel(f"inference failed: onnxruntime cannot run a model: {_first_line(e)[:300]}") from None
     outputs = []
     for runner in runners:
         iterations = results[runner.name]
@@ -95,7 +169,8 @@ def _run(runners: list, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
 
 def run_outputs(models: list[Path], feeds: list[dict]) -> list[dict[str, np.ndarray]]:
     """Run each model on the same feed dicts; per model, its outputs concatenated over the feeds."""
-    return _run(_load_runners(models), feeds)
+    runners = _load_runners(models)
+    return _run(runners, feeds, _input_metadata(runners, models))
 
 
 def _feeds(dataset, preprocess, spec, batch_size: int) -> Iterator[tuple[int, OrderedDict]]:
@@ -156,7 +231,7 @@ def _common_outputs(outputs: list[dict[str, np.ndarray]], models: list[Path], ou
 
 
 def _compare_set(runners, models, data: Path, spec, preprocess, batch_size: int,
-                 saved: list | None) -> dict:
+                 saved: list | None, inputs: list | None = None) -> dict:
     dataset = open_dataset(data, size=(spec.height, spec.width), channels=spec.channels)
     if dataset.n == 0:
         raise SanitizeError(f"{data} holds no images", ExitCode.BAD_DATA)
@@ -168,7 +243,7 @@ def _compare_set(runners, models, data: Path, spec, preprocess, batch_size: int,
         fed = [feed for _, feed in chunk]
         if saved is not None:
             saved.extend(fed)
-        outputs = _run(runners, fed)
+        outputs = _run(runners, fed, inputs)
         if spec.batch is not None:
             keep = np.concatenate([np.arange(n) + k * spec.batch for k, n in enumerate(counts)])
             outputs = [{name: arr[keep] for name, arr in out.items()} for out in outputs]
@@ -216,9 +291,10 @@ def compare_models(models: list[Path], data: Path, *, triggered: Path | None = N
         batch_size = spec.batch
     saved = [] if save_inputs is not None else None
 
-    clean = _compare_set(runners, models, Path(data), spec, preprocess, batch_size, saved)
+    inputs = _input_metadata(runners, models)
+    clean = _compare_set(runners, models, Path(data), spec, preprocess, batch_size, saved, inputs)
     trig = None if triggered is None else _compare_set(runners, models, Path(triggered), spec, preprocess,
-                                                       batch_size, None)
+                                                       batch_size, None, inputs)
     if save_inputs is not None:
         from polygraphy.json import to_json
 

@@ -213,3 +213,94 @@ def test_cli_compare_save_inputs_needs_force_to_overwrite(setup, tmp_path):
     assert code == ExitCode.OUTPUT and inputs.read_text() == "{}"
     code, _ = run_cli(args + ["--force"])
     assert code == 0 and inputs.stat().st_size > 100
+
+
+def tabular(features: int = 10) -> onnx.ModelProto:
+    """Gemm over [N, features] rows: a model whose input the images of `setup` do not fit."""
+    w = np.random.default_rng(1).normal(size=(features, CLASSES)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["logits"])], "rows",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_mismatched_inputs_say_which_model_and_shape(setup, tmp_path):
+    rows = tmp_path / "rows.onnx"
+    onnx.save(tabular(), rows)
+    with pytest.raises(SanitizeError) as info:
+        compare_models([setup["a"], rows], setup["clean"])
+    message = str(info.value)
+    assert info.value.code == ExitCode.BAD_MODEL and "\n" not in message
+    assert str(rows) in message and "[N, 10]" in message and "[50, 3, 6, 6]" in message
+    # polygraphy would have reshaped the 50 images into 540 rows and run; compare refuses before that
+
+
+def test_fixed_batch_model_listed_second_is_told_to_go_first(setup):
+    with pytest.raises(SanitizeError) as info:
+        compare_models([setup["a"], setup["fixed"]], setup["clean"])
+    assert info.value.code == ExitCode.BAD_MODEL
+    assert str(setup["fixed"]) in str(info.value) and "batches of exactly 4: list it first" in str(info.value)
+
+
+def test_cli_compare_mismatched_inputs_is_one_error_line(setup, tmp_path):
+    """A fresh process, as a user runs it: polygraphy's log ([W] 'colored' ..., [!] Input tensor ...) stays
+    off both streams and the failure is the one `error:` line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rows = tmp_path / "rows.onnx"
+    onnx.save(tabular(), rows)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "sanitizer", "compare", str(setup["a"]), str(rows),
+                          "--data", str(setup["clean"])],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode == ExitCode.BAD_MODEL == 4, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert str(rows) in lines[0] and "[N, 10]" in lines[0]
+    assert res.stdout == ""
+
+
+def test_polygraphy_failures_leave_no_log(setup, tmp_path, monkeypatch, capfd):
+    """A failure inside polygraphy (here its reshape of 7 images into [N, 10] rows, with the up-front check
+    off) is one BadModel, and polygraphy's own CRITICAL log line stays off both streams."""
+    import sanitizer.compare as compare
+
+    rows = tmp_path / "rows.onnx"
+    onnx.save(tabular(), rows)
+    monkeypatch.setattr(compare, "_input_mismatch", lambda inputs, feeds: None)
+    x = np.random.default_rng(4).random((7, 3, 6, 6), dtype=np.float32)
+    capfd.readouterr()
+    with pytest.raises(SanitizeError) as info:
+        run_outputs([setup["a"], rows], [{"x": x}])
+    assert info.value.code == ExitCode.BAD_MODEL and str(info.value).startswith("inference failed:")
+    assert capfd.readouterr() == ("", "")
+
+
+def test_model_that_cannot_execute_is_a_bad_model(setup, tmp_path):
+    """onnxruntime's own exceptions pass through polygraphy: they are BadModel too, not internal errors."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "s"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["logits"])], "fixed4",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+        [numpy_helper.from_array(np.ones((3 * 6 * 6, CLASSES), np.float32), "w"),
+         numpy_helper.from_array(np.array([4, 3 * 6 * 6], np.int64), "s")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "reshape4.onnx"
+    onnx.save(model, path)
+    with pytest.raises(SanitizeError) as info:
+        compare_models([setup["a"], path], setup["clean"])
+    assert info.value.code == ExitCode.BAD_MODEL and "\n" not in str(info.value)
+    assert str(info.value).startswith("inference failed: onnxruntime cannot run a model:")
