@@ -74,7 +74,8 @@ def run_cmd(
     allow_degraded: Annotated[bool, typer.Option("--allow-degraded", help="write even if the budget is broken")] = False,
     force: Force = False,
 ):
-    from .pipeline import ENGINE_SUFFIXES, Options, sanitize
+    from .engine import is_engine
+    from .pipeline import Options, sanitize
 
     opts = Options(model=model, calib=calib, out=out, criterion=criterion, layers=layers, ratio=ratio,
                    max_acc_drop=max_acc_drop, holdout=holdout, scale=scale, mean=parse_floats(mean),
@@ -87,7 +88,7 @@ def run_cmd(
     with bar:
         result = sanitize(opts, update)
     show_summary(result)
-    if out is not None and out.suffix in ENGINE_SUFFIXES:
+    if out is not None and is_engine(out):
         from .engine import build_engine
 
         onnx_out = Path(result["output"]["onnx"])

@@ -18,10 +18,10 @@ from calib.preprocess import input_spec, resolve_preprocess
 from calib.session import make_session
 
 from .atomic import write_text
+from .engine import is_engine
 from .errors import BadModel, ExitCode, SanitizeError
 from .model_io import load_model
 
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 # Comparator.run keeps every input of a call in memory, so the data goes through it this many
 # batches at a time; runners are built once and reused across calls.
 CHUNK_BATCHES = 16
@@ -40,9 +40,6 @@ def _quiet():
 
     return G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1)
 
-
-def is_engine(path: Path) -> bool:
-    return Path(path).suffix.lower() in ENGINE_SUFFIXES
 
 
 def _load_runner(path: Path, name: str):

@@ -17,6 +17,13 @@ from .atomic import write_bytes
 from .errors import BadModel, ExitCode, SanitizeError, require
 from .model_io import load_model
 
+# What an engine file is called: `--out` with one of these builds an engine, `compare` loads such a file with TensorRT.
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+def is_engine(path: Path) -> bool:
+    return Path(path).suffix.lower() in ENGINE_SUFFIXES
+
 # A dynamic batch dimension with no --batch gets this (MIN, OPT, MAX): single images up to a
 # moderate batch, tuned for small batches, without the memory a large MAX would reserve.
 DEFAULT_DYNAMIC_BATCH = (1, 8, 32)

@@ -23,6 +23,7 @@ from .atomic import check_writable, write_text
 from .defense import defend
 from .defense.count import USE_FLIP
 from .defense.detect import detect
+from .engine import ENGINE_SUFFIXES, is_engine
 from .errors import BadData, BadModel, SanitizeError, ExitCode
 from .evaluate import Predictor, accuracy, agreement, attack_success, probabilities
 from .graph import Site, blocked_reasons, find_sites, last_stage, stat_tensors
@@ -32,7 +33,6 @@ from .sanity import check_original
 from .scores import CRITERIA, normalised
 
 PROBE = "probe"
-ENGINE_SUFFIXES = (".engine", ".plan")
 MIN_SUSPECTS = 5  # per half of --suspect
 MIN_SPLIT = 20   # images on each side of the fit / held-out split: fewer gives no usable agreement bound
 
@@ -378,7 +378,7 @@ def check_outputs(opts: Options, models: tuple[Path, ...]) -> Path | None:
     out_onnx = None
     if opts.out is not None:
         check_writable(opts.out, force=opts.force, inputs=inputs)
-        out_onnx = opts.out.with_suffix(".onnx") if opts.out.suffix in ENGINE_SUFFIXES else opts.out
+        out_onnx = opts.out.with_suffix(".onnx") if is_engine(opts.out) else opts.out
         if out_onnx != opts.out:
             check_writable(out_onnx, force=opts.force, inputs=inputs)
     outputs = tuple(p for p in (opts.out, out_onnx) if p is not None)
@@ -422,6 +422,10 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     out_onnx = check_outputs(opts, (opts.model,))
     prep = prepare(opts)
     check_outputs(opts, (opts.model, *prep.loaded.data_files))
+    # after the outputs are checked against every input (an external-data file has no .onnx suffix either)
+    if opts.out is not None and opts.out.suffix.lower() != ".onnx" and not is_engine(opts.out):
+        raise SanitizeError(f"--out {opts.out}: the output is an ONNX model (.onnx) or a TensorRT engine "
+                            f"({', '.join(ENGINE_SUFFIXES)}), named by its suffix", ExitCode.USAGE)
     if opts.plots is not None:
         from . import plots
 

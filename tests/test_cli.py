@@ -75,6 +75,8 @@ ERRORS = {
                                                            "--max-acc-drop", "2", "--criterion", "linf", UNCHECKED]),
     "std_negative": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
                                                         "--std", "-1", "--criterion", "linf", UNCHECKED]),
+    # the suffix says what is written: an ONNX model under another name would pass for something else
+    "out_not_onnx_or_engine": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.txt"]),
     "unknown_criterion": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
                                                              "--criterion", "entropy"]),
     "ratio_above_one": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
