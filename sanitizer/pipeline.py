@@ -156,6 +156,10 @@ def scope(prep: Prepared, layers: str | None) -> list[Site]:
     chosen = []
     for name in (n.strip() for n in layers.split(",") if n.strip()):
         if name not in prep.sites:
+            if name in {n.name for n in prep.model.graph.node}:
+                raise SanitizeError(f"--layers: {name} is not a candidate layer: units are the outputs of a Conv, Gemm "
+                                    "or MatMul that feed another weighted layer (the last layer's outputs are the "
+                                    "classes); see `sanitize layers MODEL`", ExitCode.USAGE)
             raise SanitizeError(f"--layers: no layer named {name!r}; see `sanitize layers MODEL`", ExitCode.USAGE)
         if not prep.sites[name].prunable:
             raise SanitizeError(f"--layers: {name} cannot be pruned exactly ({prep.sites[name].why_blocked})", ExitCode.USAGE)

@@ -208,6 +208,13 @@ def test_layers_lists_sites_and_their_rewrite(cli, write_model):
     assert "fc" not in result.out.split()
 
 
+def test_layers_naming_the_class_layer_says_why_it_is_no_candidate(cli, write_model, write_npz, tmp_path):
+    result = cli(write_model(), "--calib", write_npz(), "--out", tmp_path / "clean.onnx", "--layers", "fc",
+                 "--criterion", "linf", UNCHECKED)
+    assert_one_line_error(result, ExitCode.USAGE)
+    assert "fc is not a candidate layer" in result.err_lines[0]
+
+
 def test_bare_command_shows_help_and_one_error_line(cli):
     result = cli()
     assert result.code == ExitCode.USAGE and "Commands" in result.out
