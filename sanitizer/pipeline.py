@@ -186,10 +186,20 @@ def model_inputs(data: Dataset, pre: Preprocess, batch_size: int, indices: np.nd
         yield pre.apply(raw)
 
 
+def predictions(predictor: Predictor, data: Dataset, pre: Preprocess, batch_size: int,
+                indices: np.ndarray | None = None) -> tuple[np.ndarray, int | None]:
+    """Top-1 classes int [N] of `data` (or its `indices`) and the model's number of classes (None: no image)."""
+    parts, classes = [], None
+    for x in model_inputs(data, pre, batch_size, indices):
+        scores = predictor.logits(x, batch_size)   # argmax per batch: the scores of a whole set are never held
+        parts.append(scores.argmax(1))
+        classes = scores.shape[1]
+    return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), classes
+
+
 def predict(predictor: Predictor, data: Dataset, pre: Preprocess, batch_size: int,
             indices: np.ndarray | None = None) -> np.ndarray:
-    parts = [predictor.logits(x, batch_size).argmax(1) for x in model_inputs(data, pre, batch_size, indices)]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return predictions(predictor, data, pre, batch_size, indices)[0]
 
 
 def check_target(target: int | None, classes: int) -> None:
@@ -198,11 +208,6 @@ def check_target(target: int | None, classes: int) -> None:
     if target is not None and not 0 <= target < classes:
         raise SanitizeError(f"--target {target} is not a class of this model: its output has {classes} classes "
                             f"(0..{classes - 1})", ExitCode.USAGE)
-
-
-def _predictions(predictor: Predictor, ds: Dataset, pre: Preprocess, batch_size: int) -> tuple[np.ndarray, int]:
-    parts = [predictor.logits(x, batch_size) for x in model_inputs(ds, pre, batch_size)]
-    return np.concatenate([p.argmax(1) for p in parts]), parts[0].shape[1]
 
 
 def evaluate(model: onnx.ModelProto, prep_spec: InputSpec, pre: Preprocess, *, data: Path | None,
@@ -217,7 +222,7 @@ def evaluate(model: onnx.ModelProto, prep_spec: InputSpec, pre: Preprocess, *, d
         ds = open_data(data, prep_spec)
         if ds.labels is None:
             raise BadData(f"{data} has no labels; clean accuracy needs a labeled folder or an npz with y")
-        pred, classes = _predictions(predictor, ds, pre, batch_size)
+        pred, classes = predictions(predictor, ds, pre, batch_size)
         _check_labels(data, ds.labels, classes)
         result["clean_acc"] = accuracy(pred, ds.labels)
         result["n_clean"] = ds.n
@@ -225,7 +230,7 @@ def evaluate(model: onnx.ModelProto, prep_spec: InputSpec, pre: Preprocess, *, d
         if target is None:
             raise SanitizeError("--triggered needs --target (the attacker's class)", ExitCode.USAGE)
         ds = open_data(triggered, prep_spec)
-        pred, classes = _predictions(predictor, ds, pre, batch_size)
+        pred, classes = predictions(predictor, ds, pre, batch_size)
         check_target(target, classes)
         attacked = np.ones(ds.n, bool)
         if ds.labels is not None:
@@ -423,6 +428,12 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     if opts.criterion == PROBE and importlib.util.find_spec("torch") is None:
         raise SanitizeError("the default criterion 'probe' needs torch: pip install "
                             "'onnx-backdoor-sanitizer[torch]', or pass --criterion linf", ExitCode.MISSING_DEP)
+    if not 0 <= opts.max_acc_drop < 1:
+        raise SanitizeError(f"--max-acc-drop is a share of accuracy in [0, 1), got {opts.max_acc_drop}", ExitCode.USAGE)
+    if opts.target is not None and opts.eval_triggered is None:
+        raise SanitizeError("--target is the attacker's class for the ASR on --eval-triggered images; nothing "
+                            "else uses it (detection finds the target itself): pass --eval-triggered too",
+                            ExitCode.USAGE)
     out_onnx = check_outputs(opts, (opts.model,))
     prep = prepare(opts)
     check_outputs(opts, (opts.model, *prep.loaded.data_files))
@@ -444,12 +455,6 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
                             "itself (pass --criterion linf to force a ratio)", ExitCode.USAGE)
     # the probes look for the backdoor's units wherever they are; clean statistics only trust the last stage
     sites = scope(prep, "all" if probing and opts.layers is None else opts.layers)
-    if not 0 <= opts.max_acc_drop < 1:
-        raise SanitizeError(f"--max-acc-drop is a share of accuracy in [0, 1), got {opts.max_acc_drop}", ExitCode.USAGE)
-    if opts.target is not None and opts.eval_triggered is None:
-        raise SanitizeError("--target is the attacker's class for the ASR on --eval-triggered images; nothing "
-                            "else uses it (detection finds the target itself): pass --eval-triggered too",
-                            ExitCode.USAGE)
     if opts.suspect is not None and not probing:
         raise SanitizeError("--suspect works with the probe criterion", ExitCode.USAGE)
     # the flags are checked; before any decision rests on the original's predictions, are they sound?
