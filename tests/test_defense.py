@@ -190,6 +190,15 @@ def test_suspect_needs_enough_images_and_the_probe_criterion(tmp_path):
     assert code == 5 and not (tmp_path / "o.onnx").exists()
 
 
+def test_suspects_that_still_reach_their_class_are_refused_not_shipped(tmp_path):
+    # clean images of one class "suspected": no pruning within the budget sends them elsewhere, and with no
+    # re-attack after suspects the verdict must be absolute (the count's bar is relative to its floor)
+    model, calib, x_test, y_test = trained(poisoned=True)
+    np.savez(tmp_path / "s.npz", X=x_test[y_test == 3][:120].astype(np.uint8))
+    code, report = _run(model, calib, tmp_path, "--suspect", str(tmp_path / "s.npz"))
+    assert code == 7 and not (tmp_path / "o.onnx").exists()
+
+
 def test_plots_are_written_as_png(tmp_path):
     pytest.importorskip("matplotlib")
     from digits_backdoor import _stamp

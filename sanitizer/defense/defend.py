@@ -82,6 +82,11 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
         searches[name] = count_by_probes(ctx, base, order, limit, used_x, paired)
     ranking = max(searches, key=lambda n: preference(searches[n][0], opts.max_acc_drop))
     plan, _, good = searches[ranking]
+    if not paired:
+        # no re-attack follows a user's triggered samples, so the count's bar — relative to the lowest rate
+        # any count reached — cannot be the verdict: they must go to the target no more often than clean
+        # images do, plus the goal
+        good = np.full(len(good), FLIP_GOAL + float((held.reference == target).mean()))
     pruned = rewrite.apply(base, prep.sites, plan.pruned())
     progress("repair", 0, 1)
     # suspicious samples have no clean twin to hold them to: the repair keeps them off the target instead
