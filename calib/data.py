@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sanitizer.errors import BadData, ExitCode, SanitizeError
 
@@ -158,6 +158,17 @@ def _open_image(path: Path, max_pixels: int) -> Image.Image:
     return img
 
 
+# EXIF orientations that turn the stored pixels by a quarter: the upright image has width and height swapped
+_QUARTER_TURNS = {5, 6, 7, 8}
+
+
+def _upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of the image as a viewer shows it: cameras store pixels as the sensor read them and say
+    in the EXIF orientation tag how to turn them upright."""
+    w, h = img.size
+    return (h, w) if img.getexif().get(0x0112) in _QUARTER_TURNS else (w, h)
+
+
 def _is_image(path: Path | str) -> bool:
     """True for a file to read; other files (notes, label lists) are not images and are passed over, but an
     image in a format Pillow knows and we do not read is refused by name rather than skipped silently."""
@@ -237,10 +248,11 @@ class _FolderReader:
                 f = root / name
                 with _open_image(f, max_pixels) as img:
                     c = _CHANNELS_FOR_MODE[_NATIVE_MODE[img.mode]]
+                    upright = _upright_size(img)
                     if first_size is None:
-                        first_size, first_channels = img.size, c
-                    if size is None and img.size != first_size:
-                        raise BadData(f"{f} is {img.size[0]}x{img.size[1]} but {root / files[0]} is "
+                        first_size, first_channels = upright, c
+                    if size is None and upright != first_size:
+                        raise BadData(f"{f} is {upright[0]}x{upright[1]} but {root / files[0]} is "
                                       f"{first_size[0]}x{first_size[1]}; all images must share one size")
                     if channels is None and c != first_channels:
                         raise BadData(f"{f} has {c} channels but {root / files[0]} has {first_channels}; "
@@ -260,7 +272,9 @@ class _FolderReader:
         try:
             with _open_image(path, self.max_pixels) as img:
                 # Converted inside the `with`: closing an image also invalidates its pixel data.
-                arr = np.asarray(_conform(img, _MODE_FOR_CHANNELS[c], (h, w) if self.size else None),
+                # turned upright as a viewer shows it (EXIF orientation), as the model's training images were
+                arr = np.asarray(_conform(ImageOps.exif_transpose(img), _MODE_FOR_CHANNELS[c],
+                                          (h, w) if self.size else None),
                                  dtype=np.float32)
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise BadData(f"{path} could not be decoded ({e})") from None

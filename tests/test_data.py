@@ -441,3 +441,18 @@ def test_pixel_limit_is_the_callers(tmp_path):
 def test_npz_with_absurd_image_size_is_refused_before_loading(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((1, 20, 20), np.uint8))
     bad(open_, tmp_path / "x.npy", max_pixels=399)
+
+
+def test_exif_orientation_is_applied_as_a_viewer_would(tmp_path):
+    # a camera's JPEG: pixels stored as the sensor read them (4 wide, 6 high), tagged "turn 90° clockwise"
+    upright = np.zeros((4, 6, 3), np.uint8)
+    upright[0, :, 0] = 255                      # the top row of the image as seen is red
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1)))   # 6 high, 4 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "cam.png", exif=exif)
+    Image.fromarray(upright).save(tmp_path / "plain.png")
+    data = open_dataset(tmp_path, size=None, channels=3)
+    assert data.image_shape == (4, 6, 3), "both files are 6 wide and 4 high as shown"
+    x = data.read(0, 2)
+    assert (x[0] == x[1]).all(), "the tagged image reads as the untagged one"
