@@ -211,10 +211,11 @@ def check_target(target: int | None, classes: int) -> None:
 
 
 def evaluate(model: onnx.ModelProto, prep_spec: InputSpec, pre: Preprocess, *, data: Path | None,
-             triggered: Path | None, target: int | None, batch_size: int = 64) -> dict:
+             triggered: Path | None, target: int | None, batch_size: int = 64, keep: dict | None = None) -> dict:
     """Clean accuracy (needs labels) and ASR: the share of triggered images predicted as `target`, among
     those whose label (when the data has labels) is not the target already — the standard definition, so a
     triggered copy of the whole test set does not count the target class's own images as attacks.
+    `keep`: when given, gets the clean images' predictions ("pred", int [N]) and labels ("labels").
     Raises BadData for labels that are not the model's classes, a usage error for such a `target`."""
     predictor = Predictor(model, prep_spec)
     result = {"clean_acc": None, "asr": None, "n_clean": None, "n_triggered": None}
@@ -226,6 +227,8 @@ def evaluate(model: onnx.ModelProto, prep_spec: InputSpec, pre: Preprocess, *, d
         _check_labels(data, ds.labels, classes)
         result["clean_acc"] = accuracy(pred, ds.labels)
         result["n_clean"] = ds.n
+        if keep is not None:
+            keep.update(pred=pred, labels=ds.labels)
     if triggered is not None:
         if target is None:
             raise SanitizeError("--triggered needs --target (the attacker's class)", ExitCode.USAGE)
@@ -420,6 +423,28 @@ def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: floa
     return f"pruning {count} units {why}; nothing written ({act}; --allow-degraded writes it anyway)"
 
 
+def evaluation_refusal(evaluation: dict, max_acc_drop: float, clean_verdict: bool) -> str | None:
+    """The one-line reason to refuse (exit 7) on the user's own evaluation images, or None. Their labels and
+    triggers are ground truth the held-out estimate is not: an accuracy drop whose whole 80 % interval
+    (`evaluation["accuracy_drop"]`, image by image) is over the budget, or triggered images that still
+    reach the target more often than not, is a result that must not ship looking fine — the same evidence
+    the held-out stop rule asks for. (An ASR between the goal and one half can be the model's own rate
+    toward that class: reported only.)"""
+    before, after = evaluation["before"], evaluation["after"]
+    drop = evaluation.get("accuracy_drop")
+    if drop is not None and drop["interval80"][0] > max_acc_drop:
+        return (f"the result breaks the accuracy budget on your --eval-data: clean accuracy {before['clean_acc']:.4f}"
+                f" -> {after['clean_acc']:.4f} on {before['n_clean']} images (drop {drop['measured']:.4f}, 80 % "
+                f"interval {drop['interval80'][0]:.4f}..{drop['interval80'][1]:.4f}, budget {max_acc_drop}); "
+                "nothing written (--allow-degraded writes it anyway)")
+    if after["asr"] is not None and after["asr"] > USE_FLIP:
+        what = ("detection found no backdoor, but" if clean_verdict else "the defense ran, but")
+        return (f"{what} your --eval-triggered images still reach the target on {after['asr']:.3f} (before "
+                f"{before['asr']:.3f}): the backdoor is still there; nothing written (--suspect with "
+                "triggered samples aims the defense at it; --allow-degraded writes it anyway)")
+    return None
+
+
 def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     """Run the job; write the sanitized ONNX (and report) atomically; return the report."""
     t0 = time.perf_counter()
@@ -430,6 +455,8 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
                             "'onnx-backdoor-sanitizer[torch]', or pass --criterion linf", ExitCode.MISSING_DEP)
     if not 0 <= opts.max_acc_drop < 1:
         raise SanitizeError(f"--max-acc-drop is a share of accuracy in [0, 1), got {opts.max_acc_drop}", ExitCode.USAGE)
+    if opts.eval_triggered is not None and opts.target is None:
+        raise SanitizeError("--eval-triggered needs --target (the attacker's class, for the ASR)", ExitCode.USAGE)
     if opts.target is not None and opts.eval_triggered is None:
         raise SanitizeError("--target is the attacker's class for the ASR on --eval-triggered images; nothing "
                             "else uses it (detection finds the target itself): pass --eval-triggered too",
@@ -479,7 +506,10 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         plan = Plan([], 0, [{"units": 0, **held.agreement(prep.model).to_dict(), "within_budget": True}])
         sanitized = prep.model
     elif probing:
-        plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, target, opts, progress, suspects)
+        # a target found by a probe family is probed with that family too
+        families = (detection["family"],) if detection and detection.get("family") else ()
+        plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, target, opts, progress, suspects,
+                                             families=families)
     else:
         order, info = rank_units(prep, sites, opts.criterion, fit, opts, progress)
         plan = choose_count(prep, order, held, opts, progress)
@@ -515,10 +545,22 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     if opts.eval_data is not None or opts.eval_triggered is not None:
         clock.switch("evaluation")
         kw = dict(data=opts.eval_data, triggered=opts.eval_triggered, target=opts.target, batch_size=opts.batch_size)
-        report["evaluation"] = {"before": evaluate(prep.model, prep.spec, prep.pre, **kw),
-                                "after": evaluate(sanitized, prep.spec, prep.pre, **kw)}
-    if degraded and not opts.allow_degraded:
-        raise SanitizeError(refusal(plan.count, final, probe_info, opts.max_acc_drop), ExitCode.DEGRADED)
+        was, now = {}, {}
+        report["evaluation"] = {"before": evaluate(prep.model, prep.spec, prep.pre, keep=was, **kw),
+                                "after": evaluate(sanitized, prep.spec, prep.pre, keep=now, **kw)}
+        if was:
+            # image by image, as the held-out estimate: its 80 % interval says whether the drop is evidence
+            measured = agreement(was["pred"], now["pred"], was["labels"])
+            lo, hi = measured.drop_interval
+            report["evaluation"]["accuracy_drop"] = {"measured": round(measured.drop, 6),
+                                                     "interval80": [round(lo, 6), round(hi, 6)]}
+        measured = evaluation_refusal(report["evaluation"], opts.max_acc_drop, clean_verdict)
+        if measured is not None:
+            report["evaluation"]["refused"] = measured
+    refused = report.get("evaluation", {}).get("refused")
+    if (degraded or refused) and not opts.allow_degraded:
+        raise SanitizeError(refusal(plan.count, final, probe_info, opts.max_acc_drop) if degraded else refused,
+                            ExitCode.DEGRADED)
     clock.switch("write")
     if out_onnx is not None:
         written = save_model(sanitized, out_onnx, external=prep.loaded.external)

@@ -236,3 +236,39 @@ def test_budget_that_nothing_fits_prunes_nothing(cli, write_model, write_npz, tm
     data = json.loads(report.read_text())
     assert data["held_out_after"]["drop_estimate"] <= 0 and data["degraded"] is False
     assert all(t["drop_estimate"] > 0 for t in data["plan"]["trace"] if t["units"] > data["plan"]["count"])
+
+
+def test_triggered_evaluation_images_that_still_work_refuse_the_result(cli, tmp_path):
+    from sanitizer.demo import DEMO
+
+    # linf leaves the demo's backdoor (ASR 0.964 -> 0.89): the user's own triggered images say so
+    result = cli(DEMO["model"], "--calib", DEMO["calib"], "--criterion", "linf", "--out", tmp_path / "o.onnx",
+                 "--eval-triggered", DEMO["triggered"], "--target", DEMO["target"])
+    assert result.code == ExitCode.DEGRADED, result.err
+    assert "--eval-triggered images still reach the target on 0.8" in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "o.onnx").exists()
+
+
+def test_evaluation_refusal_rule():
+    from sanitizer.pipeline import evaluation_refusal
+
+    def ev(acc0, acc1, asr0=None, asr1=None, interval=None):
+        return {"before": {"clean_acc": acc0, "n_clean": 500, "asr": asr0},
+                "after": {"clean_acc": acc1, "n_clean": 500, "asr": asr1},
+                **({"accuracy_drop": {"measured": acc0 - acc1, "interval80": interval}} if interval else {})}
+
+    # over the budget only when the evidence says so: the whole interval past it
+    assert evaluation_refusal(ev(0.90, 0.879, interval=[0.012, 0.030]), 0.02, False) is None
+    why = evaluation_refusal(ev(0.90, 0.87, interval=[0.021, 0.039]), 0.02, False)
+    assert "clean accuracy 0.9000 -> 0.8700 on 500 images" in why
+    # between the goal and one half an ASR can be the model's own rate toward that class: reported, not refused
+    assert evaluation_refusal(ev(None, None, 0.99, 0.30), 0.02, False) is None
+    assert evaluation_refusal(ev(None, None, 0.99, 0.97), 0.02, True).startswith("detection found no backdoor")
+
+
+def test_eval_triggered_without_target_names_the_flag(cli, tmp_path):
+    from sanitizer.demo import DEMO
+
+    result = cli(DEMO["model"], "--calib", DEMO["calib"], "--criterion", "linf", "--out", tmp_path / "o.onnx",
+                 "--eval-triggered", DEMO["triggered"])
+    assert result.code == ExitCode.USAGE and "--eval-triggered needs --target" in result.err

@@ -61,6 +61,10 @@ def test_default_removes_a_trigger_larger_than_the_small_probe(tmp_path):
     before, after = report["evaluation"]["before"], report["evaluation"]["after"]
     assert before["asr"] > 0.9 and after["asr"] <= 0.1, (before, after)
     assert after["clean_acc"] >= before["clean_acc"] - 0.03, (before, after)
+    # the evaluation's drop, image by image, and the interval the refusal rule reads
+    drop = report["evaluation"]["accuracy_drop"]
+    assert drop["measured"] == pytest.approx(before["clean_acc"] - after["clean_acc"], abs=1e-6)
+    assert drop["interval80"][0] <= drop["measured"] <= drop["interval80"][1]
     # the result was attacked afresh: probes synthesized against it no longer reach the target either
     fresh = report["probes"]["reattack"]
     assert fresh["max_fresh_flip"] <= 0.1, fresh
