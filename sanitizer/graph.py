@@ -64,6 +64,7 @@ class Site:
     why_blocked: str = ""
     zero: list[tuple[str, int]] = field(default_factory=list)       # producer: (initializer, unit axis in it)
     slices: list[ConsumerSlice] = field(default_factory=list)        # consumers
+    positions: int = 0         # values per unit in one image (H*W of a conv map; 1 for a dense unit); 0: unknown
 
     @property
     def prunable(self) -> bool:
@@ -507,6 +508,8 @@ def find_sites(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
             _try_consumers(g, site)
             sites.append(site)
     for site in sites:
+        if site.tensor in shapes:
+            site.positions = int(np.prod([d for i, d in enumerate(shapes[site.tensor]) if i not in (0, site.axis)]))
         if site.prunable and shapes[site.tensor][0] != batch:
             # statistics are per image: rows that mix images and tokens would be read as images
             site.strategy, site.why_blocked = "blocked", (f"{site.tensor} folds the batch into its rows "
@@ -557,10 +560,12 @@ def zero_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def last_stage(model: onnx.ModelProto, sites: list[Site]) -> list[Site]:
-    """The conv-map site whose maps feed the head (pooling / flatten): the one produced last in graph order.
-    Empty when no site is prunable."""
+    """The conv-map site whose maps feed the head (pooling / flatten): the one produced last in graph order,
+    among those with a spatial map — a conv on pooled 1x1 maps (a squeeze-excitation gate) has none, and the
+    ℓ∞ over its map is a single value. Empty when no site is prunable."""
     prunable = [s for s in sites if s.prunable]
-    candidates = [s for s in prunable if s.kind != "dense" and s.axis == 1 and s.rank > 2] or prunable
+    candidates = [s for s in prunable if s.kind != "dense" and s.axis == 1 and s.rank > 2 and s.positions != 1] \
+        or prunable
     if not candidates:
         return []
     order = {o: i for i, n in enumerate(model.graph.node) for o in n.output}

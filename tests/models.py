@@ -122,6 +122,18 @@ def mobilenet(batch="N", opset: int = 13, seed: int = 2) -> onnx.ModelProto:
     return b.build("mobilenet", "input", [3, 8, 8], b.gemm(b.gap_flatten(x), 12, CLASSES, "fc"), batch)
 
 
+def squeeze_excite(batch="N", opset: int = 13, seed: int = 10) -> onnx.ModelProto:
+    """Conv→Relu→Conv→Relu, then a squeeze-excitation gate (GlobalAveragePool→1x1 Conv→Relu→1x1 Conv→Sigmoid,
+    Mul with the maps), GAP→Flatten→Gemm: the gate's convs, on 1x1 maps, come last in graph order."""
+    b = Builder(seed, opset)
+    x = b.relu(b.conv("input", 3, 6, "conv1"), "relu1")
+    x = b.relu(b.conv(x, 6, 8, "conv2"), "relu2")
+    gate = b.relu(b.conv(b.node("GlobalAveragePool", [x], "se_pool"), 8, 4, "se_reduce", k=1), "se_relu")
+    gate = b.node("Sigmoid", [b.conv(gate, 4, 8, "se_expand", k=1)], "se_sigmoid")
+    x = b.node("Mul", [x, gate], "se_scale")
+    return b.build("squeeze_excite", "input", [3, 8, 8], b.gemm(b.gap_flatten(x), 8, CLASSES, "fc"), batch)
+
+
 def resnet(batch="N", opset: int = 13, seed: int = 3, identity_blocks: int = 1) -> onnx.ModelProto:
     """Stem, `identity_blocks` basic blocks with an identity shortcut, then a stride-2 block whose shortcut is a
     1x1 Conv; each residual Add is followed by Relu."""

@@ -107,6 +107,15 @@ def test_ratio_half_prunes_the_least_active_half_of_the_last_stage(cli, write_mo
     assert zero_filters == report["plan"]["pruned"]["conv2"]
 
 
+def test_the_last_stage_is_the_last_spatial_map_not_a_squeeze_excitation_gate(cli, write_model, write_npz, tmp_path):
+    model_path, calib = write_model(M.squeeze_excite), write_npz()
+    report_path = tmp_path / "report.json"
+    result = cli(model_path, "--calib", calib, UNCHECKED, "--out", tmp_path / "clean.onnx", "--report", report_path,
+                 "--criterion", "linf", "--ratio", "0.25", "--allow-degraded")
+    assert result.code == 0, result.err
+    assert load_report(report_path)["scope"] == ["conv2"]
+
+
 def test_layers_all_ranks_every_conv_and_dense_layer_but_no_join(cli, write_model, write_npz, tmp_path):
     model_path, calib = write_model(M.resnet), write_npz()
     out, report_path = tmp_path / "clean.onnx", tmp_path / "report.json"
