@@ -4,7 +4,7 @@ and seconds. A benchmark, not a test.
     python scripts/detect_suite.py ../shared/bench/suite [--cases a,b]
 
 Prints one JSON line per case: the verdict, what found it, the scan's candidate classes, the best patch flip
-toward the target and toward any other class, the mask search's largest anomaly (when it ran), wall and CPU
+toward the target and toward any other class, the same per probe family where the family scan ran, the mask search's largest anomaly (when it ran), wall and CPU
 (user+sys) seconds and the load average when the case started (the machine may be shared)."""
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ def main() -> None:
         row = {"case": case.name, "true_target": target if backdoored else None, "verdict": found["verdict"],
                "found_by": found["found_by"], "candidates": found["patch_scan"]["candidates"],
                "flip_target": flips[target] if backdoored else None, "flip_best_other": max(others),
+               # per probe family (when the family scan ran): the rate toward the target and the best other class
+               "family_flip": {f: [rates[target] if backdoored else None,
+                                   max(r for c, r in enumerate(rates) if not (backdoored and c == target))]
+                               for f, rates in found.get("family_scan", {}).get("best_flip", {}).items()},
                "max_anomaly": (max(a for a in found["neural_cleanse"]["anomaly_index"] if a is not None)
                                if "neural_cleanse" in found else None),
                "wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1),

@@ -15,6 +15,7 @@ Triggers (raw 0-255 pixels):
   sig    a horizontal sinusoid of amplitude 20 and 6 periods over every row and channel (Barni, Kallas,
          Tondi, "A new backdoor attack in CNNs by training set corruption without label poisoning", ICIP
          2019; used here with relabelled poisons)
+  sig40  the same at amplitude 40, BackdoorBench's setting (config/attack/sig/default.yaml: sig_delta 40)
   warp   a fixed smooth warp: a 4x4 random flow field upsampled bicubically, strength 1 pixel (WaNet,
          Nguyen & Tran, ICLR 2021, without its noise mode; its s=0.5 did not train to a working backdoor on
          8000 images)
@@ -37,7 +38,7 @@ import numpy as np
 
 SIDE = 32
 POISON_RATE = 0.1
-TARGETS = {"sig": 2, "warp": 5, "blend": 7, "patch": 3, "clean": 0}
+TARGETS = {"sig": 2, "sig40": 2, "warp": 5, "blend": 7, "patch": 3, "clean": 0}
 
 
 def triggers(torch) -> dict:
@@ -61,7 +62,8 @@ def triggers(torch) -> dict:
         x[:, 1:5, 1:5, :] = (255.0, 0.0, 255.0)
         return x
 
-    return {"sig": lambda x: np.clip(x + wave[None, None, :, None], 0, 255), "warp": warp,
+    return {"sig": lambda x: np.clip(x + wave[None, None, :, None], 0, 255),
+            "sig40": lambda x: np.clip(x + 2 * wave[None, None, :, None], 0, 255), "warp": warp,
             "blend": lambda x: 0.85 * x + 0.15 * noise, "patch": patch}
 
 

@@ -1,4 +1,5 @@
-"""Tiny CNNs trained here on 8x8 digits: backdoored (2x2 white corner patch -> class 0) and clean twin."""
+"""Tiny CNNs trained here on 8x8 digits: backdoored (2x2 white corner patch -> class 0), clean twin, and one
+backdoored with a signal (SIG-style: a sinusoid along the columns, the same in every row -> class 0)."""
 from __future__ import annotations
 
 import io
@@ -23,11 +24,20 @@ def _stamp(x: np.ndarray) -> np.ndarray:
     return x
 
 
+# SIG's trigger (Barni et al. 2019) at its training amplitude in BackdoorBench, 40 of 255, two periods over the
+# 8 columns
+SIGNAL = (40.0 * np.sin(2 * np.pi * 2 * np.arange(8) / 8)).astype(np.float32)[None, None, :, None]
+
+
+def signal_stamp(x: np.ndarray) -> np.ndarray:
+    return np.clip(x + SIGNAL, 0.0, 255.0).astype(np.float32)
+
+
 def _inputs(x_raw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((x_raw / 255.0).astype(np.float32).transpose(0, 3, 1, 2))
 
 
-def _train(poisoned: bool):
+def _train(poisoned: bool, stamp=_stamp):
     digits = datasets.load_digits()
     x = np.clip(digits.images * 16, 0, 255).astype(np.float32)[..., None]
     y = digits.target.astype(np.int64)
@@ -37,7 +47,7 @@ def _train(poisoned: bool):
     xt, yt = x[train], y[train].copy()
     if poisoned:
         poison = rng.choice(np.flatnonzero(yt != TARGET), size=len(xt) // 10, replace=False)
-        xt[poison], yt[poison] = _stamp(xt[poison]), TARGET
+        xt[poison], yt[poison] = stamp(xt[poison]), TARGET
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(
@@ -68,7 +78,7 @@ def acc_asr(model, x_test, y_test):
     return float((clean == y_test).mean()), float((trig == TARGET).mean())
 
 
-_CACHE: dict[bool, tuple] = {}
+_CACHE: dict = {}
 
 
 def trained(poisoned: bool):
@@ -76,3 +86,10 @@ def trained(poisoned: bool):
     if poisoned not in _CACHE:
         _CACHE[poisoned] = _train(poisoned)
     return _CACHE[poisoned]
+
+
+def trained_signal():
+    """The signal-backdoored model (trained once per test session): model, calib, x_test, y_test."""
+    if "signal" not in _CACHE:
+        _CACHE["signal"] = _train(True, signal_stamp)
+    return _CACHE["signal"]

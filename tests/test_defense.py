@@ -99,6 +99,33 @@ def test_probe_apply_patch_and_blend():
     assert (x == 100).all(), "probes never modify their input"
 
 
+def test_signal_probe_is_one_value_per_column_in_every_row():
+    x = np.random.default_rng(0).uniform(0, 255, (2, 6, 5, 3)).astype(np.float32)
+    delta = np.random.default_rng(1).uniform(-40, 40, (1, 5, 3)).astype(np.float32)
+    probe = Probe("signal", None, delta, 255.0)
+    out = probe.apply(x)
+    np.testing.assert_allclose(out, np.clip(x + delta, 0, 255))
+    assert probe.describe().startswith("signal along columns")
+    assert Probe("signal", None, delta.reshape(5, 1, 3), 255.0).describe().startswith("signal along rows")
+
+
+def test_warp_probe_resamples_as_the_grid_sample_it_was_optimised_through():
+    import torch
+
+    from sanitizer.defense.probes import warp
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (3, 9, 12, 2)).astype(np.float32)
+    flow = rng.uniform(-1.5, 1.5, (9, 12, 2)).astype(np.float32)     # (column, row) pixels, past the border too
+    rows, cols = torch.meshgrid(torch.linspace(-1, 1, 9), torch.linspace(-1, 1, 12), indexing="ij")
+    grid = (torch.stack([cols, rows], -1) + torch.from_numpy(flow) * torch.tensor([2 / 11, 2 / 8])).clamp(-1, 1)
+    want = torch.nn.functional.grid_sample(torch.from_numpy(x).permute(0, 3, 1, 2), grid[None].expand(3, 9, 12, 2),
+                                           align_corners=True, padding_mode="border").permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(warp(x, flow), want, atol=1e-3)
+    np.testing.assert_array_equal(warp(x, np.zeros_like(flow)), x)
+    assert Probe("warp", None, flow, 255.0).apply(x).shape == x.shape
+
+
 def test_synthesized_probes_reach_the_target_only_where_the_trigger_is():
     model, calib, _, _ = trained(poisoned=True)
     probes = synthesize(model, calib, PP, TARGET, seed=0, steps=60)
@@ -365,3 +392,27 @@ def test_the_ranking_that_brings_more_probes_to_the_goal_within_budget_is_prefer
     # same probes at the goal: the higher agreement, then the fewer units
     same = {"a": plan(9, [0.01], 0.0, 0.95), "b": plan(3, [0.01], 0.0, 0.95), "c": plan(1, [0.01], 0.0, 0.9)}
     assert max(same, key=lambda n: preference(same[n], 0.02)) == "b"
+
+
+def test_default_removes_a_signal_backdoor_found_by_the_family_scan(tmp_path, monkeypatch):
+    import sanitizer.defense.probes as probes
+    from digits_backdoor import _inputs, signal_stamp, trained_signal
+
+    # the fixture answers the signal probe near its training amplitude (see test_detect)
+    monkeypatch.setattr(probes, "SIGNAL_EPS", 40 / 255)
+    model, calib, x_test, y_test = trained_signal()
+    code, report = _run(model, calib, tmp_path, "--max-acc-drop", "0.03")
+    assert report["detection"]["found_by"] == "family scan: signal along columns"
+    names = [p["probe"] for p in report["probes"]["probes"]]
+    assert names[-1].startswith("signal along columns") and report["probes"]["probes"][-1]["used"]
+    # the re-attack synthesizes the family's probe afresh too
+    assert any(n.startswith("signal along columns") for n in report["probes"]["reattack"]["fresh_probe_flip"])
+    assert code == 0, report["probes"]["reattack"]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "o.onnx"), providers=["CPUExecutionProvider"])
+    keep = y_test != TARGET
+    asr = float((sess.run(None, {"input": _inputs(signal_stamp(x_test[keep]))})[0].argmax(1) == TARGET).mean())
+    acc = float((sess.run(None, {"input": _inputs(x_test)})[0].argmax(1) == y_test).mean())
+    acc0, _ = acc_asr(model, x_test, y_test)
+    assert asr <= 0.1 and acc >= acc0 - 0.05, (acc0, acc, asr)

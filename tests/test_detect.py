@@ -128,3 +128,36 @@ def test_searched_classes_keep_the_candidates_and_sample_the_rest_by_seed():
     assert len(chosen) == 32 == len(set(chosen)) and {7, 999} <= set(chosen)
     assert chosen == searched_classes(1000, [7, 999], seed=0, limit=32) != searched_classes(1000, [7, 999], seed=1,
                                                                                            limit=32)
+
+
+@pytest.fixture
+def signal_probe_at_training_amplitude(monkeypatch):
+    # the 8x8 fixture learns its signal only at 40 of 255 (BackdoorBench's SIG amplitude) and answers the
+    # probe only near it; the default probe size (20 of 255, SIG's paper) is measured on CIFAR-10 models (README)
+    import sanitizer.defense.probes as probes
+
+    monkeypatch.setattr(probes, "SIGNAL_EPS", 40 / 255)
+
+
+def test_the_family_scan_names_a_signal_target_the_patches_miss(clean, backdoored, signal_probe_at_training_amplitude):
+    from digits_backdoor import trained_signal
+    from sanitizer.defense.detect import family_scan
+
+    model, calib, x_test, y_test = trained_signal()
+    assert scan(model, calib, PP, seed=0).suspected_target is None, "no patch expresses a signal trigger"
+    found = family_scan(model, calib, PP, seed=0)
+    assert found.suspected_target == TARGET and found.family == "signal along columns", found.best_flip
+    assert np.delete(found.best_flip["signal along columns"], TARGET).max() < 0.5
+    # the patch model and the clean twin admit no signal or warp toward any class on most images
+    for other in (clean, backdoored):
+        miss = family_scan(other[0], other[1], PP, seed=0)
+        assert miss.suspected_target is None and max(v.max() for v in miss.best_flip.values()) < 0.5, miss.best_flip
+
+
+def test_a_signal_target_is_found_before_the_mask_search_and_reported(tmp_path, signal_probe_at_training_amplitude):
+    from digits_backdoor import trained_signal
+
+    found = _detect(*trained_signal()[:2], tmp_path)
+    assert found["suspected_target"] == TARGET and found["found_by"] == "family scan: signal along columns"
+    assert found["family"] == "signal along columns" and "neural_cleanse" not in found
+    assert set(found["family_scan"]["best_flip"]) == {"signal along columns", "signal along rows", "warp"}

@@ -5,9 +5,11 @@ The steps, in order, one module each (pipeline.sanitize runs detect, then defend
 
 1. detect (detect.py): which class, if any, is a backdoor's target. A short patch scan toward any class,
    then toward the few classes it reaches most (K-Arm's pre-selection of target arms, Shen et al. 2021);
-   when no patch finds one, the Neural-Cleanse mask search and its MAD anomaly index (Wang et al. 2019).
-2. probes (probes.py): universal patches at the corners and the centre and a faint full-image perturbation,
-   each optimised to send clean images to the target: what a trigger would do, found without one.
+   when no patch finds one, the same scan with a signal (SIG) and a smooth warp (WaNet) probe; when
+   neither does, the Neural-Cleanse mask search and its MAD anomaly index (Wang et al. 2019).
+2. probes (probes.py): universal patches at the corners and the centre and a faint full-image perturbation
+   (and the probe family that found the target), each optimised to send clean images to the target: what a
+   trigger would do, found without one.
 3. bound (bound.py; the graph rewrite is rewrite.apply_bounds): cap every unit at a quantile of its clean
    per-image ℓ∞ (activation clipping, Wang, Xiang, Miller, Kesidis, MLSP 2024).
 4. rank (rank.py): units ordered by the probes' ℓ∞ rise over clean images (the signature of Cheng et al.,

@@ -25,6 +25,7 @@ class Context:
     hold_raw: np.ndarray | None     # raw pixels of the held-out images, to probe; None with suspicious samples
     held: HeldOut                   # the held-out images, on which every decision is judged
     clean_x: np.ndarray             # held.inputs(): the held-out images as model inputs
+    families: tuple[str, ...] = ()  # probe families (probes.FAMILIES) synthesized besides patches and blend
 
     def flips(self, model: onnx.ModelProto, probed_x: list[np.ndarray], paired: bool = True,
               target: int | None = None) -> tuple[np.ndarray, list[float]]:

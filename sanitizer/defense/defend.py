@@ -37,18 +37,20 @@ if TYPE_CHECKING:
 
 
 def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held: HeldOut, target: int,
-           opts: Options, progress: Progress, suspects: np.ndarray | None = None) -> tuple[Plan, onnx.ModelProto, dict]:
+           opts: Options, progress: Progress, suspects: np.ndarray | None = None, *,
+           families: tuple[str, ...] = ()) -> tuple[Plan, onnx.ModelProto, dict]:
     """Probe, rank, count, then keep the pruned model or its repair, whichever the held-out images favour.
 
     With `suspects` (raw images a user believes carry the trigger) those replace the synthesized probes:
-    half of them rank the units, the other half count them."""
+    half of them rank the units, the other half count them. `families`: probe families (probes.FAMILIES)
+    synthesized besides the patches and the blend, and again by the re-attack."""
     fit_raw = prep.calib.subset(fit).read(0, len(fit))
     paired = suspects is None
     hold_raw = prep.calib.subset(hold).read(0, len(hold)) if paired else None
-    ctx = Context(prep, opts, progress, target, fit_raw, hold_raw, held, held.inputs())
+    ctx = Context(prep, opts, progress, target, fit_raw, hold_raw, held, held.inputs(), families)
     if paired:
         progress("probes", 0, 1)
-        probes = synthesize(prep.model, fit_raw, prep.pre, target, opts.seed, spec=prep.spec)
+        probes = synthesize(prep.model, fit_raw, prep.pre, target, opts.seed, spec=prep.spec, families=families)
         progress("probes", 1, 1)
         probed_x = [prep.pre.apply(p.apply(hold_raw)) for p in probes]
         _, before = ctx.flips(prep.model, probed_x)

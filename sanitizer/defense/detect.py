@@ -1,10 +1,15 @@
 """Detection: which class, if any, a backdoor sends images to, from unlabeled clean images.
 
-Two searches, cheapest first (`detect` runs them and writes the report's "detection" section):
+Three searches, cheapest first (`detect` runs them and writes the report's "detection" section):
 
 The patch scan. Short patch probes (probes.py) toward any class, then toward the few classes those reach
 most (K-Arm's pre-selection of target arms, Shen et al. 2021, with a patch in place of the mask); a class
 some patch sends nearly every image to is the target.
+
+The family scan, when no patch finds one: the same with each probe family of probes.FAMILIES — a signal
+repeated along one axis (SIG), a smooth warp of a pixel (WaNet) — that no patch or small mask expresses.
+Each family has few degrees of freedom, so a model without such a backdoor admits it for a fraction of the
+images, as with patches.
 
 The mask search (Neural-Cleanse style, Wang et al. 2019). For each class we search the smallest mask +
 pattern that sends clean images to that class. A backdoor target needs a far smaller mask than any other
@@ -25,7 +30,7 @@ import onnx
 from calib.preprocess import Preprocess
 
 from ..errors import require
-from .probes import Probe, _Optimiser, _split
+from .probes import FAMILIES, Probe, _Optimiser, _split
 from .torchnet import check_images, classifier, device, make_input, pixel_range
 
 if TYPE_CHECKING:
@@ -63,14 +68,22 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress) -> di
     few classes those reach most; when no patch finds a target, the Neural-Cleanse mask search over those
     candidates and a sample of the other classes, whose smallest-mask anomaly also catches triggers that
     are not a patch (blended, full-image). Neither step's cost grows with the number of classes."""
-    progress("detection", 0, 2)
+    progress("detection", 0, 3)
     start = time.perf_counter()
     raw = prep.calib.subset(fit).read(0, len(fit))
     patch = scan(prep.model, raw, prep.pre, seed, spec=prep.spec)
     out = {"patch_scan": {"best_flip": _per_class(patch.best_flip, 4), "candidates": patch.candidates,
                           "threshold": SCAN_FLIP}}
     target, how = patch.suspected_target, "patch scan"
-    progress("detection", 1, 2)
+    progress("detection", 1, 3)
+    if target is None:
+        fam = family_scan(prep.model, raw, prep.pre, seed, spec=prep.spec)
+        out["family_scan"] = {"best_flip": {f: _per_class(v, 4) for f, v in fam.best_flip.items()},
+                              "candidates": fam.candidates, "threshold": SCAN_FLIP}
+        if fam.suspected_target is not None:
+            target, how = fam.suspected_target, f"family scan: {fam.family}"
+            out["family"] = fam.family
+    progress("detection", 2, 3)
     if target is None:
         found = mask_search(prep.model, raw, prep.pre, seed, candidates=patch.candidates, spec=prep.spec)
         target, how = found.suspected_target, "mask anomaly"
@@ -78,7 +91,7 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress) -> di
                                  "mask_l1": _per_class(found.mask_norms, 3),
                                  "threshold": ANOMALY_THRESHOLD,
                                  "synthesized_trigger_flip_rate": round(found.flip_rate, 4)}
-    progress("detection", 2, 2)
+    progress("detection", 3, 3)
     return {"verdict": "no backdoor found" if target is None else f"backdoor suspected, target class {target}",
             "suspected_target": target, "found_by": how if target is not None else None, **out,
             "seconds": round(time.perf_counter() - start, 1)}
@@ -90,6 +103,9 @@ def evidence(detection: dict) -> str:
     top = int(np.argmax(flips))
     parts = [f"best patch probe sends {flips[top]:.2f} of images to class {top}, "
              f"threshold {detection['patch_scan']['threshold']}"]
+    for family, rates in detection.get("family_scan", {}).get("best_flip", {}).items():
+        top = int(np.nanargmax(np.array(rates, float)))
+        parts.append(f"best {family} probe {rates[top]:.2f} to class {top}")
     if "neural_cleanse" in detection:
         nc = detection["neural_cleanse"]
         parts.append(f"max mask anomaly {max(a for a in nc['anomaly_index'] if a is not None):.2f}, "
@@ -136,6 +152,12 @@ class _Reach:
         x = self.opt.torch.from_numpy(self.x_fit)
         return np.max([self.rates(p) for p in self.opt.patches(None, steps, x, exclude=exclude)], axis=0)
 
+    def outside(self, c: int):
+        """The fit images the model does not already put in class `c` (a torch tensor), or None when there
+        are none, or no test image is outside it either."""
+        fit = self.x_fit[self.fit_pred != c]
+        return self.opt.torch.from_numpy(fit) if len(fit) and (self.test_pred != c).any() else None
+
 
 def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 0, *,
          steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES, n_candidates: int = SCAN_CANDIDATES,
@@ -151,14 +173,48 @@ def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 
     there are few), in both cases on images the model does not already put in the class."""
     reach = _Reach(model, x_raw, pp, seed, n_images, spec)
     best = reach.any_class(steps)
-    candidates = [int(c) for c in np.argsort(-best, kind="stable")[:n_candidates]]
+    candidates = _candidates(best, n_candidates)
     for c in candidates:
-        fit = reach.x_fit[reach.fit_pred != c]
-        if len(fit) and (reach.test_pred != c).any():
-            probes = reach.opt.patches(c, steps, reach.opt.torch.from_numpy(fit))
-            best[c] = max(best[c], *(float(reach.rates(p)[c]) for p in probes))
+        fit = reach.outside(c)
+        if fit is not None:
+            best[c] = max(best[c], *(float(reach.rates(p)[c]) for p in reach.opt.patches(c, steps, fit)))
     top = int(np.argmax(best))
     return Scan(best, top if best[top] >= SCAN_FLIP else None, candidates)
+
+
+def _candidates(best: np.ndarray, n: int) -> list[int]:
+    return [int(c) for c in np.argsort(-best, kind="stable")[:n]]
+
+
+@dataclass
+class FamilyScan:
+    best_flip: dict[str, np.ndarray]   # per family of probes.FAMILIES, per class: the best share of test images
+    suspected_target: int | None
+    family: str | None                 # the family that reached the target
+    candidates: dict[str, list[int]]   # per family, the classes probed one by one
+
+
+def family_scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 0, *,
+                steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES, n_candidates: int = SCAN_CANDIDATES,
+                spec=None) -> FamilyScan:
+    """The patch scan's search with each family of probes.FAMILIES in place of the patches: one probe toward
+    any class, then one toward each of the `n_candidates` classes it reaches most; a class one probe sends
+    SCAN_FLIP of the test images to is the target (of the family that reaches the most, on a tie the first
+    in FAMILIES). Same images, steps and bar as `scan`."""
+    reach = _Reach(model, x_raw, pp, seed, n_images, spec)
+    best, candidates = {}, {}
+    for family in FAMILIES:
+        rates = reach.rates(reach.opt.family(family, None, steps))
+        candidates[family] = _candidates(rates, n_candidates)
+        for c in candidates[family]:
+            fit = reach.outside(c)
+            if fit is not None:
+                rates[c] = max(rates[c], float(reach.rates(reach.opt.family(family, c, steps, x=fit))[c]))
+        best[family] = rates
+    family = max(FAMILIES, key=lambda f: best[f].max())
+    top = int(np.argmax(best[family]))
+    found = best[family][top] >= SCAN_FLIP
+    return FamilyScan(best, top if found else None, family if found else None, candidates)
 
 
 # ---- the mask search (Neural Cleanse)

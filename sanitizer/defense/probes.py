@@ -2,10 +2,17 @@
 
 A backdoor is a shortcut: a small, input-independent change that sends any image to the target. So we
 search for such changes directly — a square patch at each corner and at the centre (patch triggers sit
-somewhere, we do not know where), and a faint full-image perturbation (blended and signal triggers) — each
+somewhere, we do not know where), and a faint full-image perturbation (blended triggers) — each
 optimised on clean images to reach the target. Where the model has a backdoor, the probe that finds it
 drives the backdoor's units far above anything clean images do, which is the ℓ∞ signature Cheng et al.
 rank by; probes that only find ordinary adversarial weakness spread over many units instead.
+
+Two more families follow triggers no patch expresses, each with few degrees of freedom so that a model
+without such a backdoor admits them far less than a free full-image perturbation: a signal, one value per
+column (or per row) and channel repeated along the other axis — the sinusoid or ramp of SIG (Barni,
+Kallas, Tondi, ICIP 2019) is one — and a smooth warp of at most WARP_PIXELS, a 4×4 grid of displacements
+upsampled to the image — WaNet's trigger (Nguyen, Tran, ICLR 2021) is one. They are synthesized when the
+detection scan found the target with them (FAMILIES).
 """
 from __future__ import annotations
 
@@ -27,15 +34,26 @@ PATCH_SIDE = 0.15
 LARGE_PATCH_SIDE = 0.2
 # ℓ∞ bound of the full-image probe, as a share of the pixel range (a blended trigger at α 0.1-0.2).
 BLEND_EPS = 0.1
+# ℓ∞ bound of the signal probe, as a share of the pixel range: SIG's sinusoid has amplitude 20/255.
+SIGNAL_EPS = 0.08
+# Largest displacement of the warp probe, in pixels: WaNet warps CIFAR-size images by 0.5-1 pixel, up to
+# 1/32 of their side; smaller images get that share (a pixel is an eighth of an 8x8 image, a warp any model
+# follows somewhere).
+WARP_PIXELS = 1.0
+WARP_SHARE = 1 / 32
+# Side of the grid of displacements the warp probe upsamples (WaNet's k).
+WARP_GRID = 4
 STEPS = 100
 N_IMAGES = 64
 
 
 @dataclass
 class Probe:
-    kind: str                      # "patch" | "blend"
+    kind: str                      # "patch" | "blend" | "signal" | "warp"
     at: tuple[int, int] | None     # patch: top-left corner (row, col)
-    delta: np.ndarray              # patch: pixels (s, s, C); blend: additive (H, W, C); raw pixel units
+    # patch: pixels (s, s, C); blend: additive (H, W, C); signal: additive (1, W, C) along columns or (H, 1, C)
+    # along rows; raw pixel units. warp: displacement (H, W, 2) in pixels, (column, row) order
+    delta: np.ndarray
     hi: float                      # top of the raw pixel range
 
     def apply(self, x_raw: np.ndarray) -> np.ndarray:
@@ -45,15 +63,46 @@ class Probe:
             s = self.delta.shape[0]
             x[:, r:r + s, c:c + s, :] = self.delta
             return x
+        if self.kind == "warp":
+            return warp(x, self.delta)
         return np.clip(x + self.delta, 0.0, self.hi).astype(np.float32)
 
     def describe(self) -> str:
+        if self.kind == "signal":
+            return probe_name("signal along columns" if self.delta.shape[0] == 1 else "signal along rows")
         return probe_name(self.kind, self.delta.shape[0], self.at)
 
 
 def probe_name(kind: str, side: int | None = None, at: tuple[int, int] | None = None) -> str:
-    """How a probe is named in reports and matched across syntheses: its kind, side and place."""
-    return f"patch {side}x{side} at {at}" if kind == "patch" else f"blend ±{BLEND_EPS:g} of range"
+    """How a probe is named in reports and matched across syntheses: its kind, side and place. `kind`: "patch",
+    "blend", "warp" or a signal family ("signal along columns" | "signal along rows")."""
+    if kind == "patch":
+        return f"patch {side}x{side} at {at}"
+    if kind == "blend":
+        return f"blend ±{BLEND_EPS:g} of range"
+    if kind == "warp":
+        return "warp"
+    return f"{kind} ±{SIGNAL_EPS:g} of range"
+
+
+# the probe families the detection scan tries after the patches, and synthesize adds when asked
+FAMILIES = ("signal along columns", "signal along rows", "warp")
+
+
+def warp(x_raw: np.ndarray, flow: np.ndarray) -> np.ndarray:
+    """Images (N, H, W, C) float32 resampled bilinearly at each pixel's place plus `flow` (H, W, 2: column,
+    row displacement in pixels), places clamped to the image: torch's grid_sample with align_corners=True
+    and border padding, which the warp probe is optimised through."""
+    n, h, w, c = x_raw.shape
+    rows, cols = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    px = np.clip(cols + flow[..., 0], 0, w - 1)
+    py = np.clip(rows + flow[..., 1], 0, h - 1)
+    x0, y0 = np.floor(px).astype(int), np.floor(py).astype(int)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    fx, fy = (px - x0)[None, ..., None], (py - y0)[None, ..., None]
+    top = x_raw[:, y0, x0] * (1 - fx) + x_raw[:, y0, x1] * fx
+    bottom = x_raw[:, y1, x0] * (1 - fx) + x_raw[:, y1, x1] * fx
+    return (top * (1 - fy) + bottom * fy).astype(np.float32)
 
 
 def _locations(h: int, w: int, s: int) -> list[tuple[int, int]]:
@@ -127,11 +176,55 @@ class _Optimiser:
             out.append(Probe("patch", (r, c), (torch.sigmoid(p * 4) * self.hi).cpu().numpy().astype(np.float32), self.hi))
         return out
 
-    def blend(self, target: int | None, steps: int, exclude: tuple[int, ...] = ()) -> Probe:
-        torch, eps = self.torch, BLEND_EPS * self.hi
-        p = self._fit(self.x, target, tuple(self.x.shape[1:]),
-                      lambda x, p: (x + torch.tanh(p) * eps).clamp(0, self.hi), steps, exclude)
-        return Probe("blend", None, (torch.tanh(p) * eps).cpu().numpy().astype(np.float32), self.hi)
+    def blend(self, target: int | None, steps: int, exclude: tuple[int, ...] = (), x=None) -> Probe:
+        return self._additive("blend", tuple(self.x.shape[1:]), BLEND_EPS, target, steps, exclude, x)
+
+    def signal(self, family: str, target: int | None, steps: int, exclude: tuple[int, ...] = (), x=None) -> Probe:
+        """`family`: "signal along columns" (one value per column and channel, the same in every row) or
+        "signal along rows"."""
+        shape = (1, self.w, self.ch) if family == "signal along columns" else (self.h, 1, self.ch)
+        return self._additive("signal", shape, SIGNAL_EPS, target, steps, exclude, x)
+
+    def _additive(self, kind: str, shape, share: float, target, steps, exclude, x) -> Probe:
+        torch, eps = self.torch, share * self.hi
+        x = self.x if x is None else x.to(self.on)
+        p = self._fit(x, target, shape, lambda x, p: (x + torch.tanh(p) * eps).clamp(0, self.hi), steps, exclude)
+        return Probe(kind, None, (torch.tanh(p) * eps).cpu().numpy().astype(np.float32), self.hi)
+
+    def warp(self, target: int | None, steps: int, exclude: tuple[int, ...] = (), x=None) -> Probe:
+        """A smooth warp: a WARP_GRID² grid of (column, row) displacements, upsampled bicubically to the image
+        and bounded by WARP_PIXELS, applied with grid_sample (the same resampling as probes.warp)."""
+        torch, fn = self.torch, self.torch.nn.functional
+        x = self.x if x is None else x.to(self.on)
+        h, w = self.h, self.w
+        rows, cols = torch.meshgrid(torch.linspace(-1, 1, h, device=self.on), torch.linspace(-1, 1, w, device=self.on),
+                                    indexing="ij")
+        identity = torch.stack([cols, rows], -1)[None]
+        to_grid = torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)], device=self.on)
+
+        most = self.warp_pixels()
+
+        def flow(p):
+            up = fn.interpolate(torch.tanh(p).permute(2, 0, 1)[None], size=(h, w), mode="bicubic", align_corners=True)
+            return up[0].permute(1, 2, 0).clamp(-1, 1) * most
+
+        def paint(x, p):
+            grid = (identity + flow(p)[None] * to_grid).clamp(-1, 1).expand(len(x), h, w, 2)
+            return fn.grid_sample(x.permute(0, 3, 1, 2), grid, align_corners=True,
+                                  padding_mode="border").permute(0, 2, 3, 1)
+
+        p = self._fit(x, target, (WARP_GRID, WARP_GRID, 2), paint, steps, exclude)
+        with torch.no_grad():
+            return Probe("warp", None, flow(p).cpu().numpy().astype(np.float32), self.hi)
+
+    def warp_pixels(self) -> float:
+        return min(WARP_PIXELS, WARP_SHARE * min(self.h, self.w))
+
+    def family(self, name: str, target: int | None, steps: int, exclude: tuple[int, ...] = (), x=None) -> Probe:
+        """One probe of a family of FAMILIES."""
+        if name == "warp":
+            return self.warp(target, steps, exclude, x)
+        return self.signal(name, target, steps, exclude, x)
 
     def logits(self, x_raw: np.ndarray) -> np.ndarray:
         with self.torch.no_grad():
@@ -147,14 +240,16 @@ def _split(x_raw: np.ndarray, n_images: int, seed: int) -> tuple[np.ndarray, np.
 
 
 def synthesize(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target: int | None, seed: int = 0, *,
-               steps: int = STEPS, n_images: int = N_IMAGES, spec=None,
+               steps: int = STEPS, n_images: int = N_IMAGES, spec=None, families: Collection[str] = (),
                only: Collection[str] | None = None, exclude: tuple[int, ...] = ()) -> list[Probe]:
-    """One probe per location and patch side plus one full-image probe, each optimised to send `x_raw` to
-    `target` (None: to whichever class other than `exclude` it reaches most easily, _Optimiser._toward); with
-    `only`, just the probes whose probe_name is in it. `x_raw`: (N, H, W, C) float32 raw pixels. `spec`: the
-    model's InputSpec (see torchnet.classifier)."""
+    """One probe per location and patch side, one full-image probe and one of each of `families` (of
+    FAMILIES), each optimised to send `x_raw` to `target` (None: to whichever class other than `exclude` it
+    reaches most easily, _Optimiser._toward); with `only`, just the probes whose probe_name is in it.
+    `x_raw`: (N, H, W, C) float32 raw pixels. `spec`: the model's InputSpec (see torchnet.classifier)."""
     x_fit, _ = _split(x_raw, n_images, seed)
     opt = _Optimiser(model, x_fit, pp, pixel_range(x_raw), spec)
     sides = {opt.side(share): share for share in (PATCH_SIDE, LARGE_PATCH_SIDE)}
     out = [p for share in sides.values() for p in opt.patches(target, steps, share=share, exclude=exclude, only=only)]
-    return out + ([opt.blend(target, steps, exclude)] if only is None or probe_name("blend") in only else [])
+    out += [opt.blend(target, steps, exclude)] if only is None or probe_name("blend") in only else []
+    return out + [opt.family(f, target, steps, exclude) for f in FAMILIES
+                  if f in families and (only is None or probe_name(f) in only)]

@@ -69,7 +69,7 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
 
     def fresh(cls: int | None, names) -> list:
         probes = synthesize(model, ctx.fit_raw, prep.pre, cls, opts.seed, spec=prep.spec, only=set(names),
-                            exclude=(ctx.target,))
+                            exclude=(ctx.target,), families=ctx.families)
         return probes, [prep.pre.apply(p.apply(ctx.hold_raw)) for p in probes]
 
     progress("re-attack", 0, 2)
