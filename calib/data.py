@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import math
 import re
+import struct
 import tokenize
 import warnings
 import zipfile
@@ -158,6 +159,8 @@ def _open_image(path: Path, max_pixels: int) -> Image.Image:
     return img
 
 
+# What Pillow raises on a damaged file, metadata (EXIF: struct) included
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 # EXIF orientations that turn the stored pixels by a quarter: the upright image has width and height swapped
 _QUARTER_TURNS = {5, 6, 7, 8}
 
@@ -166,7 +169,11 @@ def _upright_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) of the image as a viewer shows it: cameras store pixels as the sensor read them and say
     in the EXIF orientation tag how to turn them upright."""
     w, h = img.size
-    return (h, w) if img.getexif().get(0x0112) in _QUARTER_TURNS else (w, h)
+    try:
+        turned = img.getexif().get(0x0112) in _QUARTER_TURNS
+    except _DECODE_ERRORS:
+        turned = False   # a damaged file: decoding it names the file (_FolderReader._decode)
+    return (h, w) if turned else (w, h)
 
 
 def _is_image(path: Path | str) -> bool:
@@ -210,6 +217,11 @@ def _open_folder(root: Path, size, channels, max_pixels):
 
 def _class_folders(root: Path, subdirs: list[Path]):
     names = [d.name for d in subdirs]
+    if len(subdirs) == 1:
+        # one "class" holding every image is a folder one level too deep (root/train/<class>/...) far more
+        # often than a labelled set of one class, which says nothing about accuracy
+        raise BadData(f"{root} has one subfolder, {names[0]}, so its images would all be one class; point --calib "
+                      f"at {subdirs[0]} if it holds the class folders, or at a flat folder of images")
     if all(re.fullmatch(r"-?[0-9]+", n) for n in names):
         values = [int(n) for n in names]
         if min(values) < 0:
@@ -276,7 +288,7 @@ class _FolderReader:
                 arr = np.asarray(_conform(ImageOps.exif_transpose(img), _MODE_FOR_CHANNELS[c],
                                           (h, w) if self.size else None),
                                  dtype=np.float32)
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
+        except _DECODE_ERRORS as e:
             raise BadData(f"{path} could not be decoded ({e})") from None
         arr = arr.reshape(arr.shape[0], arr.shape[1], -1)
         if arr.shape != self.shape:

@@ -129,6 +129,8 @@ def show_summary(result: dict) -> None:
     out.print(table)
     if "output" in result:
         out_console_line(f"sanitized ONNX written to {result['output']['onnx']}")
+    else:
+        out_console_line("no --out given: no model written")
 
 
 @app.command("evaluate", help="Clean accuracy and attack success rate of MODEL.")

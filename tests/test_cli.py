@@ -113,9 +113,12 @@ def test_ctrl_c_exits_130_says_so_and_writes_nothing(cli, write_model, write_npz
         return prepared
 
     monkeypatch.setattr(pipeline, "prepare", interrupted)
+    # a shell starts background jobs with SIGINT ignored: give the test Python's own handler, as a terminal has
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     argv = [write_model(), "--calib", write_npz(), "--out", tmp_path / "clean.onnx", "--criterion", "linf", UNCHECKED]
     before = files_in(tmp_path)
     result = cli(*argv)
+    signal.signal(signal.SIGINT, previous)
     assert (result.code, result.err_lines) == (130, ["aborted"]), result.err
     assert files_in(tmp_path) == before
 

@@ -77,12 +77,14 @@ def test_tiff_webp_gif_and_bmp_are_read_exactly(tmp_path):
 def test_an_image_format_that_is_not_read_is_refused_by_name(tmp_path, layout):
     folder = tmp_path if layout == "flat" else tmp_path / "0"
     save(folder / "a.png", rgb())
+    if layout == "classes":
+        save(tmp_path / "1" / "c.png", rgb())
     Image.fromarray(rgb()).save(folder / "b.tga")
     (folder / "notes.txt").write_text("not an image: passed over")
     msg = bad(open_, tmp_path)
     assert "b.tga" in msg and ".tga images are not read" in msg
     (folder / "b.tga").unlink()
-    assert open_(tmp_path).n == 1
+    assert open_(tmp_path).n == (1 if layout == "flat" else 2)
 
 
 def test_a_file_claiming_an_image_suffix_is_decoded_only_by_the_image_decoders_read(tmp_path):
@@ -367,6 +369,10 @@ def test_bad_class_folders(tmp_path):
     save(tmp_path / "c" / "1" / "x.png", rgb())
     save(tmp_path / "c" / "01" / "x.png", rgb())
     bad(open_, tmp_path / "c")
+    # root/train/<class>/...: one level too deep, every image would be class "train"
+    save(tmp_path / "d" / "train" / "cat" / "x.png", rgb())
+    save(tmp_path / "d" / "train" / "dog" / "x.png", rgb())
+    assert f"point --calib at {tmp_path / 'd' / 'train'}" in bad(open_, tmp_path / "d")
 
 
 def test_unsupported_file_type(tmp_path):
