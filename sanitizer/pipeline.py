@@ -410,6 +410,9 @@ def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: floa
         why = (f"breaks the accuracy budget: estimated {final['judged_on'].split()[0]} drop "
                f"{final['drop_estimate']:.3f} (80 % interval {lo:.3f}..{hi:.3f}) > {max_acc_drop} on "
                f"{final['n']} held-out images")
+        if not final.get("probes_silenced", True):
+            # the least costly result still misses the goal too: a larger budget alone would not do
+            why += f", and leaves the backdoor's probes working (flip rate {max(final['probe_flip']):.3f})"
         act = "more --calib images narrow the estimate; --max-acc-drop raises the budget"
     else:
         act = "--suspect with triggered samples, if you have any, aims the search"

@@ -370,6 +370,8 @@ def test_refusal_names_the_reason_and_what_to_do():
     assert "breaks the accuracy budget" in over and "--max-acc-drop" in over
     probes = refusal(4, {**final, "fresh_probes_silenced": True, "probe_flip": [0.3]}, info, 0.02)
     assert "probes working (flip rate 0.300)" in probes
+    both = refusal(0, {**final, "drop_estimate": 0.05, "probes_silenced": False, "probe_flip": [0.6]}, info, 0.02)
+    assert "breaks the accuracy budget" in both and "probes working (flip rate 0.600)" in both
 
 
 def test_the_ranking_that_brings_more_probes_to_the_goal_within_budget_is_preferred():
