@@ -64,6 +64,8 @@ def test_detect_with_a_clean_verdict_prunes_nothing(clean, tmp_path, capsys):
     assert code == 0
     summary = capsys.readouterr().out
     assert "unchanged)" in summary and "0 of 0" not in summary
+    # the verdict says what was searched: other trigger kinds are not ruled out
+    assert "input-aware" in " ".join(summary.split()) and "--suspect" in summary
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["detection"]["verdict"] == "no backdoor found"
     # no patch probe reached the bar, so the mask search ran too; both leave a score per class
