@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import shlex
 from collections import OrderedDict
+from dataclasses import replace
 from itertools import combinations, islice
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -132,7 +133,8 @@ def _input_mismatch(inputs: list[tuple[Path, object]], feeds: list[dict]) -> str
                 hint = ""
                 if (len(shape) == np.ndim(x) and isinstance(shape[0], int) and shape[0] > 0 and not is_engine(path)
                         and is_valid_shape_override(np.shape(x)[1:], tuple(shape)[1:])):
-                    hint = f"; it takes batches of exactly {shape[0]}: list it first, so compare feeds it full batches"
+                    hint = (f"; it takes batches of exactly {shape[0]}, another model batches of another fixed size, "
+                            "and compare feeds every model the same batches")
                 return (f"{path} takes input {name} {_shape(shape)} {dtype}, but compare feeds every model {fed}"
                         + (hint or "; compare needs models with the same input"))
     return None
@@ -168,6 +170,15 @@ def run_outputs(models: list[Path], feeds: list[dict]) -> list[dict[str, np.ndar
     """Run each model on the same feed dicts; per model, its outputs concatenated over the feeds."""
     runners = _load_runners(models)
     return _run(runners, feeds, _input_metadata(runners, models))
+
+
+def _fixed_batch(path: Path, name: str) -> int | None:
+    """The fixed first dimension of input `name` of the ONNX model at `path`, or None (dynamic, or no such input)."""
+    graph = load_model(path).model.graph
+    for i in graph.input:
+        if i.name == name and i.type.tensor_type.shape.dim:
+            return i.type.tensor_type.shape.dim[0].dim_value or None
+    return None
 
 
 def _feeds(dataset, preprocess, spec, batch_size: int) -> Iterator[tuple[int, OrderedDict]]:
@@ -282,6 +293,10 @@ def compare_models(models: list[Path], data: Path, *, triggered: Path | None = N
     if spec.dtype == "bfloat16":
         raise SanitizeError(f"input {spec.name} is bfloat16, which polygraphy's runners cannot be fed from numpy; "
                             "compare the models with `sanitize evaluate` instead", ExitCode.BAD_MODEL)
+    if spec.batch is None:
+        # a model that takes batches of exactly N anywhere in the list sets the batch for all: the others
+        # take any batch, and the last one is padded (_feeds)
+        spec = replace(spec, batch=next((b for m in onnx_models[1:] if (b := _fixed_batch(m, spec.name))), None))
     preprocess = resolve_preprocess(spec, scale=scale, mean=mean, std=std, layout=layout)
     runners = _load_runners(models)
     if spec.batch is not None:
