@@ -125,12 +125,18 @@ def show_summary(result: dict) -> None:
     if result.get("detection", {}).get("suspected_target", 0) is None:
         table.add_row("units pruned", "0", "0 (no backdoor found: the model is written unchanged)")
     else:
-        table.add_row("units pruned", "0", f"{result['plan']['count']} of {result['plan']['candidates']} ({result['criterion']})")
+        # a repair changes every weight though it prunes nothing: "0 of N" alone would read as unchanged
+        repaired = "repaired" in result.get("probes", {}).get("chosen", "")
+        table.add_row("units pruned", "0", f"{result['plan']['count']} of {result['plan']['candidates']} ({result['criterion']})"
+                      + ("; remaining weights repaired" if repaired else ""))
     out.print(table)
     if result.get("detection", {}).get("suspected_target", 0) is None:
         # "no backdoor found" is a claim about what was searched, not about every trigger there is
         out_console_line("searched: patches, signals, warps and small masks; per-image (input-aware), sparse-pixel "
                          "and other trigger kinds are not detected (--suspect with triggered samples aims the defense)")
+    if result["degraded"]:
+        why = result.get("evaluation", {}).get("refused") or "over the budget or the backdoor's probes still work"
+        out_console_line(f"degraded: {why}; written only because of --allow-degraded")
     if "output" in result:
         out_console_line(f"sanitized ONNX written to {result['output']['onnx']}")
     else:

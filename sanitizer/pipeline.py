@@ -22,7 +22,7 @@ from . import rewrite
 from .atomic import check_writable, write_text
 from .defense import defend
 from .defense.count import USE_FLIP
-from .defense.detect import detect
+from .defense.detect import detect, families_for
 from .engine import ENGINE_SUFFIXES, is_engine
 from .errors import BadData, BadModel, SanitizeError, ExitCode
 from .evaluate import Predictor, accuracy, agreement, attack_success, probabilities
@@ -239,6 +239,9 @@ def evaluate(model: onnx.ModelProto, prep_spec: InputSpec, pre: Preprocess, *, d
         if ds.labels is not None:
             _check_labels(triggered, ds.labels, classes)
             attacked = ds.labels != target
+        if not attacked.any():
+            raise BadData(f"{triggered}: every image is labelled {target}, the target: an attack success rate needs "
+                          "triggered images of other classes")
         result["asr"] = attack_success(pred[attacked], target)
         result["n_triggered"] = int(attacked.sum())
     return result
@@ -438,14 +441,16 @@ def evaluation_refusal(evaluation: dict, max_acc_drop: float, clean_verdict: boo
     if drop is not None and drop["interval80"][0] > max_acc_drop:
         return (f"the result breaks the accuracy budget on your --eval-data: clean accuracy {before['clean_acc']:.4f}"
                 f" -> {after['clean_acc']:.4f} on {before['n_clean']} images (drop {drop['measured']:.4f}, 80 % "
-                f"interval {drop['interval80'][0]:.4f}..{drop['interval80'][1]:.4f}, budget {max_acc_drop}); "
-                "nothing written (--allow-degraded writes it anyway)")
+                f"interval {drop['interval80'][0]:.4f}..{drop['interval80'][1]:.4f}, budget {max_acc_drop})")
     if after["asr"] is not None and after["asr"] > USE_FLIP:
         what = ("detection found no backdoor, but" if clean_verdict else "the defense ran, but")
         return (f"{what} your --eval-triggered images still reach the target on {after['asr']:.3f} (before "
-                f"{before['asr']:.3f}): the backdoor is still there; nothing written (--suspect with "
-                "triggered samples aims the defense at it; --allow-degraded writes it anyway)")
+                f"{before['asr']:.3f}): the backdoor is still there")
     return None
+
+
+EVALUATION_ACTIONS = {"accuracy": "--allow-degraded writes it anyway",
+                      "backdoor": "--suspect with triggered samples aims the defense at it; --allow-degraded writes it anyway"}
 
 
 def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
@@ -509,10 +514,8 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         plan = Plan([], 0, [{"units": 0, **held.agreement(prep.model).to_dict(), "within_budget": True}])
         sanitized = prep.model
     elif probing:
-        # a target found by a probe family is probed with that family too
-        families = (detection["family"],) if detection and detection.get("family") else ()
         plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, target, opts, progress, suspects,
-                                             families=families)
+                                             families=families_for(detection))
     else:
         order, info = rank_units(prep, sites, opts.criterion, fit, opts, progress)
         plan = choose_count(prep, order, held, opts, progress)
@@ -559,11 +562,15 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
                                                      "interval80": [round(lo, 6), round(hi, 6)]}
         measured = evaluation_refusal(report["evaluation"], opts.max_acc_drop, clean_verdict)
         if measured is not None:
+            # degraded for every reader of the report (the HTML verdict, bench), written only with --allow-degraded
             report["evaluation"]["refused"] = measured
+            report["degraded"] = True
     refused = report.get("evaluation", {}).get("refused")
     if (degraded or refused) and not opts.allow_degraded:
-        raise SanitizeError(refusal(plan.count, final, probe_info, opts.max_acc_drop) if degraded else refused,
-                            ExitCode.DEGRADED)
+        if degraded:
+            raise SanitizeError(refusal(plan.count, final, probe_info, opts.max_acc_drop), ExitCode.DEGRADED)
+        act = EVALUATION_ACTIONS["accuracy" if "accuracy budget" in refused else "backdoor"]
+        raise SanitizeError(f"{refused}; nothing written ({act})", ExitCode.DEGRADED)
     clock.switch("write")
     if out_onnx is not None:
         written = save_model(sanitized, out_onnx, external=prep.loaded.external)

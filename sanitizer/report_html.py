@@ -49,6 +49,10 @@ def verdict(report: dict) -> tuple[str, str]:
     """(css class, one sentence) saying what the run decided."""
     plan, held = report["plan"], report["held_out_after"]
     detection = report.get("detection")
+    refused = report.get("evaluation", {}).get("refused")
+    if refused:
+        return "bad", (f"Degraded, written only because of --allow-degraded: {refused}; {plan['count']} of "
+                       f"{plan['candidates']} units pruned ({report['criterion']}).")
     if detection is not None and detection["suspected_target"] is None:
         return "ok", "No backdoor found: nothing pruned, the model is unchanged."
     budget = (f"held-out agreement {rate(held['agreement'])}, estimated accuracy drop {rate(held['drop_estimate'])} "

@@ -250,6 +250,27 @@ def test_triggered_evaluation_images_that_still_work_refuse_the_result(cli, tmp_
     assert result.code == ExitCode.DEGRADED, result.err
     assert "--eval-triggered images still reach the target on 0.8" in result.err, result.err
     assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "o.onnx").exists()
+    # written anyway with --allow-degraded: the report and the summary say degraded, and why
+    result = cli(DEMO["model"], "--calib", DEMO["calib"], "--criterion", "linf", "--out", tmp_path / "o.onnx",
+                 "--eval-triggered", DEMO["triggered"], "--target", DEMO["target"], "--allow-degraded",
+                 "--report", tmp_path / "r.json")
+    assert result.code == 0 and (tmp_path / "o.onnx").exists()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["degraded"] and "still reach the target" in report["evaluation"]["refused"]
+    assert "nothing written" not in report["evaluation"]["refused"]
+    shown = " ".join(result.out.split())
+    assert "degraded: the defense ran" in shown and "written only because of --allow-degraded" in shown
+
+
+def test_triggered_images_all_of_the_target_class_are_refused(cli, tmp_path):
+    from sanitizer.demo import DEMO
+
+    with np.load(DEMO["clean"]) as z:
+        x, y = z["X"], z["y"]
+    np.savez(tmp_path / "t.npz", X=x[y == DEMO["target"]], y=y[y == DEMO["target"]])
+    result = cli("evaluate", DEMO["model"], "--data", DEMO["clean"], "--triggered", tmp_path / "t.npz",
+                 "--target", DEMO["target"], "--json")
+    assert result.code == ExitCode.BAD_DATA and "needs triggered images of other classes" in result.err
 
 
 def test_evaluation_refusal_rule():

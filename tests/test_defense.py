@@ -228,6 +228,9 @@ def test_suspects_that_still_reach_their_class_are_refused_not_shipped(tmp_path)
     np.savez(tmp_path / "s.npz", X=x_test[y_test == 3][:120].astype(np.uint8))
     code, report = _run(model, calib, tmp_path, "--suspect", str(tmp_path / "s.npz"))
     assert code == 7 and not (tmp_path / "o.onnx").exists()
+    code, report = _run(model, calib, tmp_path, "--suspect", str(tmp_path / "s.npz"), "--allow-degraded")
+    # the bar: the share of clean held-out images the original puts in that class, plus the goal
+    assert 0.05 < report["probes"]["suspect_bar"] < 0.3 and report["degraded"]
 
 
 def test_plots_are_written_as_png(tmp_path):

@@ -163,3 +163,17 @@ def test_a_signal_target_is_found_before_the_mask_search_and_reported(tmp_path, 
     assert found["suspected_target"] == TARGET and found["found_by"] == "family scan: signal along columns"
     assert found["family"] == "signal along columns" and "neural_cleanse" not in found
     assert set(found["family_scan"]["best_flip"]) == {"signal along columns", "signal along rows", "warp"}
+
+
+def test_the_defense_adds_every_family_that_reaches_the_found_target_on_half_the_images():
+    from sanitizer.defense.detect import families_for
+
+    rates = {"signal along columns": [0.1, 0.2], "signal along rows": [0.6, 0.1], "warp": [0.88, 0.0]}
+    # a warp at 0.88 (under the scan's bar) toward the target the mask search found is the backdoor's shortcut
+    found = {"suspected_target": 0, "family": None, "family_scan": {"best_flip": rates}}
+    assert families_for(found) == ("signal along rows", "warp")
+    assert families_for({**found, "suspected_target": 1}) == ()
+    assert families_for({**found, "suspected_target": 1, "family": "signal along columns"}) == ("signal along columns",)
+    assert families_for({"suspected_target": None}) == () and families_for(None) == ()
+    # a patch-found target: the family scan never ran
+    assert families_for({"suspected_target": 3, "patch_scan": {}}) == ()

@@ -53,7 +53,10 @@ def test_page_carries_the_reports_numbers_and_nothing_outside_it(cli, tmp_path):
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
     held, ev, plan = report["held_out_after"], report["evaluation"], report["plan"]
     assert plan["count"] > 0
-    assert f"Sanitized: {plan['count']} of {plan['candidates']} units pruned (linf)" in page
+    # linf leaves the demo's backdoor, which its triggered images show: written only with --allow-degraded
+    assert ("Degraded, written only because of --allow-degraded: the defense ran, but your --eval-triggered images "
+            f"still reach the target on {ev['after']['asr']:.3f}") in page
+    assert f"{plan['count']} of {plan['candidates']} units pruned (linf)." in page
     for number in (held["agreement"], *held["interval90"], held["drop_estimate"], ev["before"]["clean_acc"],
                    ev["after"]["clean_acc"], ev["before"]["asr"], ev["after"]["asr"]):
         assert rate(number) in page, number

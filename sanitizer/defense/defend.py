@@ -135,6 +135,7 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
             "probes": described,
             "rankings": {n: {"units": pl.count, "pruned_agreement": round(a, 6)} for n, (pl, a, _) in searches.items()},
             "ranking": ranking,
+            **({"suspect_bar": round(float(good[0]), 4)} if not paired else {}),
             "candidates": [{k: v for k, v in c.items() if k != "model"} for c in candidates],
             "chosen": best["name"]}
     if opts.figures_wanted:

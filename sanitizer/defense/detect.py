@@ -30,6 +30,7 @@ import onnx
 from calib.preprocess import Preprocess
 
 from ..errors import require
+from .count import USE_FLIP
 from .probes import FAMILIES, Probe, _Optimiser, _split
 from .torchnet import check_images, classifier, device, make_input, pixel_range
 
@@ -95,6 +96,19 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress) -> di
     return {"verdict": "no backdoor found" if target is None else f"backdoor suspected, target class {target}",
             "suspected_target": target, "found_by": how if target is not None else None, **out,
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def families_for(detection: dict | None) -> tuple[str, ...]:
+    """The probe families (probes.FAMILIES) the defense adds for the target `detection` (detect's report
+    section) names: the one that found it, and any other whose scan sent at least half the images there (a
+    warp at 0.88 is under the scan's bar, but the shortcut it follows is the backdoor's; probes under half are
+    not used anyway)."""
+    target = (detection or {}).get("suspected_target")
+    if target is None:
+        return ()
+    rates = detection.get("family_scan", {}).get("best_flip", {})
+    return tuple(f for f in FAMILIES
+                 if f == detection.get("family") or (f in rates and (rates[f][target] or 0.0) >= USE_FLIP))
 
 
 def evidence(detection: dict) -> str:
