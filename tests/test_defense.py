@@ -146,6 +146,8 @@ def test_only_probes_that_pruning_silences_set_the_count():
     np.testing.assert_allclose(bars(np.array([0.0, 0.04, 0.3])), [FLIP_GOAL, 0.04 + FLIP_GOAL, np.inf])
     # when no probe falls, each must come within the goal of its own floor
     np.testing.assert_allclose(bars(np.array([0.2, 0.3])), [0.2 + FLIP_GOAL, 0.3 + FLIP_GOAL])
+    # a family probe detection found the target with is evidence, never dismissed as adversarial weakness
+    np.testing.assert_allclose(bars(np.array([0.0, 0.3, 0.4]), evidence=[2]), [FLIP_GOAL, np.inf, 0.4 + FLIP_GOAL])
 
 
 def test_repair_keeps_the_graph_and_the_pruned_channels_zero():

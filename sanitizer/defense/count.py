@@ -8,6 +8,7 @@ rate is read with onnxruntime.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,18 +47,22 @@ def flips(model: onnx.ModelProto, spec, clean_x: np.ndarray, probed_x: list[np.n
     return base, [float((pred.logits(x[keep], batch_size).argmax(1) == target).mean()) for x in probed_x]
 
 
-def bars(floor: np.ndarray) -> np.ndarray:
-    """Per probe, the flip rate a count must bring it under, from the lowest rate it reaches on the grid."""
+def bars(floor: np.ndarray, evidence: Sequence[int] = ()) -> np.ndarray:
+    """Per probe, the flip rate a count must bring it under, from the lowest rate it reaches on the grid.
+    `evidence`: probes that always count (a family probe that detection found the target with)."""
     good = np.maximum(FLIP_GOAL, floor + FLIP_GOAL)
     # A probe no count short of breaking the model silences is ordinary adversarial weakness: pruning only
     # wears it down with the model's accuracy, so it does not set the count while some probe does fall to
-    # the goal — that one follows the shortcut.
+    # the goal — that one follows the shortcut. Not a probe of the family the target was found with: that one
+    # is the backdoor's evidence, and a patch the pruning silences instead says nothing about it.
     silenced = floor <= FLIP_GOAL
-    return np.where(silenced, good, np.inf) if silenced.any() else good
+    counted = silenced.copy()
+    counted[list(evidence)] = True
+    return np.where(counted, good, np.inf) if silenced.any() else good
 
 
 def count_by_probes(ctx: Context, base: onnx.ModelProto, order: list[tuple[str, int]], limit: int,
-                    probed_x: list[np.ndarray], paired: bool) -> tuple[Plan, float, np.ndarray]:
+                    probed_x: list[np.ndarray], paired: bool, evidence: Sequence[int] = ()) -> tuple[Plan, float, np.ndarray]:
     """Smallest count at which every probe that some count silences is at the goal (within the goal of its
     lowest rate); only when none is silenced, every probe within the goal of its lowest rate. Rates are read
     on a doubling grid while the pruned model still agrees with the original on at least ALIVE of the
@@ -95,7 +100,7 @@ def count_by_probes(ctx: Context, base: onnx.ModelProto, order: list[tuple[str, 
         if k >= cap:
             break
         k = min(2 * k, cap)
-    good = bars(np.min([flips_at[k] for k in grid], axis=0))
+    good = bars(np.min([flips_at[k] for k in grid], axis=0), evidence)
 
     def ok(k: int) -> bool:
         return bool((np.array(flips_at[k]) <= good).all())

@@ -67,6 +67,8 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
         _, before = ctx.flips(prep.model, probed_x, paired=False)
         described = [{"probe": f"{len(suspects)} suspicious samples", "flip_before": round(before[0], 4), "used": True}]
     used_x = [probed_x[i] for i in chosen]
+    # the family probes (signal, warp) are there because detection found the target with them (families_for)
+    evidence = [j for j, p in enumerate(used) if p.kind in ("signal", "warp")]
     searches: dict[str, tuple[Plan, float, np.ndarray]] = {}
     progress("linf statistics", 0, 1)
     clean = raw_stats(prep.model, stat_tensors(s for s in prep.sites.values() if s.prunable), prep.spec, prep.pre,
@@ -81,7 +83,7 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
     for name, gap in scores.items():
         order = rank(gap, descending=True)
         limit = safe_limit(order, {s.name: s.channels for s in sites})
-        searches[name] = count_by_probes(ctx, base, order, limit, used_x, paired)
+        searches[name] = count_by_probes(ctx, base, order, limit, used_x, paired, evidence)
     ranking = max(searches, key=lambda n: preference(searches[n][0], opts.max_acc_drop))
     plan, _, good = searches[ranking]
     if not paired:
