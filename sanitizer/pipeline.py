@@ -426,7 +426,9 @@ def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: floa
                    f"sends {worst['target_flip']:.3f} of held-out images to the target{than}")
         else:
             why = f"leaves the backdoor's probes working (flip rate {max(final['probe_flip']):.3f})"
-    return f"pruning {count} units {why}; nothing written ({act}; --allow-degraded writes it anyway)"
+    # with nothing pruned the result is the bounded (and maybe repaired) model: "pruning 0 units" misleads
+    subject = f"pruning {count} units" if count else "the result, with no unit pruned,"
+    return f"{subject} {why}; nothing written ({act}; --allow-degraded writes it anyway)"
 
 
 def evaluation_refusal(evaluation: dict, max_acc_drop: float, clean_verdict: bool) -> str | None:

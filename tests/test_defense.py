@@ -377,6 +377,7 @@ def test_refusal_names_the_reason_and_what_to_do():
     assert "probes working (flip rate 0.300)" in probes
     both = refusal(0, {**final, "drop_estimate": 0.05, "probes_silenced": False, "probe_flip": [0.6]}, info, 0.02)
     assert "breaks the accuracy budget" in both and "probes working (flip rate 0.600)" in both
+    assert both.startswith("the result, with no unit pruned, breaks") and over.startswith("pruning 4 units")
 
 
 def test_the_ranking_that_brings_more_probes_to_the_goal_within_budget_is_preferred():
