@@ -511,14 +511,20 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         # writing the input back as "sanitized" would claim a defense that never ran
         raise BadModel(f"no prunable layer in scope: {blocked_reasons(prep.sites.values())}")
     info = {"provider": held.provider}
-    probe_info = None
+    plan, probe_info = None, None
+    if probing and not clean_verdict:
+        plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, target, opts, progress, suspects,
+                                             families=families_for(detection))
+        if plan is None:
+            # a backdoor is a shortcut: when no probe toward the suspected class finds one, the suspicion (a
+            # mask anomaly on a small clean model, as a rule) is not confirmed and the model is left alone
+            detection.update(verdict="no backdoor found", suspected_target=None, found_by=None,
+                             not_confirmed={"class": target, "by": detection["found_by"], **probe_info})
+            clean_verdict, probe_info = True, None
     if clean_verdict:
         plan = Plan([], 0, [{"units": 0, **held.agreement(prep.model).to_dict(), "within_budget": True}])
         sanitized = prep.model
-    elif probing:
-        plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, target, opts, progress, suspects,
-                                             families=families_for(detection))
-    else:
+    elif plan is None:
         order, info = rank_units(prep, sites, opts.criterion, fit, opts, progress)
         plan = choose_count(prep, order, held, opts, progress)
         sanitized = rewrite.apply(prep.model, prep.sites, plan.pruned())

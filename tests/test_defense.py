@@ -424,3 +424,26 @@ def test_default_removes_a_signal_backdoor_found_by_the_family_scan(tmp_path, mo
     acc = float((sess.run(None, {"input": _inputs(x_test)})[0].argmax(1) == y_test).mean())
     acc0, _ = acc_asr(model, x_test, y_test)
     assert asr <= 0.1 and acc >= acc0 - 0.05, (acc0, acc, asr)
+
+
+def test_a_suspicion_no_probe_confirms_leaves_the_model_alone(tmp_path, monkeypatch):
+    # a mask anomaly on a clean model (what tiny clean models sometimes show) names a class no probe reaches
+    from sanitizer import pipeline
+
+    real = pipeline.detect
+
+    def false_alarm(*args):
+        found = real(*args)
+        return {**found, "verdict": "backdoor suspected, target class 3", "suspected_target": 3,
+                "found_by": "mask anomaly"}
+
+    monkeypatch.setattr(pipeline, "detect", false_alarm)
+    model, calib, _, _ = trained(poisoned=False)
+    code, report = _run(model, calib, tmp_path)
+    assert code == 0 and report["plan"]["count"] == 0 and "probes" not in report
+    detection = report["detection"]
+    assert detection["verdict"] == "no backdoor found" and detection["suspected_target"] is None
+    assert detection["not_confirmed"]["class"] == 3 and detection["not_confirmed"]["by"] == "mask anomaly"
+    assert detection["not_confirmed"]["best_probe_flip"] < 0.5
+    before, after = onnx.load(tmp_path / "m.onnx"), onnx.load(tmp_path / "o.onnx")
+    assert [i.raw_data for i in after.graph.initializer] == [i.raw_data for i in before.graph.initializer]

@@ -40,6 +40,8 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
            opts: Options, progress: Progress, suspects: np.ndarray | None = None, *,
            families: tuple[str, ...] = ()) -> tuple[Plan, onnx.ModelProto, dict]:
     """Probe, rank, count, then keep the pruned model or its repair, whichever the held-out images favour.
+    Returns no plan (None, the original, the best probe and its flip rate) when no synthesized probe sends
+    half the held-out images to `target`: nothing confirms a backdoor there.
 
     With `suspects` (raw images a user believes carry the trigger) those replace the synthesized probes:
     half of them rank the units, the other half count them. `families`: probe families (probes.FAMILIES)
@@ -54,7 +56,12 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
         progress("probes", 1, 1)
         probed_x = [prep.pre.apply(p.apply(hold_raw)) for p in probes]
         _, before = ctx.flips(prep.model, probed_x)
-        chosen = [i for i, f in enumerate(before) if f >= USE_FLIP] or [int(np.argmax(before))]
+        if max(before) < USE_FLIP:
+            # no probe sends half the held-out images to the target: no shortcut there to remove (pipeline
+            # reports the suspicion as not confirmed and leaves the model alone)
+            best = int(np.argmax(before))
+            return None, prep.model, {"best_probe": probes[best].describe(), "best_probe_flip": round(before[best], 4)}
+        chosen = [i for i, f in enumerate(before) if f >= USE_FLIP]
         used = [probes[i] for i in chosen]
         rank_sets = [p.apply(fit_raw) for p in used]
         described = [{"probe": p.describe(), "flip_before": round(before[i], 4), "used": i in chosen}
