@@ -431,8 +431,8 @@ def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: floa
     return f"{subject} {why}; nothing written ({act}; --allow-degraded writes it anyway)"
 
 
-def evaluation_refusal(evaluation: dict, max_acc_drop: float, clean_verdict: bool) -> str | None:
-    """The one-line reason to refuse (exit 7) on the user's own evaluation images, or None. Their labels and
+def evaluation_refusal(evaluation: dict, max_acc_drop: float, clean_verdict: bool) -> tuple[str, str] | None:
+    """Why to refuse (exit 7) on the user's own evaluation images and what the user can do, or None. Their labels and
     triggers are ground truth the held-out estimate is not: an accuracy drop whose whole 80 % interval
     (`evaluation["accuracy_drop"]`, image by image) is over the budget, or triggered images that still
     reach the target more often than not, is a result that must not ship looking fine — the same evidence
@@ -443,16 +443,14 @@ def evaluation_refusal(evaluation: dict, max_acc_drop: float, clean_verdict: boo
     if drop is not None and drop["interval80"][0] > max_acc_drop:
         return (f"the result breaks the accuracy budget on your --eval-data: clean accuracy {before['clean_acc']:.4f}"
                 f" -> {after['clean_acc']:.4f} on {before['n_clean']} images (drop {drop['measured']:.4f}, 80 % "
-                f"interval {drop['interval80'][0]:.4f}..{drop['interval80'][1]:.4f}, budget {max_acc_drop})")
+                f"interval {drop['interval80'][0]:.4f}..{drop['interval80'][1]:.4f}, budget {max_acc_drop})",
+                "--allow-degraded writes it anyway")
     if after["asr"] is not None and after["asr"] > USE_FLIP:
         what = ("detection found no backdoor, but" if clean_verdict else "the defense ran, but")
         return (f"{what} your --eval-triggered images still reach the target on {after['asr']:.3f} (before "
-                f"{before['asr']:.3f}): the backdoor is still there")
+                f"{before['asr']:.3f}): the backdoor is still there",
+                "--suspect with triggered samples aims the defense at it; --allow-degraded writes it anyway")
     return None
-
-
-EVALUATION_ACTIONS = {"accuracy": "--allow-degraded writes it anyway",
-                      "backdoor": "--suspect with triggered samples aims the defense at it; --allow-degraded writes it anyway"}
 
 
 def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
@@ -511,7 +509,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         # writing the input back as "sanitized" would claim a defense that never ran
         raise BadModel(f"no prunable layer in scope: {blocked_reasons(prep.sites.values())}")
     info = {"provider": held.provider}
-    plan, probe_info = None, None
+    plan, probe_info, refused = None, None, None
     if probing and not clean_verdict:
         plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, target, opts, progress, suspects,
                                              families=families_for(detection))
@@ -524,7 +522,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     if clean_verdict:
         plan = Plan([], 0, [{"units": 0, **held.agreement(prep.model).to_dict(), "within_budget": True}])
         sanitized = prep.model
-    elif plan is None:
+    elif not probing:
         order, info = rank_units(prep, sites, opts.criterion, fit, opts, progress)
         plan = choose_count(prep, order, held, opts, progress)
         sanitized = rewrite.apply(prep.model, prep.sites, plan.pruned())
@@ -564,21 +562,19 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
                                 "after": evaluate(sanitized, prep.spec, prep.pre, keep=now, **kw)}
         if was:
             # image by image, as the held-out estimate: its 80 % interval says whether the drop is evidence
-            measured = agreement(was["pred"], now["pred"], was["labels"])
-            lo, hi = measured.drop_interval
-            report["evaluation"]["accuracy_drop"] = {"measured": round(measured.drop, 6),
+            drop = agreement(was["pred"], now["pred"], was["labels"])
+            lo, hi = drop.drop_interval
+            report["evaluation"]["accuracy_drop"] = {"measured": round(drop.drop, 6),
                                                      "interval80": [round(lo, 6), round(hi, 6)]}
-        measured = evaluation_refusal(report["evaluation"], opts.max_acc_drop, clean_verdict)
-        if measured is not None:
+        refused = evaluation_refusal(report["evaluation"], opts.max_acc_drop, clean_verdict)
+        if refused is not None:
             # degraded for every reader of the report (the HTML verdict, bench), written only with --allow-degraded
-            report["evaluation"]["refused"] = measured
+            report["evaluation"]["refused"] = refused[0]
             report["degraded"] = True
-    refused = report.get("evaluation", {}).get("refused")
-    if (degraded or refused) and not opts.allow_degraded:
-        if degraded:
-            raise SanitizeError(refusal(plan.count, final, probe_info, opts.max_acc_drop), ExitCode.DEGRADED)
-        act = EVALUATION_ACTIONS["accuracy" if "accuracy budget" in refused else "backdoor"]
-        raise SanitizeError(f"{refused}; nothing written ({act})", ExitCode.DEGRADED)
+    if degraded and not opts.allow_degraded:
+        raise SanitizeError(refusal(plan.count, final, probe_info, opts.max_acc_drop), ExitCode.DEGRADED)
+    if refused is not None and not opts.allow_degraded:
+        raise SanitizeError(f"{refused[0]}; nothing written ({refused[1]})", ExitCode.DEGRADED)
     clock.switch("write")
     if out_onnx is not None:
         written = save_model(sanitized, out_onnx, external=prep.loaded.external)

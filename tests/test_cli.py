@@ -283,11 +283,12 @@ def test_evaluation_refusal_rule():
 
     # over the budget only when the evidence says so: the whole interval past it
     assert evaluation_refusal(ev(0.90, 0.879, interval=[0.012, 0.030]), 0.02, False) is None
-    why = evaluation_refusal(ev(0.90, 0.87, interval=[0.021, 0.039]), 0.02, False)
-    assert "clean accuracy 0.9000 -> 0.8700 on 500 images" in why
+    why, act = evaluation_refusal(ev(0.90, 0.87, interval=[0.021, 0.039]), 0.02, False)
+    assert "clean accuracy 0.9000 -> 0.8700 on 500 images" in why and "--allow-degraded" in act
     # between the goal and one half an ASR can be the model's own rate toward that class: reported, not refused
     assert evaluation_refusal(ev(None, None, 0.99, 0.30), 0.02, False) is None
-    assert evaluation_refusal(ev(None, None, 0.99, 0.97), 0.02, True).startswith("detection found no backdoor")
+    why, act = evaluation_refusal(ev(None, None, 0.99, 0.97), 0.02, True)
+    assert why.startswith("detection found no backdoor") and "--suspect" in act
 
 
 def test_eval_triggered_without_target_names_the_flag(cli, tmp_path):
