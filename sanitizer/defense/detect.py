@@ -72,13 +72,15 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress) -> di
     progress("detection", 0, 3)
     start = time.perf_counter()
     raw = prep.calib.subset(fit).read(0, len(fit))
-    patch = scan(prep.model, raw, prep.pre, seed, spec=prep.spec)
+    # one torch copy of the model and one split of the images for both scans
+    reach = _Reach(prep.model, raw, prep.pre, seed, SCAN_IMAGES, prep.spec)
+    patch = scan(prep.model, raw, prep.pre, seed, spec=prep.spec, reach=reach)
     out = {"patch_scan": {"best_flip": _per_class(patch.best_flip, 4), "candidates": patch.candidates,
                           "threshold": SCAN_FLIP}}
     target, how = patch.suspected_target, "patch scan"
     progress("detection", 1, 3)
     if target is None:
-        fam = family_scan(prep.model, raw, prep.pre, seed, spec=prep.spec)
+        fam = family_scan(prep.model, raw, prep.pre, seed, spec=prep.spec, reach=reach)
         out["family_scan"] = {"best_flip": {f: _per_class(v, 4) for f, v in fam.best_flip.items()},
                               "candidates": fam.candidates, "threshold": SCAN_FLIP}
         if fam.suspected_target is not None:
@@ -175,7 +177,7 @@ class _Reach:
 
 def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 0, *,
          steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES, n_candidates: int = SCAN_CANDIDATES,
-         spec=None) -> Scan:
+         spec=None, reach: _Reach | None = None) -> Scan:
     """Short patch probes; a class some patch sends nearly every image to is the target.
 
     That is what a patch backdoor is — a small stamp that works on any image — while the universal patches
@@ -184,8 +186,9 @@ def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 
     `n_candidates` classes those patches send most test images to are then probed one by one (K-Arm's
     pre-selection of target arms, Shen et al. 2021, with a patch in place of the mask). A class's best flip
     is the best of both. Probes are fitted on `n_images` of `x_raw` and tested on the rest (half each when
-    there are few), in both cases on images the model does not already put in the class."""
-    reach = _Reach(model, x_raw, pp, seed, n_images, spec)
+    there are few), in both cases on images the model does not already put in the class. `reach`: the
+    _Reach of these arguments, when the caller already made one."""
+    reach = reach or _Reach(model, x_raw, pp, seed, n_images, spec)
     best = reach.any_class(steps)
     candidates = _candidates(best, n_candidates)
     for c in candidates:
@@ -210,12 +213,12 @@ class FamilyScan:
 
 def family_scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 0, *,
                 steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES, n_candidates: int = SCAN_CANDIDATES,
-                spec=None) -> FamilyScan:
+                spec=None, reach: _Reach | None = None) -> FamilyScan:
     """The patch scan's search with each family of probes.FAMILIES in place of the patches: one probe toward
     any class, then one toward each of the `n_candidates` classes it reaches most; a class one probe sends
     SCAN_FLIP of the test images to is the target (of the family that reaches the most, on a tie the first
-    in FAMILIES). Same images, steps and bar as `scan`."""
-    reach = _Reach(model, x_raw, pp, seed, n_images, spec)
+    in FAMILIES). Same images, steps and bar as `scan` (`reach`: as there)."""
+    reach = reach or _Reach(model, x_raw, pp, seed, n_images, spec)
     best, candidates = {}, {}
     for family in FAMILIES:
         rates = reach.rates(reach.opt.family(family, None, steps))
