@@ -172,13 +172,13 @@ def run_outputs(models: list[Path], feeds: list[dict]) -> list[dict[str, np.ndar
     return _run(runners, feeds, _input_metadata(runners, models))
 
 
-def _fixed_batch(path: Path, name: str) -> int | None:
-    """The fixed first dimension of input `name` of the ONNX model at `path`, or None (dynamic, or no such input)."""
-    graph = load_model(path).model.graph
-    for i in graph.input:
-        if i.name == name and i.type.tensor_type.shape.dim:
-            return i.type.tensor_type.shape.dim[0].dim_value or None
-    return None
+def _fixed_batch(meta, name: str) -> int | None:
+    """The fixed first dimension of input `name` in a runner's input metadata (_input_metadata), or None
+    (dynamic, no such input, or metadata that could not be read)."""
+    if meta is None or name not in meta:
+        return None
+    _, shape = meta[name]
+    return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
 
 
 def _feeds(dataset, preprocess, spec, batch_size: int) -> Iterator[tuple[int, OrderedDict]]:
@@ -293,17 +293,18 @@ def compare_models(models: list[Path], data: Path, *, triggered: Path | None = N
     if spec.dtype == "bfloat16":
         raise SanitizeError(f"input {spec.name} is bfloat16, which polygraphy's runners cannot be fed from numpy; "
                             "compare the models with `sanitize evaluate` instead", ExitCode.BAD_MODEL)
-    if spec.batch is None:
-        # a model that takes batches of exactly N anywhere in the list sets the batch for all: the others
-        # take any batch, and the last one is padded (_feeds)
-        spec = replace(spec, batch=next((b for m in onnx_models[1:] if (b := _fixed_batch(m, spec.name))), None))
     preprocess = resolve_preprocess(spec, scale=scale, mean=mean, std=std, layout=layout)
     runners = _load_runners(models)
+    inputs = _input_metadata(runners, models)
+    if spec.batch is None:
+        # an ONNX model that takes batches of exactly N anywhere in the list sets the batch for all: the others
+        # take any batch, and the last one is padded (_feeds)
+        spec = replace(spec, batch=next((b for path, meta in inputs if not is_engine(path)
+                                         if (b := _fixed_batch(meta, spec.name))), None))
     if spec.batch is not None:
         batch_size = spec.batch
     saved = [] if save_inputs is not None else None
 
-    inputs = _input_metadata(runners, models)
     clean = _compare_set(runners, models, Path(data), spec, preprocess, batch_size, saved, inputs)
     trig = None if triggered is None else _compare_set(runners, models, Path(triggered), spec, preprocess,
                                                        batch_size, None, inputs)
