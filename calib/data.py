@@ -141,13 +141,17 @@ def _pixel_limit(max_pixels: int):
         Image.MAX_IMAGE_PIXELS = old
 
 
+# What Pillow raises on a damaged file, metadata (EXIF: struct) included
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+
 def _open_image(path: Path, max_pixels: int) -> Image.Image:
     """Open (header only) and refuse non-images, 16-bit/float images and pixel bombs."""
     try:
         img = Image.open(path, formats=_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadData(f"{path}: refusing a decompression bomb ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except _DECODE_ERRORS as e:
         raise BadData(f"{path} is not a readable image ({e})") from None
     w, h = img.size
     if w * h > max_pixels:
@@ -159,8 +163,6 @@ def _open_image(path: Path, max_pixels: int) -> Image.Image:
     return img
 
 
-# What Pillow raises on a damaged file, metadata (EXIF: struct) included
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 # EXIF orientations that turn the stored pixels by a quarter: the upright image has width and height swapped
 _QUARTER_TURNS = {5, 6, 7, 8}
 
