@@ -109,6 +109,39 @@ def test_signal_probe_is_one_value_per_column_in_every_row():
     assert Probe("signal", None, delta.reshape(5, 1, 3), 255.0).describe().startswith("signal along rows")
 
 
+def test_synthesized_signal_is_shared_by_the_channels_and_made_of_few_periods():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from calib.preprocess import Preprocess
+    from sanitizer.defense import probes
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    fc = rng.normal(size=(3, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+         helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1)],
+        "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 22])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc, "fc")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.uniform(0, 255, (16, 12, 22, 3)).astype(np.float32)
+    opt = probes._Optimiser(model, x, Preprocess(1 / 255, (0.0,) * 3, (1.0,) * 3, "nchw"), 255.0)
+    for family, shape, n in (("signal along columns", (1, 22, 3), 22), ("signal along rows", (12, 1, 3), 12)):
+        probe = opt.signal(family, 1, steps=15)
+        assert probe.delta.shape == shape and probe.describe().startswith(family)
+        assert (probe.delta == probe.delta[..., :1]).all(), "one signal for every channel"
+        eps = probes.SIGNAL_EPS * 255
+        assert np.abs(probe.delta).max() <= eps
+        spectrum = np.abs(np.fft.rfft(np.arctanh(probe.delta[..., 0].ravel() / eps)))
+        periods = min(probes.SIGNAL_PERIODS, (n - 1) // 2)
+        top = spectrum[1:periods + 1].max()
+        assert top > 1.0, "the signal moved"
+        # float32 rounding, amplified by arctanh where tanh saturates, is all there is outside the periods
+        assert spectrum[0] < 1e-3 * top and spectrum[periods + 1:].max() < 1e-3 * top, spectrum
+
+
 def test_warp_probe_resamples_as_the_grid_sample_it_was_optimised_through():
     import torch
 
@@ -407,7 +440,7 @@ def test_default_removes_a_signal_backdoor_found_by_the_family_scan(tmp_path, mo
     from digits_backdoor import _inputs, signal_stamp, trained_signal
 
     # the fixture answers the signal probe near its training amplitude (see test_detect)
-    monkeypatch.setattr(probes, "SIGNAL_EPS", 40 / 255)
+    monkeypatch.setattr(probes, "SIGNAL_EPS", 0.2)
     model, calib, x_test, y_test = trained_signal()
     code, report = _run(model, calib, tmp_path, "--max-acc-drop", "0.03")
     assert report["detection"]["found_by"] == "family scan: signal along columns"
