@@ -179,3 +179,18 @@ def test_the_defense_adds_every_family_that_reaches_the_found_target_on_half_the
     assert families_for({"suspected_target": None}) == () and families_for(None) == ()
     # a patch-found target: the family scan never ran
     assert families_for({"suspected_target": 3, "patch_scan": {}}) == ()
+
+
+def test_a_warp_needs_half_the_images_a_signal_the_patch_bar():
+    from sanitizer.defense.detect import FAMILY_FLIP, family_verdict
+
+    quiet = np.array([0.1, 0.2, 0.05])
+    assert family_verdict({"signal along columns": quiet, "signal along rows": quiet, "warp": quiet}) == (None, None)
+    # a signal at 0.7 toward a class is what clean models admit; a warp at 0.6 is not
+    signal = np.array([0.1, 0.7, np.nan])
+    assert family_verdict({"signal along columns": signal, "warp": quiet}) == (None, None)
+    assert family_verdict({"signal along columns": signal, "warp": np.array([0.1, 0.0, 0.6])}) == (2, "warp")
+    # over both bars, the family that reaches the most
+    both = {"signal along columns": np.array([0.95, 0.1, 0.1]), "warp": np.array([0.1, 0.0, 0.6])}
+    assert family_verdict(both) == (0, "signal along columns")
+    assert FAMILY_FLIP["warp"] < SCAN_FLIP == FAMILY_FLIP["signal along rows"]
