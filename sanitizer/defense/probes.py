@@ -10,8 +10,8 @@ rank by; probes that only find ordinary adversarial weakness spread over many un
 Two more families follow triggers no patch expresses, each with few degrees of freedom so that a model
 without such a backdoor admits them far less than a free full-image perturbation: a signal, one value per
 column (or per row) repeated along the other axis and over the channels, a sum of a few sine periods —
-the sinusoid of SIG (Barni, Kallas, Tondi, ICIP 2019) is one — and a smooth warp of at most WARP_PIXELS, a 4×4 grid of displacements
-upsampled to the image — WaNet's trigger (Nguyen, Tran, ICLR 2021) is one. They are synthesized when the
+the sinusoid of SIG (Barni, Kallas, Tondi, ICIP 2019) is one — and a smooth warp of at most WARP_PIXELS, a
+4×4 grid of displacements upsampled to the image — WaNet's trigger (Nguyen, Tran, ICLR 2021) is one. They are synthesized when the
 detection scan found the target with them (FAMILIES).
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ BLEND_EPS = 0.1
 # ℓ∞ bound of the signal probe, as a share of the pixel range: SIG's sinusoid has amplitude 20/255 in the
 # paper and 40/255 in BackdoorBench. A free value per column and channel at 0.12 is a universal perturbation
 # on weak CIFAR-10 models (0.97 of images to a non-target class); one signal shared by the channels and made
-# of at most SIGNAL_PERIODS sine and cosine periods over the image reaches at most 0.66 toward any class on
-# models without such a backdoor, 0.99 on a SIG-40 one (README, "The family scan").
+# of at most SIGNAL_PERIODS sine and cosine periods over the image reaches at most 0.69 toward any class on
+# twelve models without such a backdoor, 0.98-0.99 on a SIG-40 one (README, "The family scan").
 SIGNAL_EPS = 0.12
 SIGNAL_PERIODS = 8
 # Largest displacement of the warp probe, in pixels: WaNet warps CIFAR-size images by 0.5-1 pixel, up to
