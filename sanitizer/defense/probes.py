@@ -11,8 +11,8 @@ Two more families follow triggers no patch expresses, each with few degrees of f
 without such a backdoor admits them far less than a free full-image perturbation: a signal, one value per
 column (or per row) repeated along the other axis and over the channels, a sum of a few sine periods —
 the sinusoid of SIG (Barni, Kallas, Tondi, ICIP 2019) is one — and a smooth warp of at most WARP_PIXELS, a
-4×4 grid of displacements upsampled to the image — WaNet's trigger (Nguyen, Tran, ICLR 2021) is one. They are synthesized when the
-detection scan found the target with them (FAMILIES).
+4×4 grid of displacements upsampled to the image — WaNet's trigger (Nguyen, Tran, ICLR 2021) is one. They
+are synthesized when the detection scan found the target with them (FAMILIES).
 """
 from __future__ import annotations
 
