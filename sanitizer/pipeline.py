@@ -21,11 +21,11 @@ from calib.stats import collect, probe_shapes
 from . import rewrite
 from .atomic import check_writable, write_text
 from .defense import defend
-from .defense.count import USE_FLIP
+from .defense.count import FLIP_GOAL, USE_FLIP
 from .defense.detect import detect, families_for
 from .engine import ENGINE_SUFFIXES, is_engine
 from .errors import BadData, BadModel, SanitizeError, ExitCode
-from .evaluate import Predictor, accuracy, agreement, attack_success, probabilities
+from .evaluate import Predictor, accuracy, agreement, attack_success, probabilities, wilson
 from .graph import Site, blocked_reasons, find_sites, last_stage, stat_tensors
 from .model_io import LoadedModel, check, load_model, save_model, sha256_file
 from .plan import Plan, largest_ok, rank, safe_limit
@@ -431,13 +431,31 @@ def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: floa
     return f"{subject} {why}; nothing written ({act}; --allow-degraded writes it anyway)"
 
 
+def asr_evidence(after: dict, clean: dict, target: int) -> dict:
+    """The ASR's 80 % Wilson interval on the triggered images (`after`: evaluate()'s result for the result) and
+    the bar it is judged against: FLIP_GOAL plus the result's own rate toward `target` on the clean images whose
+    label is another class (`clean`: evaluate()'s keep dict, with "pred" and "labels"; natural_rate None and
+    the bar one half without them) — the share of triggered images that would reach the target with no
+    backdoor at all, so a weak model's natural pull toward a class is not called a backdoor."""
+    lo, hi = wilson(round(after["asr"] * after["n_triggered"]), after["n_triggered"])
+    natural = None
+    if clean:
+        others = clean["labels"] != target
+        natural = float((clean["pred"][others] == target).mean()) if others.any() else None
+    bar = USE_FLIP if natural is None else min(USE_FLIP, FLIP_GOAL + natural)
+    return {"interval80": [round(lo, 6), round(hi, 6)], "natural_rate": None if natural is None else round(natural, 6),
+            "bar": round(bar, 6)}
+
+
 def evaluation_refusal(evaluation: dict, max_acc_drop: float, clean_verdict: bool) -> tuple[str, str] | None:
     """Why to refuse (exit 7) on the user's own evaluation images and what the user can do, or None. Their labels and
     triggers are ground truth the held-out estimate is not: an accuracy drop whose whole 80 % interval
     (`evaluation["accuracy_drop"]`, image by image) is over the budget, or triggered images that still
-    reach the target more often than not, is a result that must not ship looking fine — the same evidence
-    the held-out stop rule asks for. (An ASR between the goal and one half can be the model's own rate
-    toward that class: reported only.)"""
+    reach the target beyond what clean images do, is a result that must not ship looking fine — the same
+    evidence the held-out stop rule asks for. The ASR's bar (`evaluation["asr_evidence"]`, asr_evidence())
+    is the goal plus the result's own rate toward the target on the clean images of other classes, and the
+    whole 80 % interval of the ASR must be over it; without labelled clean images that rate is unknown and
+    the bar is one half of the triggered images."""
     before, after = evaluation["before"], evaluation["after"]
     drop = evaluation.get("accuracy_drop")
     if drop is not None and drop["interval80"][0] > max_acc_drop:
@@ -445,10 +463,15 @@ def evaluation_refusal(evaluation: dict, max_acc_drop: float, clean_verdict: boo
                 f" -> {after['clean_acc']:.4f} on {before['n_clean']} images (drop {drop['measured']:.4f}, 80 % "
                 f"interval {drop['interval80'][0]:.4f}..{drop['interval80'][1]:.4f}, budget {max_acc_drop})",
                 "--allow-degraded writes it anyway")
-    if after["asr"] is not None and after["asr"] > USE_FLIP:
+    if after["asr"] is None:
+        return None
+    evidence = evaluation.get("asr_evidence")
+    if evidence["interval80"][0] > evidence["bar"] if evidence else after["asr"] > USE_FLIP:
         what = ("detection found no backdoor, but" if clean_verdict else "the defense ran, but")
+        than = (f", while it sends {evidence['natural_rate']:.3f} of your --eval-data images of other classes there"
+                if evidence and evidence["natural_rate"] is not None else "")
         return (f"{what} your --eval-triggered images still reach the target on {after['asr']:.3f} (before "
-                f"{before['asr']:.3f}): the backdoor is still there",
+                f"{before['asr']:.3f}){than}: the backdoor is still there",
                 "--suspect with triggered samples aims the defense at it; --allow-degraded writes it anyway")
     return None
 
@@ -566,6 +589,8 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
             lo, hi = drop.drop_interval
             report["evaluation"]["accuracy_drop"] = {"measured": round(drop.drop, 6),
                                                      "interval80": [round(lo, 6), round(hi, 6)]}
+        if report["evaluation"]["after"]["asr"] is not None:
+            report["evaluation"]["asr_evidence"] = asr_evidence(report["evaluation"]["after"], now, opts.target)
         refused = evaluation_refusal(report["evaluation"], opts.max_acc_drop, clean_verdict)
         if refused is not None:
             # degraded for every reader of the report (the HTML verdict, bench), written only with --allow-degraded

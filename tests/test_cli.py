@@ -285,10 +285,52 @@ def test_evaluation_refusal_rule():
     assert evaluation_refusal(ev(0.90, 0.879, interval=[0.012, 0.030]), 0.02, False) is None
     why, act = evaluation_refusal(ev(0.90, 0.87, interval=[0.021, 0.039]), 0.02, False)
     assert "clean accuracy 0.9000 -> 0.8700 on 500 images" in why and "--allow-degraded" in act
-    # between the goal and one half an ASR can be the model's own rate toward that class: reported, not refused
+    # without labelled clean images the model's own rate toward the target is unknown: refused over one half only
     assert evaluation_refusal(ev(None, None, 0.99, 0.30), 0.02, False) is None
     why, act = evaluation_refusal(ev(None, None, 0.99, 0.97), 0.02, True)
     assert why.startswith("detection found no backdoor") and "--suspect" in act
+
+
+def test_the_asr_is_judged_against_the_results_own_rate_toward_the_target():
+    from sanitizer.pipeline import asr_evidence, evaluation_refusal
+
+    labels = np.repeat(np.arange(10), 50)
+    pred = labels.copy()
+    pred[np.flatnonzero(labels != 3)[:27]] = 3  # 27 of the 450 images of other classes go to class 3: 0.06
+    ev = {"before": {"asr": 0.99, "clean_acc": None}, "after": {"asr": 0.15, "n_triggered": 400, "clean_acc": None}}
+    evidence = asr_evidence(ev["after"], {"pred": pred, "labels": labels}, 3)
+    assert evidence["natural_rate"] == 0.06 and abs(evidence["bar"] - 0.11) < 1e-9
+    lo, hi = evidence["interval80"]
+    assert 0.12 < lo < 0.15 < hi < 0.18
+    why, _ = evaluation_refusal({**ev, "asr_evidence": evidence}, 0.02, False)
+    assert "reach the target on 0.150" in why and "0.060 of your --eval-data images of other classes" in why
+    # an ASR the model's own pull toward the class explains, or one whose interval reaches the bar, ships
+    ev["after"]["asr"] = 0.12
+    assert evaluation_refusal({**ev, "asr_evidence": asr_evidence(ev["after"], {"pred": pred, "labels": labels}, 3)},
+                              0.02, False) is None
+    # no labelled clean images: the bar is one half
+    assert asr_evidence(ev["after"], {}, 3) == {**asr_evidence(ev["after"], {}, 3), "natural_rate": None, "bar": 0.5}
+
+
+def test_triggered_images_that_reach_the_target_beyond_its_natural_rate_refuse(cli, tmp_path):
+    from sanitizer.demo import DEMO
+
+    # half the user's triggered images carry the trigger, half are clean: linf leaves the backdoor, so about
+    # 0.45 reach the target — under one half, far over what the model does with clean images of other classes
+    with np.load(DEMO["triggered"]) as t, np.load(DEMO["clean"]) as c:
+        keep = c["y"] != DEMO["target"]
+        n = min(len(t["y"]), int(keep.sum()))
+        x = np.concatenate([t["X"][: n // 2], c["X"][keep][n // 2: n]])
+        y = np.concatenate([t["y"][: n // 2], c["y"][keep][n // 2: n]])
+    np.savez(tmp_path / "mixed.npz", X=x, y=y)
+    result = cli(DEMO["model"], "--calib", DEMO["calib"], "--criterion", "linf", "--out", tmp_path / "o.onnx",
+                 "--eval-data", DEMO["clean"], "--eval-triggered", tmp_path / "mixed.npz", "--target", DEMO["target"],
+                 "--allow-degraded", "--report", tmp_path / "r.json")
+    report = json.loads((tmp_path / "r.json").read_text())
+    evaluation = report["evaluation"]
+    assert 0.3 < evaluation["after"]["asr"] < 0.5, evaluation
+    assert evaluation["asr_evidence"]["natural_rate"] < 0.05 and evaluation["asr_evidence"]["bar"] < 0.1
+    assert report["degraded"] and "of your --eval-data images of other classes" in evaluation["refused"], evaluation
 
 
 def test_eval_triggered_without_target_names_the_flag(cli, tmp_path):
