@@ -85,6 +85,8 @@ def run_case(case: Case, criterion: str, progress=None, *, detect: bool = False)
     }
     row["max_acc_drop"] = opts.max_acc_drop
     row["held_out"] = report["held_out_after"]
+    # the evaluation's evidence (the accuracy drop's interval, the ASR's bar, a refusal's reason) for the tables
+    row["evaluation"] = {k: v for k, v in ev.items() if k not in ("before", "after")}
     row["goal"] = goal(row)
     if criterion in CRITERIA:
         row.update(stats_overhead(opts, report["scope"]))

@@ -47,3 +47,7 @@ def test_bench_writes_a_row_per_case_and_criterion(tmp_path):
     # clean-data ℓ∞ pruning leaves this backdoor in place, and the row says so
     assert row["goal"].startswith("not met: ASR") and row["goal"] == goal(row)
     assert {"drop_estimate", "drop_interval90"} <= set(row["held_out"])
+    # and the evaluation's evidence: why the run was refused, the drop's interval, the ASR's bar
+    assert row["degraded"] and "on your --eval-data" in row["evaluation"]["refused"]
+    assert row["evaluation"]["asr_evidence"]["bar"] < 0.5
+    assert {"measured", "interval80"} <= set(row["evaluation"]["accuracy_drop"])
