@@ -194,3 +194,14 @@ def test_a_warp_needs_half_the_images_a_signal_the_patch_bar():
     both = {"signal along columns": np.array([0.95, 0.1, 0.1]), "warp": np.array([0.1, 0.0, 0.6])}
     assert family_verdict(both) == (0, "signal along columns")
     assert FAMILY_FLIP["warp"] < SCAN_FLIP == FAMILY_FLIP["signal along rows"]
+
+
+def test_the_evidence_line_gives_each_family_its_own_bar():
+    from sanitizer.defense.detect import FAMILY_FLIP, evidence
+
+    rates = {"signal along columns": [0.1, 0.3], "signal along rows": [0.2, None], "warp": [0.88, 0.05]}
+    line = evidence({"patch_scan": {"best_flip": [0.3, 0.5], "threshold": SCAN_FLIP},
+                     "family_scan": {"best_flip": rates, "threshold": FAMILY_FLIP}})
+    assert "best patch probe sends 0.50 of images to class 1, threshold 0.9" in line
+    assert "best warp probe 0.88 to class 0, threshold 0.5" in line
+    assert "best signal along rows probe 0.20 to class 0, threshold 0.9" in line

@@ -126,9 +126,10 @@ def evidence(detection: dict) -> str:
     top = int(np.argmax(flips))
     parts = [f"best patch probe sends {flips[top]:.2f} of images to class {top}, "
              f"threshold {detection['patch_scan']['threshold']}"]
-    for family, rates in detection.get("family_scan", {}).get("best_flip", {}).items():
+    scan = detection.get("family_scan", {})
+    for family, rates in scan.get("best_flip", {}).items():
         top = int(np.nanargmax(np.array(rates, float)))
-        parts.append(f"best {family} probe {rates[top]:.2f} to class {top}")
+        parts.append(f"best {family} probe {rates[top]:.2f} to class {top}, threshold {scan['threshold'][family]}")
     if "neural_cleanse" in detection:
         nc = detection["neural_cleanse"]
         parts.append(f"max mask anomaly {max(a for a in nc['anomaly_index'] if a is not None):.2f}, "
