@@ -21,6 +21,7 @@ from calib.stats import collect, probe_shapes
 from . import rewrite
 from .atomic import check_writable, write_text
 from .defense import defend
+from .defense.defend import unconfirmed
 from .defense.count import FLIP_GOAL, USE_FLIP
 from .defense.detect import detect, families_for
 from .engine import ENGINE_SUFFIXES, is_engine
@@ -533,15 +534,21 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         raise BadModel(f"no prunable layer in scope: {blocked_reasons(prep.sites.values())}")
     info = {"provider": held.provider}
     plan, probe_info, refused = None, None, None
+    unconfirmed_by = None
     if probing and not clean_verdict:
         plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, target, opts, progress, suspects,
                                              families=families_for(detection))
         if plan is None:
-            # a backdoor is a shortcut: when no probe toward the suspected class finds one, the suspicion (a
-            # mask anomaly on a small clean model, as a rule) is not confirmed and the model is left alone
-            detection.update(verdict="no backdoor found", suspected_target=None, found_by=None,
-                             not_confirmed={"class": target, "by": detection["found_by"], **probe_info})
-            clean_verdict, probe_info = True, None
+            unconfirmed_by, probe_info = probe_info, None
+    elif detection is not None and detection["found_by"] == "mask anomaly":
+        # the scans' targets come with a probe over their bar; the mask search's need one too
+        unconfirmed_by = unconfirmed(prep, fit, hold, held, target, opts, progress, families_for(detection))
+    if unconfirmed_by is not None:
+        # a backdoor is a shortcut: when no probe toward the suspected class finds one, the suspicion (a
+        # mask anomaly on a small clean model, as a rule) is not confirmed and the model is left alone
+        detection.update(verdict="no backdoor found", suspected_target=None, found_by=None,
+                         not_confirmed={"class": target, "by": detection["found_by"], **unconfirmed_by})
+        clean_verdict = True
     if clean_verdict:
         plan = Plan([], 0, [{"units": 0, **held.agreement(prep.model).to_dict(), "within_budget": True}])
         sanitized = prep.model

@@ -459,8 +459,10 @@ def test_default_removes_a_signal_backdoor_found_by_the_family_scan(tmp_path, mo
     assert asr <= 0.1 and acc >= acc0 - 0.05, (acc0, acc, asr)
 
 
-def test_a_suspicion_no_probe_confirms_leaves_the_model_alone(tmp_path, monkeypatch):
-    # a mask anomaly on a clean model (what tiny clean models sometimes show) names a class no probe reaches
+@pytest.mark.parametrize("criterion", [[], ["--criterion", "linf", "--detect"]], ids=["probe", "linf"])
+def test_a_suspicion_no_probe_confirms_leaves_the_model_alone(tmp_path, monkeypatch, criterion):
+    # a mask anomaly on a clean model (what tiny clean models sometimes show) names a class no probe reaches;
+    # with a clean-data criterion the suspicion would have the model pruned, within the budget but for nothing
     from sanitizer import pipeline
 
     real = pipeline.detect
@@ -472,7 +474,7 @@ def test_a_suspicion_no_probe_confirms_leaves_the_model_alone(tmp_path, monkeypa
 
     monkeypatch.setattr(pipeline, "detect", false_alarm)
     model, calib, _, _ = trained(poisoned=False)
-    code, report = _run(model, calib, tmp_path)
+    code, report = _run(model, calib, tmp_path, *criterion)
     assert code == 0 and report["plan"]["count"] == 0 and "probes" not in report
     detection = report["detection"]
     assert detection["verdict"] == "no backdoor found" and detection["suspected_target"] is None

@@ -36,6 +36,36 @@ if TYPE_CHECKING:
     from ..pipeline import HeldOut, Options, Prepared, Progress
 
 
+def _probe(ctx: Context) -> tuple[list, list[np.ndarray], list[float]]:
+    """The probes toward ctx.target (probes.synthesize on the fit images), their held-out images as model
+    inputs and the share of those each sends to the target on the original."""
+    prep = ctx.prep
+    ctx.progress("probes", 0, 1)
+    probes = synthesize(prep.model, ctx.fit_raw, prep.pre, ctx.target, ctx.opts.seed, spec=prep.spec,
+                        families=ctx.families)
+    ctx.progress("probes", 1, 1)
+    probed_x = [prep.pre.apply(p.apply(ctx.hold_raw)) for p in probes]
+    _, before = ctx.flips(prep.model, probed_x)
+    return probes, probed_x, before
+
+
+def _best(probes: list, before: list[float]) -> dict:
+    best = int(np.argmax(before))
+    return {"best_probe": probes[best].describe(), "best_probe_flip": round(before[best], 4)}
+
+
+def unconfirmed(prep: Prepared, fit: np.ndarray, hold: np.ndarray, held: HeldOut, target: int, opts: Options,
+                progress: Progress, families: tuple[str, ...] = ()) -> dict | None:
+    """For a target the mask search named, with the clean-data criteria (the default checks this in defend):
+    the best synthesized probe toward `target` and its held-out flip rate when none sends USE_FLIP of the
+    held-out images there — nothing confirms a shortcut — else None. Costs the default's probes step."""
+    fit_raw = prep.calib.subset(fit).read(0, len(fit))
+    hold_raw = prep.calib.subset(hold).read(0, len(hold))
+    ctx = Context(prep, opts, progress, target, fit_raw, hold_raw, held, held.inputs(), families)
+    probes, _, before = _probe(ctx)
+    return _best(probes, before) if max(before) < USE_FLIP else None
+
+
 def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held: HeldOut, target: int,
            opts: Options, progress: Progress, suspects: np.ndarray | None = None, *,
            families: tuple[str, ...] = ()) -> tuple[Plan, onnx.ModelProto, dict]:
@@ -51,16 +81,11 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
     hold_raw = prep.calib.subset(hold).read(0, len(hold)) if paired else None
     ctx = Context(prep, opts, progress, target, fit_raw, hold_raw, held, held.inputs(), families)
     if paired:
-        progress("probes", 0, 1)
-        probes = synthesize(prep.model, fit_raw, prep.pre, target, opts.seed, spec=prep.spec, families=families)
-        progress("probes", 1, 1)
-        probed_x = [prep.pre.apply(p.apply(hold_raw)) for p in probes]
-        _, before = ctx.flips(prep.model, probed_x)
+        probes, probed_x, before = _probe(ctx)
         if max(before) < USE_FLIP:
             # no probe sends half the held-out images to the target: no shortcut there to remove (pipeline
             # reports the suspicion as not confirmed and leaves the model alone)
-            best = int(np.argmax(before))
-            return None, prep.model, {"best_probe": probes[best].describe(), "best_probe_flip": round(before[best], 4)}
+            return None, prep.model, _best(probes, before)
         chosen = [i for i, f in enumerate(before) if f >= USE_FLIP]
         used = [probes[i] for i in chosen]
         rank_sets = [p.apply(fit_raw) for p in used]
