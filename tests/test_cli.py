@@ -323,9 +323,13 @@ def test_triggered_images_that_reach_the_target_beyond_its_natural_rate_refuse(c
         x = np.concatenate([t["X"][: n // 2], c["X"][keep][n // 2: n]])
         y = np.concatenate([t["y"][: n // 2], c["y"][keep][n // 2: n]])
     np.savez(tmp_path / "mixed.npz", X=x, y=y)
-    result = cli(DEMO["model"], "--calib", DEMO["calib"], "--criterion", "linf", "--out", tmp_path / "o.onnx",
-                 "--eval-data", DEMO["clean"], "--eval-triggered", tmp_path / "mixed.npz", "--target", DEMO["target"],
-                 "--allow-degraded", "--report", tmp_path / "r.json")
+    argv = [DEMO["model"], "--calib", DEMO["calib"], "--criterion", "linf", "--out", tmp_path / "o.onnx",
+            "--eval-data", DEMO["clean"], "--eval-triggered", tmp_path / "mixed.npz", "--target", DEMO["target"]]
+    result = cli(*argv)
+    assert result.code == ExitCode.DEGRADED and "of your --eval-data images of other classes" in result.err
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "o.onnx").exists()
+    result = cli(*argv, "--allow-degraded", "--report", tmp_path / "r.json")
+    assert result.code == 0 and (tmp_path / "o.onnx").exists()
     report = json.loads((tmp_path / "r.json").read_text())
     evaluation = report["evaluation"]
     assert 0.3 < evaluation["after"]["asr"] < 0.5, evaluation
