@@ -216,7 +216,8 @@ def evaluate(model: onnx.ModelProto, prep_spec: InputSpec, pre: Preprocess, *, d
     """Clean accuracy (needs labels) and ASR: the share of triggered images predicted as `target`, among
     those whose label (when the data has labels) is not the target already — the standard definition, so a
     triggered copy of the whole test set does not count the target class's own images as attacks.
-    `keep`: when given, gets the clean images' predictions ("pred", int [N]) and labels ("labels").
+    `keep`: when given, gets the clean images' predictions ("pred", int [N]) and labels ("labels"), and whether
+    the triggered images had labels ("triggered_labelled").
     Raises BadData for labels that are not the model's classes, a usage error for such a `target`."""
     predictor = Predictor(model, prep_spec)
     result = {"clean_acc": None, "asr": None, "n_clean": None, "n_triggered": None}
@@ -237,6 +238,8 @@ def evaluate(model: onnx.ModelProto, prep_spec: InputSpec, pre: Preprocess, *, d
         pred, classes = predictions(predictor, ds, pre, batch_size)
         check_target(target, classes)
         attacked = np.ones(ds.n, bool)
+        if keep is not None:
+            keep["triggered_labelled"] = ds.labels is not None
         if ds.labels is not None:
             _check_labels(triggered, ds.labels, classes)
             attacked = ds.labels != target
@@ -435,13 +438,17 @@ def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: floa
 def asr_evidence(after: dict, clean: dict, target: int) -> dict:
     """The ASR's 80 % Wilson interval on the triggered images (`after`: evaluate()'s result for the result) and
     the bar it is judged against: FLIP_GOAL plus the result's own rate toward `target` on the clean images whose
-    label is another class (`clean`: evaluate()'s keep dict, with "pred" and "labels"; natural_rate None and
-    the bar one half without them) — the share of triggered images that would reach the target with no
-    backdoor at all, so a weak model's natural pull toward a class is not called a backdoor."""
+    label is another class — on all of them when the triggered images had no labels, since the ASR then counts
+    the target's own images too (`clean`: evaluate()'s keep dict, with "pred", "labels" and
+    "triggered_labelled"; natural_rate None and the bar one half without clean predictions) — the share of
+    triggered images that would reach the target with no backdoor at all, so a weak model's natural pull
+    toward a class is not called a backdoor."""
     lo, hi = wilson(round(after["asr"] * after["n_triggered"]), after["n_triggered"])
     natural = None
-    if clean:
+    if "pred" in clean:
         others = clean["labels"] != target
+        if not clean.get("triggered_labelled", True):
+            others[:] = True
         natural = float((clean["pred"][others] == target).mean()) if others.any() else None
     bar = USE_FLIP if natural is None else min(USE_FLIP, FLIP_GOAL + natural)
     return {"interval80": [round(lo, 6), round(hi, 6)], "natural_rate": None if natural is None else round(natural, 6),
@@ -590,7 +597,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         was, now = {}, {}
         report["evaluation"] = {"before": evaluate(prep.model, prep.spec, prep.pre, keep=was, **kw),
                                 "after": evaluate(sanitized, prep.spec, prep.pre, keep=now, **kw)}
-        if was:
+        if "pred" in was:
             # image by image, as the held-out estimate: its 80 % interval says whether the drop is evidence
             drop = agreement(was["pred"], now["pred"], was["labels"])
             lo, hi = drop.drop_interval

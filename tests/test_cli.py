@@ -308,6 +308,9 @@ def test_the_asr_is_judged_against_the_results_own_rate_toward_the_target():
     ev["after"]["asr"] = 0.12
     assert evaluation_refusal({**ev, "asr_evidence": asr_evidence(ev["after"], {"pred": pred, "labels": labels}, 3)},
                               0.02, False) is None
+    # triggered images without labels count the target's own images as successes: so does the natural rate
+    unlabelled = asr_evidence(ev["after"], {"pred": pred, "labels": labels, "triggered_labelled": False}, 3)
+    assert unlabelled["natural_rate"] == (50 + 27) / 500
     # no labelled clean images: the bar is one half
     assert asr_evidence(ev["after"], {}, 3) == {**asr_evidence(ev["after"], {}, 3), "natural_rate": None, "bar": 0.5}
 
