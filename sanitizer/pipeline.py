@@ -438,21 +438,19 @@ def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: floa
 def asr_evidence(after: dict, clean: dict, target: int) -> dict:
     """The ASR's 80 % Wilson interval on the triggered images (`after`: evaluate()'s result for the result) and
     the bar it is judged against: FLIP_GOAL plus the result's own rate toward `target` on the clean images whose
-    label is another class — on all of them when the triggered images had no labels, since the ASR then counts
-    the target's own images too (`clean`: evaluate()'s keep dict, with "pred", "labels" and
-    "triggered_labelled"; natural_rate None and the bar one half without clean predictions) — the share of
-    triggered images that would reach the target with no backdoor at all, so a weak model's natural pull
-    toward a class is not called a backdoor."""
+    label is another class (`clean`: evaluate()'s keep dict, with "pred", "labels" and "triggered_labelled";
+    natural_rate None and the bar one half without such images) — the share of triggered images that would
+    reach the target with no backdoor at all, so a weak model's natural pull toward a class is not called a
+    backdoor. Triggered images without labels are judged by the same bar (their class mix is unknown: any of
+    the target's own count as reaching it, which the refusal says; "triggered_labelled")."""
     lo, hi = wilson(round(after["asr"] * after["n_triggered"]), after["n_triggered"])
     natural = None
     if "pred" in clean:
         others = clean["labels"] != target
-        if not clean.get("triggered_labelled", True):
-            others[:] = True
         natural = float((clean["pred"][others] == target).mean()) if others.any() else None
     bar = USE_FLIP if natural is None else min(USE_FLIP, FLIP_GOAL + natural)
     return {"interval80": [round(lo, 6), round(hi, 6)], "natural_rate": None if natural is None else round(natural, 6),
-            "bar": round(bar, 6)}
+            "bar": round(bar, 6), "triggered_labelled": clean.get("triggered_labelled", True)}
 
 
 def evaluation_refusal(evaluation: dict, max_acc_drop: float, clean_verdict: bool) -> tuple[str, str] | None:
@@ -466,22 +464,25 @@ def evaluation_refusal(evaluation: dict, max_acc_drop: float, clean_verdict: boo
     the bar is one half of the triggered images."""
     before, after = evaluation["before"], evaluation["after"]
     drop = evaluation.get("accuracy_drop")
+    evidence = evaluation.get("asr_evidence")
+    asr_over = after["asr"] is not None and (evidence["interval80"][0] > evidence["bar"] if evidence
+                                             else after["asr"] > USE_FLIP)
     if drop is not None and drop["interval80"][0] > max_acc_drop:
+        also = f"; its --eval-triggered images still reach the target on {after['asr']:.3f}" if asr_over else ""
         return (f"the result breaks the accuracy budget on your --eval-data: clean accuracy {before['clean_acc']:.4f}"
                 f" -> {after['clean_acc']:.4f} on {before['n_clean']} images (drop {drop['measured']:.4f}, 80 % "
-                f"interval {drop['interval80'][0]:.4f}..{drop['interval80'][1]:.4f}, budget {max_acc_drop})",
+                f"interval {drop['interval80'][0]:.4f}..{drop['interval80'][1]:.4f}, budget {max_acc_drop}){also}",
                 "--allow-degraded writes it anyway")
-    if after["asr"] is None:
+    if not asr_over:
         return None
-    evidence = evaluation.get("asr_evidence")
-    if evidence["interval80"][0] > evidence["bar"] if evidence else after["asr"] > USE_FLIP:
-        what = ("detection found no backdoor, but" if clean_verdict else "the defense ran, but")
-        than = (f", while it sends {evidence['natural_rate']:.3f} of your --eval-data images of other classes there"
-                if evidence and evidence["natural_rate"] is not None else "")
-        return (f"{what} your --eval-triggered images still reach the target on {after['asr']:.3f} (before "
-                f"{before['asr']:.3f}){than}: the backdoor is still there",
-                "--suspect with triggered samples aims the defense at it; --allow-degraded writes it anyway")
-    return None
+    what = ("detection found no backdoor, but" if clean_verdict else "the defense ran, but")
+    than = (f", while it sends {evidence['natural_rate']:.3f} of your --eval-data images of other classes there"
+            if evidence and evidence["natural_rate"] is not None else "")
+    unlabelled = evidence is not None and not evidence.get("triggered_labelled", True)
+    note = " (they have no labels: any of the target class count as reaching it)" if unlabelled else ""
+    return (f"{what} your --eval-triggered images still reach the target on {after['asr']:.3f} (before "
+            f"{before['asr']:.3f}){than}{note}: the backdoor is still there",
+            "--suspect with triggered samples aims the defense at it; --allow-degraded writes it anyway")
 
 
 def sanitize(opts: Options, progress: Progress = _quiet) -> dict:

@@ -81,6 +81,13 @@ def _before_after(report: dict) -> list[list]:
         for key, label in (("clean_acc", "clean accuracy (--eval-data)"), ("asr", "attack success rate (--eval-triggered)")):
             if ev["before"][key] is not None:
                 rows.append([label, rate(ev["before"][key]), rate(ev["after"][key])])
+        if "asr_evidence" in ev:
+            e = ev["asr_evidence"]
+            natural = "unknown" if e["natural_rate"] is None else rate(e["natural_rate"])
+            rows.append(["ASR 80 % interval and the bar it must not lie wholly above (5 % + the result's rate "
+                         "toward the target on --eval-data images of other classes)", "—",
+                         f"{rate(e['interval80'][0])}–{rate(e['interval80'][1])}; bar {rate(e['bar'])} "
+                         f"(natural rate {natural})"])
     if "probes" in report and "probe_flip" in held:
         used = [p for p in report["probes"]["probes"] if p["used"]]
         rows.append(["worst probe flip rate (held-out)", rate(max(p["flip_before"] for p in used)),

@@ -308,11 +308,19 @@ def test_the_asr_is_judged_against_the_results_own_rate_toward_the_target():
     ev["after"]["asr"] = 0.12
     assert evaluation_refusal({**ev, "asr_evidence": asr_evidence(ev["after"], {"pred": pred, "labels": labels}, 3)},
                               0.02, False) is None
-    # triggered images without labels count the target's own images as successes: so does the natural rate
+    # triggered images without labels: their class mix is unknown, the same bar, and the refusal says why
+    ev["after"]["asr"] = 0.15
     unlabelled = asr_evidence(ev["after"], {"pred": pred, "labels": labels, "triggered_labelled": False}, 3)
-    assert unlabelled["natural_rate"] == (50 + 27) / 500
+    assert unlabelled["natural_rate"] == 0.06 and unlabelled["triggered_labelled"] is False
+    why, _ = evaluation_refusal({**ev, "asr_evidence": unlabelled}, 0.02, False)
+    assert "they have no labels: any of the target class count as reaching it" in why
+    # both broken: the accuracy refusal names the backdoor too
+    both = {"after": {**ev["after"], "clean_acc": 0.8}, "before": {**ev["before"], "clean_acc": 0.9, "n_clean": 500},
+            "accuracy_drop": {"measured": 0.1, "interval80": [0.08, 0.12]}, "asr_evidence": unlabelled}
+    why, _ = evaluation_refusal(both, 0.02, False)
+    assert "breaks the accuracy budget" in why and "still reach the target on 0.150" in why
     # no labelled clean images: the bar is one half
-    assert asr_evidence(ev["after"], {}, 3) == {**asr_evidence(ev["after"], {}, 3), "natural_rate": None, "bar": 0.5}
+    assert asr_evidence(ev["after"], {}, 3)["natural_rate"] is None and asr_evidence(ev["after"], {}, 3)["bar"] == 0.5
 
 
 def test_triggered_images_that_reach_the_target_beyond_its_natural_rate_refuse(cli, tmp_path):

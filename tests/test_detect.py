@@ -205,3 +205,7 @@ def test_the_evidence_line_gives_each_family_its_own_bar():
     assert "best patch probe sends 0.50 of images to class 1, threshold 0.9" in line
     assert "best warp probe 0.88 to class 0, threshold 0.5" in line
     assert "best signal along rows probe 0.20 to class 0, threshold 0.9" in line
+    line = evidence({"patch_scan": {"best_flip": [0.3, 0.5], "threshold": SCAN_FLIP},
+                     "not_confirmed": {"class": 3, "by": "mask anomaly", "best_probe": "blend",
+                                       "best_probe_flip": 0.21}})
+    assert "class 3 (mask anomaly) not confirmed: the best probe toward it, blend, reaches 0.21" in line

@@ -58,7 +58,8 @@ def test_page_carries_the_reports_numbers_and_nothing_outside_it(cli, tmp_path):
             f"still reach the target on {ev['after']['asr']:.3f}") in page
     assert f"{plan['count']} of {plan['candidates']} units pruned (linf)." in page
     for number in (held["agreement"], *held["interval90"], held["drop_estimate"], ev["before"]["clean_acc"],
-                   ev["after"]["clean_acc"], ev["before"]["asr"], ev["after"]["asr"]):
+                   ev["after"]["clean_acc"], ev["before"]["asr"], ev["after"]["asr"], *ev["asr_evidence"]["interval80"],
+                   ev["asr_evidence"]["bar"], ev["asr_evidence"]["natural_rate"]):
         assert rate(number) in page, number
     for t in plan["trace"]:   # the pruning curve's table, row by row
         assert f"<td>{t['units']}</td><td class=\"n\">{rate(t['agreement'])}</td>" in page, t
