@@ -251,6 +251,18 @@ def evaluate(model: onnx.ModelProto, prep_spec: InputSpec, pre: Preprocess, *, d
     return result
 
 
+def check_same_scale(flag: str, path: Path, spec: InputSpec, calib_top: float, batch_size: int) -> None:
+    """Refuse (BadData) evaluation images on another pixel scale than the calibration images' (top of the raw
+    range `calib_top`): one preprocessing serves both, so 0..1 floats beside 8-bit calibration images would
+    be scaled twice and every number measured on them would be wrong while looking fine."""
+    top = 0.0
+    for _, raw in open_data(path, spec).batches(batch_size):
+        top = max(top, float(raw.max()))
+    if (top > 1.5) != (calib_top > 1.5):
+        raise BadData(f"{flag} {path}: pixels top out at {top:g} while the calibration images reach {calib_top:g}; "
+                      "both must be on the same scale (the same --scale and --mean/--std apply to both)")
+
+
 def _check_labels(path: Path, labels: np.ndarray, classes: int) -> None:
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= classes:
@@ -529,6 +541,9 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
                             labels=prep.calib.labels if opts.use_labels else None, enforce=opts.sanity_check)
     prep.spec = replace(prep.spec, output_kind=sanity["output"]["kind"])
     check_target(opts.target, sanity["classes"])
+    for flag, path in (("--eval-data", opts.eval_data), ("--eval-triggered", opts.eval_triggered)):
+        if path is not None:
+            check_same_scale(flag, path, prep.spec, sanity["raw_range"][1], opts.batch_size)
     held = HeldOut(prep, hold, opts.batch_size, opts.use_labels)
     suspects, detection = None, None
     if opts.suspect is not None:

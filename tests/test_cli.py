@@ -354,3 +354,14 @@ def test_eval_triggered_without_target_names_the_flag(cli, tmp_path):
     result = cli(DEMO["model"], "--calib", DEMO["calib"], "--criterion", "linf", "--out", tmp_path / "o.onnx",
                  "--eval-triggered", DEMO["triggered"])
     assert result.code == ExitCode.USAGE and "--eval-triggered needs --target" in result.err
+
+
+def test_evaluation_images_on_another_pixel_scale_are_refused_before_any_work(cli, tmp_path):
+    from sanitizer.demo import DEMO
+
+    with np.load(DEMO["clean"]) as z:
+        np.savez(tmp_path / "float01.npz", X=z["X"].astype(np.float32) / 255, y=z["y"])
+    result = cli(DEMO["model"], "--calib", DEMO["calib"], "--criterion", "linf", "--out", tmp_path / "o.onnx",
+                 "--eval-data", tmp_path / "float01.npz")
+    assert result.code == ExitCode.BAD_DATA and "--eval-data" in result.err and "same scale" in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "o.onnx").exists()
