@@ -110,7 +110,7 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress) -> di
 def families_for(detection: dict | None) -> tuple[str, ...]:
     """The probe families (probes.FAMILIES) the defense adds for the target `detection` (detect's report
     section) names: the one that found it, and any other whose scan sent at least half the images there (a
-    signal at 0.7 is under its bar, but when the patch scan or the mask search names the same class the
+    signal at 0.7 is under its bar, but when the mask search then names the same class the
     shortcut it follows is the backdoor's; probes under half are not used anyway)."""
     target = (detection or {}).get("suspected_target")
     if target is None:
