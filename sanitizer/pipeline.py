@@ -24,6 +24,7 @@ from .defense import defend
 from .defense.defend import unconfirmed
 from .defense.count import FLIP_GOAL, USE_FLIP
 from .defense.detect import detect, families_for
+from .defense.torchnet import pixel_range
 from .engine import ENGINE_SUFFIXES, is_engine
 from .errors import BadData, BadModel, SanitizeError, ExitCode
 from .evaluate import Predictor, accuracy, agreement, attack_success, probabilities, wilson
@@ -255,10 +256,8 @@ def check_same_scale(flag: str, path: Path, spec: InputSpec, calib_top: float, b
     """Refuse (BadData) evaluation images on another pixel scale than the calibration images' (top of the raw
     range `calib_top`): one preprocessing serves both, so 0..1 floats beside 8-bit calibration images would
     be scaled twice and every number measured on them would be wrong while looking fine."""
-    top = 0.0
-    for _, raw in open_data(path, spec).batches(batch_size):
-        top = max(top, float(raw.max()))
-    if (top > 1.5) != (calib_top > 1.5):
+    top = max((float(raw.max()) for _, raw in open_data(path, spec).batches(batch_size)), default=0.0)
+    if pixel_range(np.asarray(top)) != pixel_range(np.asarray(calib_top)):
         raise BadData(f"{flag} {path}: pixels top out at {top:g} while the calibration images reach {calib_top:g}; "
                       "both must be on the same scale (the same --scale and --mean/--std apply to both)")
 

@@ -36,6 +36,14 @@ if TYPE_CHECKING:
     from ..pipeline import HeldOut, Options, Prepared, Progress
 
 
+def _context(prep: Prepared, fit: np.ndarray, hold: np.ndarray | None, held: HeldOut, target: int, opts: Options,
+             progress: Progress, families: tuple[str, ...]) -> Context:
+    """The run's Context, with the fit images (and the held-out ones to probe, unless `hold` is None) read."""
+    fit_raw = prep.calib.subset(fit).read(0, len(fit))
+    hold_raw = None if hold is None else prep.calib.subset(hold).read(0, len(hold))
+    return Context(prep, opts, progress, target, fit_raw, hold_raw, held, held.inputs(), families)
+
+
 def _probe(ctx: Context) -> tuple[list, list[np.ndarray], list[float]]:
     """The probes toward ctx.target (probes.synthesize on the fit images), their held-out images as model
     inputs and the share of those each sends to the target on the original."""
@@ -59,10 +67,7 @@ def unconfirmed(prep: Prepared, fit: np.ndarray, hold: np.ndarray, held: HeldOut
     """For a target the mask search named, with the clean-data criteria (the default checks this in defend):
     the best synthesized probe toward `target` and its held-out flip rate when none sends USE_FLIP of the
     held-out images there — nothing confirms a shortcut — else None. Costs the default's probes step."""
-    fit_raw = prep.calib.subset(fit).read(0, len(fit))
-    hold_raw = prep.calib.subset(hold).read(0, len(hold))
-    ctx = Context(prep, opts, progress, target, fit_raw, hold_raw, held, held.inputs(), families)
-    probes, _, before = _probe(ctx)
+    probes, _, before = _probe(_context(prep, fit, hold, held, target, opts, progress, families))
     return _best(probes, before) if max(before) < USE_FLIP else None
 
 
@@ -76,10 +81,9 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
     With `suspects` (raw images a user believes carry the trigger) those replace the synthesized probes:
     half of them rank the units, the other half count them. `families`: probe families (probes.FAMILIES)
     synthesized besides the patches and the blend, and again by the re-attack."""
-    fit_raw = prep.calib.subset(fit).read(0, len(fit))
     paired = suspects is None
-    hold_raw = prep.calib.subset(hold).read(0, len(hold)) if paired else None
-    ctx = Context(prep, opts, progress, target, fit_raw, hold_raw, held, held.inputs(), families)
+    ctx = _context(prep, fit, hold if paired else None, held, target, opts, progress, families)
+    fit_raw = ctx.fit_raw
     if paired:
         probes, probed_x, before = _probe(ctx)
         if max(before) < USE_FLIP:

@@ -135,9 +135,10 @@ def evidence(detection: dict) -> str:
         parts.append(f"max mask anomaly {max(a for a in nc['anomaly_index'] if a is not None):.2f}, "
                      f"threshold {nc['threshold']}")
     if "not_confirmed" in detection:
-        nc = detection["not_confirmed"]
-        parts.append(f"class {nc['class']} ({nc['by']}) not confirmed: the best probe toward it, "
-                     f"{nc['best_probe']}, reaches {nc['best_probe_flip']:.2f} of held-out images, under {USE_FLIP}")
+        doubt = detection["not_confirmed"]
+        parts.append(f"class {doubt['class']} ({doubt['by']}) not confirmed: the best probe toward it, "
+                     f"{doubt['best_probe']}, reaches {doubt['best_probe_flip']:.2f} of held-out images, "
+                     f"under {USE_FLIP}")
     return "; ".join(parts)
 
 
