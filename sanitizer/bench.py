@@ -13,6 +13,7 @@ from pathlib import Path
 from calib.stats import collect, plain_pass
 
 from .defense.count import FLIP_GOAL
+from .defense.effort import DEFAULT_BUDGET
 from .errors import BadData
 from .graph import stat_tensors
 from .scores import CRITERIA
@@ -67,9 +68,10 @@ def stats_overhead(opts: Options, sites: list[str], repeats: int = 3) -> dict:
             "ratio": round(min(stats) / min(plain), 3)}
 
 
-def run_case(case: Case, criterion: str, progress=None, *, detect: bool = False) -> dict:
+def run_case(case: Case, criterion: str, progress=None, *, detect: bool = False,
+             time_budget: float | None = DEFAULT_BUDGET) -> dict:
     # a case over the budget is a result to show, not a reason to stop the suite
-    opts = case_options(case, criterion, detect=detect, allow_degraded=True)
+    opts = case_options(case, criterion, detect=detect, allow_degraded=True, time_budget=time_budget)
     start = time.perf_counter()
     report = sanitize(opts, progress) if progress else sanitize(opts)
     total = time.perf_counter() - start
@@ -94,6 +96,8 @@ def run_case(case: Case, criterion: str, progress=None, *, detect: bool = False)
         row["probes"] = report["probes"]
     if "detection" in report:
         row["detection"] = report["detection"]
+    if "effort" in report:
+        row["effort"] = report["effort"]
     return row
 
 

@@ -33,6 +33,15 @@ InputName = Annotated[Optional[str], typer.Option("--input-name", help="image in
 OutputName = Annotated[Optional[str], typer.Option("--output-name", help="classifier output, when the model has several float [N, classes] outputs")]
 InputSize = Annotated[Optional[str], typer.Option("--input-size", help="HxW to feed a model whose height and width are dynamic")]
 Force = Annotated[bool, typer.Option("--force", help="overwrite existing outputs")]
+TimeBudget = Annotated[Optional[float], typer.Option("--time-budget", help="minutes the default defense's searches are sized to on this machine (default 15): fewer images and steps where its full effort would take longer, as the report's 'effort' says; 0: full effort, however long")]
+
+
+def budget_seconds(minutes: float | None) -> float | None:
+    """--time-budget in minutes -> Options.time_budget in seconds: the default budget when not given, None
+    (full effort) for 0."""
+    from .defense.effort import DEFAULT_BUDGET
+
+    return DEFAULT_BUDGET if minutes is None else None if minutes == 0 else minutes * 60
 
 
 def _progress() -> tuple[Progress, callable]:
@@ -72,6 +81,7 @@ def run_cmd(
     suspect: Annotated[Optional[Path], typer.Option("--suspect", help="images you believe carry the trigger: rank by their ℓ∞ rise instead of synthesized probes")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", help="write PNG figures (pruning curve, ℓ∞ histograms, probes) to this folder; needs the plots extra")] = None,
     allow_degraded: Annotated[bool, typer.Option("--allow-degraded", help="write even if the budget is broken")] = False,
+    time_budget: TimeBudget = None,
     force: Force = False,
 ):
     from .engine import is_engine
@@ -83,7 +93,8 @@ def run_cmd(
                    input_size=parse_size(input_size), sanity_check=not no_sanity_check, eval_data=eval_data,
                    eval_triggered=eval_triggered, target=target, report=report, force=force,
                    allow_degraded=allow_degraded, seed=seed, detect=detect, suspect=suspect, plots=plots,
-                   report_html=report_html, command=(ctx.obj or {}).get("command"))
+                   report_html=report_html, command=(ctx.obj or {}).get("command"),
+                   time_budget=budget_seconds(time_budget))
     bar, update = _progress()
     with bar:
         result = sanitize(opts, update)
@@ -231,6 +242,7 @@ def bench_cmd(
     cases: Annotated[Optional[str], typer.Option(help="only these cases (comma-separated)")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the rows as JSON here")] = None,
     detect: Annotated[bool, typer.Option("--detect", help="run backdoor detection first in every run (needs torch)")] = False,
+    time_budget: TimeBudget = None,
 ):
     from .atomic import write_text
     from .bench import load_suite, machine, run_case, step_times
@@ -246,7 +258,7 @@ def bench_cmd(
     with bar:
         for case in chosen:
             for crit in (c.strip() for c in criteria.split(",") if c.strip()):
-                row = run_case(case, crit, update, detect=detect)
+                row = run_case(case, crit, update, detect=detect, time_budget=budget_seconds(time_budget))
                 rows.append(row)
                 table.add_row(row["case"], crit, f"{row['acc_before']:.4f}→{row['acc_after']:.4f}",
                               f"{row['asr_before']:.4f}→{row['asr_after']:.4f}", f"{row['units']}/{row['candidates']}",

@@ -21,9 +21,13 @@ from calib.stats import collect, probe_shapes
 from . import rewrite
 from .atomic import check_writable, write_text
 from .defense import defend
+from .defense import effort as effort_sizing
 from .defense.defend import unconfirmed
+from .defense.defend import work as defense_work
 from .defense.count import FLIP_GOAL, USE_FLIP
 from .defense.detect import detect, families_for
+from .defense.detect import work as detection_work
+from .defense.effort import FULL
 from .defense.torchnet import pixel_range
 from .engine import ENGINE_SUFFIXES, is_engine
 from .errors import BadData, BadModel, SanitizeError, ExitCode
@@ -71,6 +75,7 @@ class Options:
     plots: Path | None = None           # folder for the PNG figures (needs matplotlib)
     report_html: Path | None = None     # one self-contained HTML page (figures inlined when matplotlib is there)
     command: str | None = None          # the command line that asked for this run, shown in the HTML report
+    time_budget: float | None = effort_sizing.DEFAULT_BUDGET   # seconds the searches are sized to; None: full effort
 
     @property
     def figures_wanted(self) -> bool:
@@ -496,6 +501,30 @@ def evaluation_refusal(evaluation: dict, max_acc_drop: float, clean_verdict: boo
             "--suspect with triggered samples aims the defense at it; --allow-degraded writes it anyway")
 
 
+class Sizing:
+    """Sizes each stage's effort (defense/effort.py) to what is left of opts.time_budget: measures the pass
+    costs once, when a stage first asks (the onnxruntime forward's from the held-out reference the run made
+    anyway, `forward` seconds per image), and records every choice for the report's "effort" section."""
+
+    def __init__(self, opts: Options, prep: Prepared, fit: np.ndarray, forward: float, t0: float):
+        self.opts, self.prep, self.fit, self.forward, self.t0 = opts, prep, fit, forward, t0
+        self.cost = None
+        self.report: dict = {}
+
+    def __call__(self, stage: str, work, share: float = 1.0):
+        """The effort of `stage`, whose work at an effort is `work(effort)` (PassCost.seconds' tuple), within
+        `share` of the budget left; full effort without a budget."""
+        if self.opts.time_budget is None:
+            return FULL
+        if self.cost is None:
+            raw = self.prep.calib.subset(self.fit[:effort_sizing.COST_IMAGES]).read(0, effort_sizing.COST_IMAGES)
+            self.cost = effort_sizing.measure(self.prep.model, self.prep.spec, self.prep.pre, raw, self.forward)
+        left = self.opts.time_budget - (time.perf_counter() - self.t0)
+        effort, self.report[stage] = effort_sizing.sized(work, self.cost, max(left, 0.0) * share)
+        self.report["budget_seconds"] = self.opts.time_budget
+        return effort
+
+
 def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     """Run the job; write the sanitized ONNX (and report) atomically; return the report."""
     t0 = time.perf_counter()
@@ -504,6 +533,8 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     if opts.criterion == PROBE and importlib.util.find_spec("torch") is None:
         raise SanitizeError("the default criterion 'probe' needs torch: pip install "
                             "'onnx-backdoor-sanitizer[torch]', or pass --criterion linf", ExitCode.MISSING_DEP)
+    if opts.time_budget is not None and not opts.time_budget > 0:
+        raise SanitizeError(f"--time-budget is minutes (0: full effort), got {opts.time_budget / 60:g}", ExitCode.USAGE)
     if not 0 <= opts.max_acc_drop < 1:
         raise SanitizeError(f"--max-acc-drop is a share of accuracy in [0, 1), got {opts.max_acc_drop}", ExitCode.USAGE)
     if opts.eval_triggered is not None and opts.target is None:
@@ -543,12 +574,16 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     for flag, path in (("--eval-data", opts.eval_data), ("--eval-triggered", opts.eval_triggered)):
         if path is not None:
             check_same_scale(flag, path, prep.spec, sanity["raw_range"][1], opts.batch_size)
+    held_since = time.perf_counter()
     held = HeldOut(prep, hold, opts.batch_size, opts.use_labels)
+    sizing = Sizing(opts, prep, fit, (time.perf_counter() - held_since) / max(len(hold), 1), t0)
     suspects, detection = None, None
     if opts.suspect is not None:
         suspects, target = read_suspects(prep, opts)
     elif opts.detect or probing:
-        detection = detect(prep, fit, opts.seed, progress)
+        effort = sizing("detection", lambda e: detection_work(e, len(fit), sanity["classes"]),
+                        effort_sizing.DETECTION_SHARE)
+        detection = detect(prep, fit, opts.seed, progress, effort)
         target = detection["suspected_target"]
     clean_verdict = detection is not None and target is None
     if not sites and not clean_verdict:
@@ -557,14 +592,18 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     info = {"provider": held.provider}
     plan, probe_info, refused = None, None, None
     unconfirmed_by = None
+    families = families_for(detection)
+    if probing and not clean_verdict or detection is not None and detection["found_by"] == "mask anomaly":
+        units = sum(s.channels for s in sites)
+        effort = sizing("defense", lambda e: defense_work(e, len(fit), len(hold), units, families))
     if probing and not clean_verdict:
         plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, target, opts, progress, suspects,
-                                             families=families_for(detection))
+                                             families=families, effort=effort)
         if plan is None:
             unconfirmed_by, probe_info = probe_info, None
     elif detection is not None and detection["found_by"] == "mask anomaly":
         # the scans' targets come with a probe over their bar; the mask search's need one too
-        unconfirmed_by = unconfirmed(prep, fit, hold, held, target, opts, progress, families_for(detection))
+        unconfirmed_by = unconfirmed(prep, fit, hold, held, target, opts, progress, families, effort)
     if unconfirmed_by is not None:
         # a backdoor is a shortcut: when no probe toward the suspected class finds one, the suspicion (a
         # mask anomaly on a small clean model, as a rule) is not confirmed and the model is left alone
@@ -604,6 +643,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         "provider": info["provider"],
         **({"detection": detection} if detection is not None else {}),
         **({"probes": probe_info} if probe_info is not None else {}),
+        **({"effort": sizing.report} if sizing.report else {}),
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
     }
     if opts.eval_data is not None or opts.eval_triggered is not None:

@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 
 from .count import flips
+from .probes import N_IMAGES, STEPS
+from .effort import FULL, Effort
 
 if TYPE_CHECKING:
     from ..pipeline import HeldOut, Options, Prepared, Progress
@@ -22,10 +24,21 @@ class Context:
     progress: Progress              # (stage, done, total) callback
     target: int                     # the class the backdoor is suspected to send images to
     fit_raw: np.ndarray             # raw pixels of the fit images: probes are fitted and units ranked on them
-    hold_raw: np.ndarray | None     # raw pixels of the held-out images, to probe; None with suspicious samples
+    hold_raw: np.ndarray | None     # raw pixels of the first held-out images (all at full effort), to probe;
+                                    # None with suspicious samples
     held: HeldOut                   # the held-out images, on which every decision is judged
     clean_x: np.ndarray             # held.inputs(): the held-out images as model inputs
     families: tuple[str, ...] = ()  # probe families (probes.FAMILIES) synthesized besides patches and blend
+    effort: Effort = FULL           # images and steps of the probes, repair and re-attack (effort.py)
+
+    @property
+    def rank_raw(self) -> np.ndarray:
+        """The fit images the units are ranked on: the first effort.tests of them."""
+        return self.fit_raw[:self.effort.tests(len(self.fit_raw))]
+
+    def synthesize_kw(self) -> dict:
+        """probes.synthesize's steps and images at this run's effort."""
+        return {"steps": self.effort.steps(STEPS, N_IMAGES), "n_images": self.effort.images(N_IMAGES)}
 
     def flips(self, model: onnx.ModelProto, probed_x: list[np.ndarray], paired: bool = True,
               target: int | None = None) -> tuple[np.ndarray, list[float]]:

@@ -35,8 +35,9 @@ MAX_SHARE = 0.25
 def flips(model: onnx.ModelProto, spec, clean_x: np.ndarray, probed_x: list[np.ndarray], target: int,
           batch_size: int, paired: bool = True) -> tuple[np.ndarray, list[float]]:
     """The model's predictions on the clean held-out images (for the agreement, one session for both) and
-    per probe the share of them it does not already call `target` that the probe sends there. Unpaired
-    probed images (a user's suspicious samples) count as the share of them called `target`."""
+    per probe the share of them it does not already call `target` that the probe sends there; a probed set
+    holds the first len(x) held-out images (fewer at a reduced effort). Unpaired probed images (a user's
+    suspicious samples) count as the share of them called `target`."""
     pred = Predictor(model, spec)
     base = pred.logits(clean_x, batch_size).argmax(1)
     if not paired:
@@ -44,7 +45,8 @@ def flips(model: onnx.ModelProto, spec, clean_x: np.ndarray, probed_x: list[np.n
     keep = base != target
     if not keep.any():
         return base, [1.0 for _ in probed_x]
-    return base, [float((pred.logits(x[keep], batch_size).argmax(1) == target).mean()) for x in probed_x]
+    return base, [float((pred.logits(x[keep[:len(x)]], batch_size).argmax(1) == target).mean())
+                  if keep[:len(x)].any() else 1.0 for x in probed_x]
 
 
 def bars(floor: np.ndarray, evidence: Sequence[int] = ()) -> np.ndarray:

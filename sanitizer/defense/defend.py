@@ -23,12 +23,15 @@ import onnx
 from .. import rewrite
 from ..graph import Site, stat_tensors
 from ..plan import Plan, rank, safe_limit
-from .bound import choose_bounds
+from .bound import BOUND_QUANTILES, choose_bounds
 from .context import Context
-from .count import FLIP_GOAL, USE_FLIP, count_by_probes, preference
-from .probes import synthesize
+from .count import FLIP_GOAL, MAX_SHARE, USE_FLIP, count_by_probes, preference
+from .effort import FULL, Effort
+from .probes import N_IMAGES, N_PLACES, STEPS, synthesize
 from .rank import ell_inf_gaps, linf_histograms, margin_gradients, raw_stats
 from .reattack import reattack
+from .repair import BATCH as REPAIR_BATCH
+from .repair import RUNS as REPAIR_RUNS
 from .repair import repair
 from .torchnet import pixel_range
 
@@ -36,12 +39,31 @@ if TYPE_CHECKING:
     from ..pipeline import HeldOut, Options, Prepared, Progress
 
 
+def work(effort: Effort, n_fit: int, n_hold: int, n_units: int, families: tuple[str, ...] = ()) -> tuple[float, float]:
+    """The defense's work after detection at `effort` (n_fit / n_hold images, n_units prunable units), as
+    effort.PassCost counts it: (torch forward+backward image passes, onnxruntime forward image passes), with
+    every probe used and a count search of twice the doubling grid per ranking."""
+    probes = 2 * N_PLACES + 1 + len(families)
+    hold, ranked = effort.tests(n_hold), effort.tests(n_fit)
+    # the probes, then as many fresh ones in the re-attack
+    passes = 2 * probes * effort.steps(STEPS, N_IMAGES) * effort.images(N_IMAGES)
+    passes += (probes + 1) * ranked                      # margin attribution
+    batch = effort.images(REPAIR_BATCH)
+    passes += 2 * batch * sum(effort.steps(n, REPAIR_BATCH) for n, _ in REPAIR_RUNS)
+    counts = 3 * 2 * (1 + np.log2(max(2, MAX_SHARE * n_units)))   # three rankings
+    checks = len(BOUND_QUANTILES) + counts + len(REPAIR_RUNS) + 3  # + before, pruned, re-attack
+    forwards = n_fit + probes * ranked + checks * (n_hold + probes * hold)
+    return passes, forwards
+
+
 def _context(prep: Prepared, fit: np.ndarray, hold: np.ndarray | None, held: HeldOut, target: int, opts: Options,
-             progress: Progress, families: tuple[str, ...]) -> Context:
-    """The run's Context, with the fit images (and the held-out ones to probe, unless `hold` is None) read."""
+             progress: Progress, families: tuple[str, ...], effort: Effort) -> Context:
+    """The run's Context, with the fit images (and the first effort.tests held-out ones to probe, unless `hold`
+    is None) read."""
     fit_raw = prep.calib.subset(fit).read(0, len(fit))
-    hold_raw = None if hold is None else prep.calib.subset(hold).read(0, len(hold))
-    return Context(prep, opts, progress, target, fit_raw, hold_raw, held, held.inputs(), families)
+    probed = None if hold is None else hold[:effort.tests(len(hold))]
+    hold_raw = None if hold is None else prep.calib.subset(probed).read(0, len(probed))
+    return Context(prep, opts, progress, target, fit_raw, hold_raw, held, held.inputs(), families, effort)
 
 
 def _probe(ctx: Context) -> tuple[list, list[np.ndarray], list[float]]:
@@ -50,7 +72,7 @@ def _probe(ctx: Context) -> tuple[list, list[np.ndarray], list[float]]:
     prep = ctx.prep
     ctx.progress("probes", 0, 1)
     probes = synthesize(prep.model, ctx.fit_raw, prep.pre, ctx.target, ctx.opts.seed, spec=prep.spec,
-                        families=ctx.families)
+                        families=ctx.families, **ctx.synthesize_kw())
     ctx.progress("probes", 1, 1)
     probed_x = [prep.pre.apply(p.apply(ctx.hold_raw)) for p in probes]
     _, before = ctx.flips(prep.model, probed_x)
@@ -63,26 +85,27 @@ def _best(probes: list, before: list[float]) -> dict:
 
 
 def unconfirmed(prep: Prepared, fit: np.ndarray, hold: np.ndarray, held: HeldOut, target: int, opts: Options,
-                progress: Progress, families: tuple[str, ...] = ()) -> dict | None:
+                progress: Progress, families: tuple[str, ...] = (), effort: Effort = FULL) -> dict | None:
     """For a target the mask search named, with the clean-data criteria (the default checks this in defend):
     the best synthesized probe toward `target` and its held-out flip rate when none sends USE_FLIP of the
     held-out images there — nothing confirms a shortcut — else None. Costs the default's probes step."""
-    probes, _, before = _probe(_context(prep, fit, hold, held, target, opts, progress, families))
+    probes, _, before = _probe(_context(prep, fit, hold, held, target, opts, progress, families, effort))
     return _best(probes, before) if max(before) < USE_FLIP else None
 
 
 def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held: HeldOut, target: int,
            opts: Options, progress: Progress, suspects: np.ndarray | None = None, *,
-           families: tuple[str, ...] = ()) -> tuple[Plan, onnx.ModelProto, dict]:
+           families: tuple[str, ...] = (), effort: Effort = FULL) -> tuple[Plan, onnx.ModelProto, dict]:
     """Probe, rank, count, then keep the pruned model or its repair, whichever the held-out images favour.
     Returns no plan (None, the original, the best probe and its flip rate) when no synthesized probe sends
     half the held-out images to `target`: nothing confirms a backdoor there.
 
     With `suspects` (raw images a user believes carry the trigger) those replace the synthesized probes:
     half of them rank the units, the other half count them. `families`: probe families (probes.FAMILIES)
-    synthesized besides the patches and the blend, and again by the re-attack."""
+    synthesized besides the patches and the blend, and again by the re-attack. `effort`: images and steps of
+    the probes, repair and re-attack, images the units are ranked and the probes tested on (effort.py)."""
     paired = suspects is None
-    ctx = _context(prep, fit, hold if paired else None, held, target, opts, progress, families)
+    ctx = _context(prep, fit, hold if paired else None, held, target, opts, progress, families, effort)
     fit_raw = ctx.fit_raw
     if paired:
         probes, probed_x, before = _probe(ctx)
@@ -92,7 +115,7 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
             return None, prep.model, _best(probes, before)
         chosen = [i for i, f in enumerate(before) if f >= USE_FLIP]
         used = [probes[i] for i in chosen]
-        rank_sets = [p.apply(fit_raw) for p in used]
+        rank_sets = [p.apply(ctx.rank_raw) for p in used]
         described = [{"probe": p.describe(), "flip_before": round(before[i], 4), "used": i in chosen}
                      for i, p in enumerate(probes)]
     else:
@@ -114,8 +137,8 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
     progress("linf statistics", 0, 1)
     scores = ell_inf_gaps(ctx, sites, clean, rank_sets)
     progress("attribution", 0, 1)
-    scores["attribution"] = margin_gradients(prep.model, sites, prep.pre, rank_sets, fit_raw, target, opts.batch_size,
-                                               spec=prep.spec)
+    scores["attribution"] = margin_gradients(prep.model, sites, prep.pre, rank_sets, ctx.rank_raw, target,
+                                             opts.batch_size, spec=prep.spec)
     for name, gap in scores.items():
         order = rank(gap, descending=True)
         limit = safe_limit(order, {s.name: s.channels for s in sites})
@@ -131,7 +154,9 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
     progress("repair", 0, 1)
     # suspicious samples have no clean twin to hold them to: the repair keeps them off the target instead
     avoid = None if paired else (rank_sets[0], target)
-    repaired = repair(base, prep.sites, plan.pruned(), fit_raw, prep.pre, used, opts.seed, avoid=avoid, spec=prep.spec)
+    repaired = repair(base, prep.sites, plan.pruned(), fit_raw, prep.pre, used, opts.seed, avoid=avoid, spec=prep.spec,
+                      runs=tuple((effort.steps(n, REPAIR_BATCH), lr) for n, lr in REPAIR_RUNS),
+                      batch=effort.images(REPAIR_BATCH))
     progress("repair", 1, 1)
     progress("final checks", 0, 1)
     candidates = []

@@ -31,7 +31,8 @@ from calib.preprocess import Preprocess
 
 from ..errors import require
 from .count import USE_FLIP
-from .probes import FAMILIES, Probe, _Optimiser, _split
+from .effort import FULL, Effort
+from .probes import FAMILIES, N_PLACES, Probe, _Optimiser, _split
 from .torchnet import check_images, classifier, device, make_input, pixel_range
 
 if TYPE_CHECKING:
@@ -62,6 +63,11 @@ SCAN_STEPS = 20
 SCAN_IMAGES = 32
 # Classes the scan probes one by one after the patches toward any class have named them.
 SCAN_CANDIDATES = 5
+# The mask search at full effort: first-round optimiser steps of BATCH images drawn from MASK_IMAGES, and
+# the steps refining each of the MASK_REFINED smallest masks.
+MASK_STEPS, MASK_BATCH, MASK_IMAGES, MASK_REFINE, MASK_REFINED = 60, 32, 64, 150, 3
+# Classes the mask search keeps at the least effort: the anomaly index's median and MAD need about a dozen.
+MIN_MASK_CLASSES = 12
 
 
 def _per_class(values: np.ndarray, digits: int) -> list[float | None]:
@@ -69,25 +75,48 @@ def _per_class(values: np.ndarray, digits: int) -> list[float | None]:
     return [None if np.isnan(v) else round(float(v), digits) for v in values]
 
 
-def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress) -> dict:
+def work(effort: Effort, n_fit: int, n_classes: int) -> tuple[float, float]:
+    """Detection's work at `effort` on `n_fit` images of an `n_classes` model when every search runs (no patch
+    or family finds a target), as (torch forward+backward image passes, onnxruntime forward image passes);
+    a torch forward counts as half a pass (effort.PassCost)."""
+    fit = min(effort.images(SCAN_IMAGES), n_fit // 2)
+    test = effort.tests(n_fit - fit)
+    probes = N_PLACES * (1 + SCAN_CANDIDATES) + len(FAMILIES) * (1 + SCAN_CANDIDATES)
+    passes = probes * effort.steps(SCAN_STEPS, SCAN_IMAGES) * fit + 0.5 * (n_fit + probes * test)
+    images = min(effort.images(MASK_IMAGES), n_fit // 2)
+    batch = min(effort.images(MASK_BATCH), images)
+    classes = min(n_classes, mask_classes(effort))
+    steps = classes * effort.steps(MASK_STEPS, MASK_BATCH) + MASK_REFINED * effort.steps(MASK_REFINE, MASK_BATCH)
+    passes += steps * batch
+    return passes + 0.5 * (n_fit - images), 0.0
+
+
+def mask_classes(effort: Effort) -> int:
+    """Classes the mask search runs on at `effort`."""
+    return max(MIN_MASK_CLASSES, round(MAX_CLASSES * effort.share))
+
+
+def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress, effort: Effort = FULL) -> dict:
     """Which class, if any, a backdoor sends images to, judged on the fit images only.
 
     First short patch probes (cheap, and decisive for patch triggers): toward any class, then toward the
     few classes those reach most; when no patch finds a target, the Neural-Cleanse mask search over those
     candidates and a sample of the other classes, whose smallest-mask anomaly also catches triggers that
-    are not a patch (blended, full-image). Neither step's cost grows with the number of classes."""
+    are not a patch (blended, full-image). Neither step's cost grows with the number of classes. `effort`:
+    images, steps and test images of every search (effort.py)."""
     progress("detection", 0, 3)
     start = time.perf_counter()
     raw = prep.calib.subset(fit).read(0, len(fit))
     # one torch copy of the model and one split of the images for both scans
-    reach = _Reach(prep.model, raw, prep.pre, seed, SCAN_IMAGES, prep.spec)
-    patch = scan(prep.model, raw, prep.pre, seed, spec=prep.spec, reach=reach)
+    reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
+    steps = effort.steps(SCAN_STEPS, SCAN_IMAGES)
+    patch = scan(prep.model, raw, prep.pre, seed, steps=steps, spec=prep.spec, reach=reach)
     out = {"patch_scan": {"best_flip": _per_class(patch.best_flip, 4), "candidates": patch.candidates,
                           "threshold": SCAN_FLIP}}
     target, how = patch.suspected_target, "patch scan"
     progress("detection", 1, 3)
     if target is None:
-        fam = family_scan(prep.model, raw, prep.pre, seed, spec=prep.spec, reach=reach)
+        fam = family_scan(prep.model, raw, prep.pre, seed, steps=steps, spec=prep.spec, reach=reach)
         out["family_scan"] = {"best_flip": {f: _per_class(v, 4) for f, v in fam.best_flip.items()},
                               "candidates": fam.candidates, "threshold": FAMILY_FLIP}
         if fam.suspected_target is not None:
@@ -95,7 +124,10 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress) -> di
             out["family"] = fam.family
     progress("detection", 2, 3)
     if target is None:
-        found = mask_search(prep.model, raw, prep.pre, seed, candidates=patch.candidates, spec=prep.spec)
+        found = mask_search(prep.model, raw, prep.pre, seed, candidates=patch.candidates, spec=prep.spec,
+                            n_images=effort.images(MASK_IMAGES), batch=effort.images(MASK_BATCH),
+                            first_steps=effort.steps(MASK_STEPS, MASK_BATCH),
+                            refine_steps=effort.steps(MASK_REFINE, MASK_BATCH), max_classes=mask_classes(effort))
         target, how = found.suspected_target, "mask anomaly"
         out["neural_cleanse"] = {"anomaly_index": _per_class(found.anomaly, 4),
                                  "mask_l1": _per_class(found.mask_norms, 3),
@@ -162,11 +194,14 @@ def reach_rates(base: np.ndarray, sent: np.ndarray, n_classes: int) -> np.ndarra
 
 class _Reach:
     """Per class, the share of test images a probe sends there among those the model does not already
-    put in it; probes are fitted on the other images (`n_images` of `x_raw`, half when there are few)."""
+    put in it; probes are fitted on the other images (`n_images` of `x_raw`, half when there are few).
+    `tests`: how many of the rest to test on, of how many there are (all by default)."""
 
-    def __init__(self, model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int, n_images: int, spec):
+    def __init__(self, model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int, n_images: int, spec,
+                 tests=lambda n: n):
         x_raw = check_images(x_raw)
         self.x_fit, self.x_test = _split(x_raw, min(n_images, len(x_raw) // 2), seed)
+        self.x_test = self.x_test[:tests(len(self.x_test))]
         self.opt = _Optimiser(model, self.x_fit, pp, pixel_range(x_raw), spec)
         fit_logits = self.opt.logits(self.x_fit)
         self.fit_pred, self.n_classes = fit_logits.argmax(1), fit_logits.shape[1]
@@ -354,8 +389,8 @@ def searched_classes(n_classes: int, candidates: list[int], seed: int, limit: in
 
 
 def mask_search(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 0, *,
-          n_images: int = 64, first_steps: int = 60, refine_steps: int = 150, n_refine: int = 3,
-          batch: int = 32, candidates: list[int] = (), max_classes: int = MAX_CLASSES, spec=None) -> ProbeResult:
+          n_images: int = MASK_IMAGES, first_steps: int = MASK_STEPS, refine_steps: int = MASK_REFINE,
+          n_refine: int = MASK_REFINED, batch: int = MASK_BATCH, candidates: list[int] = (), max_classes: int = MAX_CLASSES, spec=None) -> ProbeResult:
     """Neural-Cleanse search on `x_raw` (N, H, W, C raw pixels, N ≥ 8) over at most `max_classes` classes
     (`candidates` always among them); classes not searched get NaN norms and anomaly. `spec`: the model's
     InputSpec (see torchnet.classifier). Raises BadData on too few images."""

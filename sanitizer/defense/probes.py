@@ -114,6 +114,10 @@ def _locations(h: int, w: int, s: int) -> list[tuple[int, int]]:
     return [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), ((h - s) // 2, (w - s) // 2)]
 
 
+# The places a patch of each side is tried at: the corners and the centre.
+N_PLACES = len(_locations(1, 1, 1))
+
+
 class _Optimiser:
     """Probes toward one class at a time on a fixed set of clean images, through one torch copy of the model."""
 

@@ -42,13 +42,13 @@ def still_reachable(target_flip: dict[str, float], bars: dict[str, float],
 
 def reach(model: onnx.ModelProto, spec, clean_x: np.ndarray, probed_x: list[np.ndarray], batch_size: int,
           exclude: int) -> list[tuple[int, float]]:
-    """Per probed set (each paired image by image with `clean_x`, model inputs), the class other than
-    `exclude` the probe sends most images to and its detect.reach_rates share."""
+    """Per probed set (each paired image by image with the first len(x) of `clean_x`, model inputs), the class
+    other than `exclude` the probe sends most images to and its detect.reach_rates share."""
     pred = Predictor(model, spec)
     logits = pred.logits(clean_x, batch_size)
     out = []
     for x in probed_x:
-        rates = reach_rates(logits.argmax(1), pred.logits(x, batch_size).argmax(1), logits.shape[1])
+        rates = reach_rates(logits[:len(x)].argmax(1), pred.logits(x, batch_size).argmax(1), logits.shape[1])
         rates[exclude] = -1.0
         best = int(np.argmax(rates))
         out.append((best, float(max(rates[best], 0.0))))
@@ -69,7 +69,7 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
 
     def fresh(cls: int | None, names) -> list:
         probes = synthesize(model, ctx.fit_raw, prep.pre, cls, opts.seed, spec=prep.spec, only=set(names),
-                            exclude=(ctx.target,), families=ctx.families)
+                            exclude=(ctx.target,), families=ctx.families, **ctx.synthesize_kw())
         return probes, [prep.pre.apply(p.apply(ctx.hold_raw)) for p in probes]
 
     progress("re-attack", 0, 2)

@@ -31,10 +31,11 @@ BATCH = 64
 
 def repair(model: onnx.ModelProto, sites: dict[str, Site], pruned: dict[str, list[int]], x_raw: np.ndarray,
            pp: Preprocess, probes: list[Probe], seed: int = 0, *, runs: tuple[tuple[int, float], ...] = RUNS,
-           avoid: tuple[np.ndarray, int] | None = None, spec=None) -> dict[tuple[int, float], onnx.ModelProto]:
+           avoid: tuple[np.ndarray, int] | None = None, spec=None, batch: int = BATCH
+           ) -> dict[tuple[int, float], onnx.ModelProto]:
     """Tune `model`'s weights with the units in `pruned` (site name -> channels) masked, once per (steps,
     learning rate) in `runs`, each run from `model` with the same seed; returns the tuned model per run
-    (pruned units still to be zeroed by rewrite.apply).
+    (pruned units still to be zeroed by rewrite.apply); `batch` fit images per step.
     `x_raw`: (N, H, W, C) float32 raw pixels of the fit images. `avoid`: (raw images, class) — images that must
     not go to that class (a user's triggered samples). `spec`: the model's InputSpec (see
     torchnet.classifier). Raises MissingDependency without torch."""
@@ -64,7 +65,7 @@ def repair(model: onnx.ModelProto, sites: dict[str, Site], pruned: dict[str, lis
         params = [p for p in graph.parameters() if p.dtype.is_floating_point]
         opt = torch.optim.Adam(params, lr=lr)
         gen = torch.Generator().manual_seed(seed)
-        batch = min(BATCH, len(x))
+        batch = min(batch, len(x))
         order, start = torch.randperm(len(x), generator=gen), 0
         for step in range(steps):
             if start + batch > len(x):

@@ -1,0 +1,107 @@
+"""Effort: how much optimisation the defense's searches do, sized to a time budget (issue 13).
+
+Every search of the defense (the detection scans and mask search, the probes, the repair, the re-attack) is
+optimiser steps × images per step torch passes (forward and backward), and every check (bounds, count,
+re-attack) forwards probed held-out images with onnxruntime. At full effort (each module's constants) a
+CIFAR-size model costs 15-30 minutes on 2 cores; one pass of an ImageNet-size ResNet-50 at 224×224 costs 23×
+the CIFAR ResNet-18's (README, Where the time goes), so the same work would take most of a day. Before each
+stage (detection, then the rest) its work at full effort is priced with the pass costs measured on this model
+on this machine (PassCost); when it does not fit the stage's part of the budget, the effort is halved until
+it does: first the images each optimiser step sees (down to MIN_IMAGES — a universal perturbation's gradient
+over a few images still points the same way, the step is noisier), then the steps (down to MIN_STEP_SHARE of
+them), and the images each probe is tested on (down to MIN_TEST). Shares are powers of two, so timing noise
+moves the effort only near a boundary; the report says which was used and why.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+# The whole run's default budget, in seconds of wall time on the machine it runs on.
+DEFAULT_BUDGET = 15 * 60
+# Detection's part of the budget: it comes first and its cost is known; the rest goes to the defense.
+DETECTION_SHARE = 0.25
+# Floors of a reduced effort: images per optimiser step, share of the steps, images a probe is tested on.
+MIN_IMAGES = 8
+MIN_STEP_SHARE = 0.25
+MIN_TEST = 64
+# Images the torch pass cost is timed on: on small models a few images time the interpreter's overhead, which
+# the searches' batches of 32-64 spread thin.
+COST_IMAGES = 16
+# The smallest share tried (1/64): below it the floors hold everything anyway.
+SHARES = tuple(0.5 ** k for k in range(7))
+
+
+@dataclass(frozen=True)
+class Effort:
+    """A share of the full work (1.0: each module's constants), turned into per-search numbers."""
+
+    share: float = 1.0
+
+    def images(self, full: int) -> int:
+        """Images per optimiser step for a search whose full effort uses `full`."""
+        return min(full, max(MIN_IMAGES, round(full * self.share)))
+
+    def steps(self, full: int, images_full: int) -> int:
+        """Optimiser steps for a search whose full effort is `full` steps of `images_full` images: the part of
+        the cut the images could not take (their floor), down to MIN_STEP_SHARE of the steps."""
+        left = self.share * images_full / self.images(images_full)
+        return max(1, round(full * min(1.0, max(MIN_STEP_SHARE, left))))
+
+    def tests(self, n: int) -> int:
+        """Images a probe is tested on, of `n` available."""
+        return min(n, max(MIN_TEST, round(n * self.share)))
+
+
+FULL = Effort()
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """Wall seconds per image on this machine: a torch forward + backward (to the input, as the searches do;
+    the repair's backward to the weights costs about the same, README), and an onnxruntime forward."""
+
+    backward: float
+    forward: float
+
+    def seconds(self, work: tuple[float, float]) -> float:
+        """Wall seconds of `work`: (torch forward+backward image passes, onnxruntime forward image passes)."""
+        return work[0] * self.backward + work[1] * self.forward
+
+
+def measure(model, spec, pp, x_raw: np.ndarray, forward: float, repeats: int = 2) -> PassCost:
+    """PassCost of `model` here: a torch forward + backward to the input on `x_raw` (N, H, W, C float32 raw
+    pixels; a batch of the first COST_IMAGES), the best of `repeats` after a warm-up, and `forward` (seconds per
+    image of an onnxruntime forward, timed by the caller on work it does anyway). Raises MissingDependency
+    without torch."""
+    from ..errors import require
+    from .torchnet import classifier, make_input
+
+    torch = require("torch", "torch")
+    graph = classifier(model, spec, frozen=True)
+    x = make_input(torch, torch.from_numpy(np.asarray(x_raw[:COST_IMAGES], np.float32)), pp)
+    best = float("inf")
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        xi = x.detach().clone().requires_grad_(True)
+        graph(xi)[0].logsumexp(1).sum().backward()
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return PassCost(best / len(x), forward)
+
+
+def sized(work: Callable[[Effort], tuple[float, float]], cost: PassCost, budget: float) -> tuple[Effort, dict]:
+    """The largest effort of SHARES whose `work` (see PassCost.seconds) costs at most `budget` seconds (the
+    smallest when none does), and the report's record of the choice."""
+    for share in SHARES:
+        effort = Effort(share)
+        seconds = cost.seconds(work(effort))
+        if seconds <= budget:
+            break
+    return effort, {"share": effort.share, "estimated_seconds": round(seconds, 1),
+                    "full_effort_seconds": round(cost.seconds(work(FULL)), 1), "budget_seconds": round(budget, 1),
+                    "pass_seconds": {"torch_forward_backward": round(cost.backward, 5),
+                                     "onnxruntime_forward": round(cost.forward, 5)}}

@@ -1,0 +1,123 @@
+"""Effort sizing (issue 13): the searches' images and steps cut to a time budget, and the runs that use it."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from sanitizer.defense import effort as E
+from sanitizer.defense.count import flips
+from sanitizer.defense.defend import work as defense_work
+from sanitizer.defense.detect import SCAN_IMAGES, SCAN_STEPS
+from sanitizer.defense.detect import work as detection_work
+from sanitizer.defense.probes import N_IMAGES, STEPS
+from sanitizer.defense.repair import BATCH, RUNS
+from sanitizer.evaluate import Predictor
+from calib.preprocess import input_spec
+
+
+def test_full_effort_is_each_modules_constants():
+    full = E.FULL
+    assert (full.images(N_IMAGES), full.steps(STEPS, N_IMAGES)) == (N_IMAGES, STEPS)
+    assert (full.images(SCAN_IMAGES), full.steps(SCAN_STEPS, SCAN_IMAGES)) == (SCAN_IMAGES, SCAN_STEPS)
+    assert [full.steps(n, BATCH) for n, _ in RUNS] == [n for n, _ in RUNS]
+    assert full.tests(250) == 250
+
+
+def test_images_are_cut_before_steps_and_both_stop_at_their_floors():
+    half = E.Effort(0.5)
+    assert (half.images(64), half.steps(100, 64)) == (32, 100), "images first, steps untouched"
+    eighth = E.Effort(1 / 8)
+    assert (eighth.images(64), eighth.steps(100, 64)) == (E.MIN_IMAGES, 100)
+    # 1/16 of 64 images is 4: the floor keeps 8, so the steps take the other half of the cut
+    assert (E.Effort(1 / 16).images(64), E.Effort(1 / 16).steps(100, 64)) == (E.MIN_IMAGES, 50)
+    least = E.Effort(E.SHARES[-1])
+    assert least.steps(100, 64) == round(100 * E.MIN_STEP_SHARE)
+    assert least.images(4) == 4, "never more images than the full effort uses"
+    assert least.tests(1000) == E.MIN_TEST and least.tests(30) == 30 and E.Effort(0.5).tests(250) == 125
+
+
+def test_sized_takes_the_largest_share_within_the_budget():
+    cost = E.PassCost(backward=1.0, forward=0.5)
+
+    def work(effort):
+        return effort.images(64) * effort.steps(100, 64), effort.tests(1000)
+
+    effort, record = E.sized(work, cost, budget=6400 + 500)
+    assert effort.share == 1.0 and record["estimated_seconds"] == 6900
+    effort, record = E.sized(work, cost, budget=3200 + 250)
+    assert effort.share == 0.5 and record["full_effort_seconds"] == 6900 and record["budget_seconds"] == 3450
+    # nothing fits: the least effort, and the report says what it will cost
+    effort, record = E.sized(work, cost, budget=1.0)
+    assert effort.share == E.SHARES[-1]
+    assert record["estimated_seconds"] == 8 * 25 + 0.5 * E.MIN_TEST
+
+
+def test_the_work_estimates_fall_with_the_effort():
+    for work in (lambda e: detection_work(e, 250, 1000), lambda e: defense_work(e, 250, 250, 2400, ("warp",))):
+        passes = [sum(work(E.Effort(s))) for s in E.SHARES]
+        # until every search is at its floors
+        assert all(a >= b for a, b in zip(passes, passes[1:])) and passes[0] > 4 * passes[-1], passes
+    # detection's cost does not grow with the number of classes past the mask search's sample
+    assert detection_work(E.FULL, 250, 1000) == detection_work(E.FULL, 250, 32)
+
+
+def test_flips_on_a_prefix_of_the_held_out_images_match_a_brute_force_count():
+    from models import plain, random_input
+
+    model = plain(seed=1)   # a seed whose random weights do not send every image to one class
+    spec = input_spec(model)
+    clean = random_input(model, batch=40)["input"]
+    probed = -4.0 * clean[:15]   # a reduced effort probes the first 15 held-out images only
+    logits = Predictor(model, spec).logits
+    base, moved = logits(clean, 8).argmax(1), logits(probed, 8).argmax(1)
+    # the class the probe sends most of the first 15 to, among those not already there
+    target = int(np.argmax([((moved == c) & (base[:15] != c)).sum() for c in range(logits(clean[:1]).shape[1])]))
+    keep = base[:15] != target
+    pred, (rate,) = flips(model, spec, clean, [probed], target, batch_size=8)
+    assert (pred == base).all() and 0 < rate
+    assert rate == pytest.approx(float((moved[keep] == target).mean()))
+
+
+def _digits_run(tmp_path, *extra):
+    pytest.importorskip("torch")
+    from digits_backdoor import trained
+    from sanitizer.cli import main
+
+    model, calib, x_test, y_test = trained(poisoned=True)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", X=calib.astype(np.uint8))
+    code = main([str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npz"), "--out", str(tmp_path / "o.onnx"),
+                 "--report", str(tmp_path / "r.json"), *extra])
+    report = json.loads((tmp_path / "r.json").read_text()) if (tmp_path / "r.json").exists() else None
+    return code, report, (x_test, y_test)
+
+
+def test_a_budget_too_small_for_the_full_effort_cuts_every_search(tmp_path):
+    pytest.importorskip("torch")
+    from digits_backdoor import TARGET, _stamp, trained
+
+    _, _, x_test, y_test = trained(poisoned=True)
+    np.savez(tmp_path / "suspects.npz", X=_stamp(x_test[y_test != TARGET][:60]).astype(np.uint8))
+    # a second is far under what the full effort costs even on 8x8 digits: the least effort runs
+    code, report, _ = _digits_run(tmp_path, "--suspect", str(tmp_path / "suspects.npz"), "--time-budget", str(1 / 60),
+                                  "--max-acc-drop", "0.06", "--allow-degraded")
+    assert code == 0
+    sized = report["effort"]["defense"]
+    assert sized["share"] == E.SHARES[-1] and sized["estimated_seconds"] < sized["full_effort_seconds"]
+    least = E.Effort(E.SHARES[-1])
+    names = [c["name"] for c in report["probes"]["candidates"]]
+    assert names[1:] == [f"pruned+repaired ({least.steps(n, BATCH)} steps at {lr:g})" for n, lr in RUNS], names
+
+
+def test_time_budget_zero_is_full_effort_and_a_negative_one_is_refused(tmp_path, capsys):
+    code, report, _ = _digits_run(tmp_path, "--criterion", "linf", "--detect", "--time-budget", "-1")
+    assert code == 2 and report is None
+    assert "--time-budget is minutes" in capsys.readouterr().err
+    code, report, _ = _digits_run(tmp_path, "--time-budget", "0", "--max-acc-drop", "0.06")
+    assert code == 0 and "effort" not in report
+    code, report, _ = _digits_run(tmp_path, "--max-acc-drop", "0.06", "--force")
+    assert code == 0 and report["effort"]["budget_seconds"] == E.DEFAULT_BUDGET
+    assert report["effort"]["detection"]["share"] == 1.0, "8x8 digits fit the default budget at full effort"
