@@ -141,6 +141,12 @@ def show_summary(result: dict) -> None:
         table.add_row("units pruned", "0", f"{result['plan']['count']} of {result['plan']['candidates']} ({result['criterion']})"
                       + ("; remaining weights repaired" if repaired else ""))
     out.print(table)
+    if "effort" in result:
+        from .defense.effort import summary
+
+        line = summary(result["effort"])
+        if line:
+            out_console_line(line)
     if result.get("detection", {}).get("suspected_target", 0) is None:
         # "no backdoor found" is a claim about what was searched, not about every trigger there is
         out_console_line("searched: patches, signals, warps and small masks; per-image (input-aware), sparse-pixel "

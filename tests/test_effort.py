@@ -95,7 +95,7 @@ def _digits_run(tmp_path, *extra):
     return code, report, (x_test, y_test)
 
 
-def test_a_budget_too_small_for_the_full_effort_cuts_every_search(tmp_path):
+def test_a_budget_too_small_for_the_full_effort_cuts_every_search(tmp_path, capsys):
     pytest.importorskip("torch")
     from digits_backdoor import TARGET, _stamp, trained
 
@@ -105,6 +105,8 @@ def test_a_budget_too_small_for_the_full_effort_cuts_every_search(tmp_path):
     code, report, _ = _digits_run(tmp_path, "--suspect", str(tmp_path / "suspects.npz"), "--time-budget", str(1 / 60),
                                   "--max-acc-drop", "0.06", "--allow-degraded")
     assert code == 0
+    printed = " ".join(capsys.readouterr().out.split())   # the console wraps long lines
+    assert "reduced effort to fit --time-budget 0.0166667 min: defense 0.015625 of the full effort" in printed
     sized = report["effort"]["defense"]
     assert sized["share"] == E.SHARES[-1] and sized["estimated_seconds"] < sized["full_effort_seconds"]
     least = E.Effort(E.SHARES[-1])
@@ -121,3 +123,4 @@ def test_time_budget_zero_is_full_effort_and_a_negative_one_is_refused(tmp_path,
     code, report, _ = _digits_run(tmp_path, "--max-acc-drop", "0.06", "--force")
     assert code == 0 and report["effort"]["budget_seconds"] == E.DEFAULT_BUDGET
     assert report["effort"]["detection"]["share"] == 1.0, "8x8 digits fit the default budget at full effort"
+    assert "reduced effort" not in capsys.readouterr().out

@@ -105,3 +105,15 @@ def sized(work: Callable[[Effort], tuple[float, float]], cost: PassCost, budget:
                     "full_effort_seconds": round(cost.seconds(work(FULL)), 1), "budget_seconds": round(budget, 1),
                     "pass_seconds": {"torch_forward_backward": round(cost.backward, 5),
                                      "onnxruntime_forward": round(cost.forward, 5)}}
+
+
+def summary(record: dict) -> str | None:
+    """One line on a reduced effort for the console (`record`: the report's "effort" section), None at full
+    effort."""
+    cut = {stage: r for stage, r in record.items() if isinstance(r, dict) and r["share"] < 1}
+    if not cut:
+        return None
+    parts = ", ".join(f"{stage} {r['share']:g} of the full effort (estimated {r['full_effort_seconds'] / 60:.0f} "
+                      f"min at full effort here)" for stage, r in cut.items())
+    return (f"reduced effort to fit --time-budget {record['budget_seconds'] / 60:g} min: {parts}; fewer images and "
+            f"steps per search can miss a backdoor the full effort finds (--time-budget 0: full effort)")
