@@ -23,7 +23,8 @@ The steps, in order, one module each (pipeline.sanitize runs detect, then defend
    against the best other class the same probe reaches at the same place (Neural Cleanse's comparison
    with the other classes).
 
-context.py holds Context, what every step needs; torchnet.py the torch side (device, the ONNX model as a
+context.py holds Context, what every step needs (the Effort among it: effort.py sizes each search's images and
+steps to the run's time budget); torchnet.py the torch side (device, the ONNX model as a
 torch classifier, raw pixels to model input). torch is imported only when a step that needs it runs.
 """
 from .context import Context
