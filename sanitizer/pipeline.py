@@ -26,7 +26,6 @@ from .defense.defend import unconfirmed
 from .defense.defend import work as defense_work
 from .defense.count import FLIP_GOAL, USE_FLIP
 from .defense.detect import detect, families_for
-from .defense.detect import work as detection_work
 from .defense.effort import FULL
 from .defense.torchnet import pixel_range
 from .engine import ENGINE_SUFFIXES, is_engine
@@ -581,9 +580,8 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     if opts.suspect is not None:
         suspects, target = read_suspects(prep, opts)
     elif opts.detect or probing:
-        effort = sizing("detection", lambda e: detection_work(e, len(fit), sanity["classes"]),
-                        effort_sizing.DETECTION_SHARE)
-        detection = detect(prep, fit, opts.seed, progress, effort)
+        detection = detect(prep, fit, opts.seed, progress,
+                           lambda stage, work: sizing(stage, work, effort_sizing.DETECTION_SHARE))
         target = detection["suspected_target"]
     clean_verdict = detection is not None and target is None
     if not sites and not clean_verdict:

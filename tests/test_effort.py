@@ -10,8 +10,7 @@ import pytest
 from sanitizer.defense import effort as E
 from sanitizer.defense.count import flips
 from sanitizer.defense.defend import work as defense_work
-from sanitizer.defense.detect import SCAN_IMAGES, SCAN_STEPS
-from sanitizer.defense.detect import work as detection_work
+from sanitizer.defense.detect import SCAN_IMAGES, SCAN_STEPS, mask_work, scan_work
 from sanitizer.defense.probes import N_IMAGES, STEPS
 from sanitizer.defense.repair import BATCH, RUNS
 from sanitizer.evaluate import Predictor
@@ -56,12 +55,13 @@ def test_sized_takes_the_largest_share_within_the_budget():
 
 
 def test_the_work_estimates_fall_with_the_effort():
-    for work in (lambda e: detection_work(e, 250, 1000), lambda e: defense_work(e, 250, 250, 2400, ("warp",))):
+    for work in (lambda e: scan_work(e, 250), lambda e: scan_work(e, 250, 3), lambda e: mask_work(e, 250, 1000),
+                 lambda e: defense_work(e, 250, 250, 2400, ("warp",))):
         passes = [sum(work(E.Effort(s))) for s in E.SHARES]
         # until every search is at its floors
         assert all(a >= b for a, b in zip(passes, passes[1:])) and passes[0] > 4 * passes[-1], passes
     # detection's cost does not grow with the number of classes past the mask search's sample
-    assert detection_work(E.FULL, 250, 1000) == detection_work(E.FULL, 250, 32)
+    assert mask_work(E.FULL, 250, 1000) == mask_work(E.FULL, 250, 32) > mask_work(E.FULL, 250, 10)
 
 
 def test_flips_on_a_prefix_of_the_held_out_images_match_a_brute_force_count():
@@ -122,5 +122,5 @@ def test_time_budget_zero_is_full_effort_and_a_negative_one_is_refused(tmp_path,
     assert code == 0 and "effort" not in report
     code, report, _ = _digits_run(tmp_path, "--max-acc-drop", "0.06", "--force")
     assert code == 0 and report["effort"]["budget_seconds"] == E.DEFAULT_BUDGET
-    assert report["effort"]["detection"]["share"] == 1.0, "8x8 digits fit the default budget at full effort"
+    assert report["effort"]["patch scan"]["share"] == 1.0, "8x8 digits fit the default budget at full effort"
     assert "reduced effort" not in capsys.readouterr().out

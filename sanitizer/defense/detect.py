@@ -21,6 +21,7 @@ manufacture an outlier.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -75,20 +76,23 @@ def _per_class(values: np.ndarray, digits: int) -> list[float | None]:
     return [None if np.isnan(v) else round(float(v), digits) for v in values]
 
 
-def work(effort: Effort, n_fit: int, n_classes: int) -> tuple[float, float]:
-    """Detection's work at `effort` on `n_fit` images of an `n_classes` model when every search runs (no patch
-    or family finds a target), as (torch forward+backward image passes, onnxruntime forward image passes);
-    a torch forward counts as half a pass (effort.PassCost)."""
+def scan_work(effort: Effort, n_fit: int, families: int = 0) -> tuple[float, float]:
+    """The patch scan's work at `effort` on `n_fit` images (with `families` > 0: the family scan's, that many
+    families), as effort.PassCost counts it: (torch forward+backward image passes, onnxruntime forward image
+    passes), a torch forward counted as half a pass."""
     fit = min(effort.images(SCAN_IMAGES), n_fit // 2)
-    test = effort.tests(n_fit - fit)
-    probes = N_PLACES * (1 + SCAN_CANDIDATES) + len(FAMILIES) * (1 + SCAN_CANDIDATES)
-    passes = probes * effort.steps(SCAN_STEPS, SCAN_IMAGES) * fit + 0.5 * (n_fit + probes * test)
+    probes = (families or N_PLACES) * (1 + SCAN_CANDIDATES)
+    tests = n_fit + probes * effort.tests(n_fit - fit)
+    return probes * effort.steps(SCAN_STEPS, SCAN_IMAGES) * fit + 0.5 * tests, 0.0
+
+
+def mask_work(effort: Effort, n_fit: int, n_classes: int) -> tuple[float, float]:
+    """The mask search's work at `effort` on `n_fit` images of an `n_classes` model (as scan_work)."""
     images = min(effort.images(MASK_IMAGES), n_fit // 2)
     batch = min(effort.images(MASK_BATCH), images)
     classes = min(n_classes, mask_classes(effort))
     steps = classes * effort.steps(MASK_STEPS, MASK_BATCH) + MASK_REFINED * effort.steps(MASK_REFINE, MASK_BATCH)
-    passes += steps * batch
-    return passes + 0.5 * (n_fit - images), 0.0
+    return steps * batch + 0.5 * (n_fit - images), 0.0
 
 
 def mask_classes(effort: Effort) -> int:
@@ -96,27 +100,38 @@ def mask_classes(effort: Effort) -> int:
     return max(MIN_MASK_CLASSES, round(MAX_CLASSES * effort.share))
 
 
-def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress, effort: Effort = FULL) -> dict:
+def _full(stage: str, work) -> Effort:
+    return FULL
+
+
+def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
+           size: Callable[[str, Callable[[Effort], tuple[float, float]]], Effort] = _full) -> dict:
     """Which class, if any, a backdoor sends images to, judged on the fit images only.
 
     First short patch probes (cheap, and decisive for patch triggers): toward any class, then toward the
     few classes those reach most; when no patch finds a target, the Neural-Cleanse mask search over those
     candidates and a sample of the other classes, whose smallest-mask anomaly also catches triggers that
-    are not a patch (blended, full-image). Neither step's cost grows with the number of classes. `effort`:
-    images, steps and test images of every search (effort.py)."""
+    are not a patch (blended, full-image). Neither step's cost grows with the number of classes. `size`:
+    (search name, its work at an effort: scan_work, mask_work) -> the Effort it runs at (effort.py; the
+    pipeline's sizes each search as it comes, so a patch found at full effort pays for no mask search)."""
     progress("detection", 0, 3)
     start = time.perf_counter()
     raw = prep.calib.subset(fit).read(0, len(fit))
-    # one torch copy of the model and one split of the images for both scans
+    effort = size("patch scan", lambda e: scan_work(e, len(fit)))
+    # one torch copy of the model and one split of the images for both scans (unless their efforts differ)
     reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
-    steps = effort.steps(SCAN_STEPS, SCAN_IMAGES)
-    patch = scan(prep.model, raw, prep.pre, seed, steps=steps, spec=prep.spec, reach=reach)
+    patch = scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS, SCAN_IMAGES), spec=prep.spec,
+                 reach=reach)
     out = {"patch_scan": {"best_flip": _per_class(patch.best_flip, 4), "candidates": patch.candidates,
                           "threshold": SCAN_FLIP}}
     target, how = patch.suspected_target, "patch scan"
     progress("detection", 1, 3)
     if target is None:
-        fam = family_scan(prep.model, raw, prep.pre, seed, steps=steps, spec=prep.spec, reach=reach)
+        was, effort = effort, size("family scan", lambda e: scan_work(e, len(fit), len(FAMILIES)))
+        if effort != was:
+            reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
+        fam = family_scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS, SCAN_IMAGES),
+                          spec=prep.spec, reach=reach)
         out["family_scan"] = {"best_flip": {f: _per_class(v, 4) for f, v in fam.best_flip.items()},
                               "candidates": fam.candidates, "threshold": FAMILY_FLIP}
         if fam.suspected_target is not None:
@@ -124,6 +139,8 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress, effor
             out["family"] = fam.family
     progress("detection", 2, 3)
     if target is None:
+        n_classes = len(patch.best_flip)
+        effort = size("mask search", lambda e: mask_work(e, len(fit), n_classes))
         found = mask_search(prep.model, raw, prep.pre, seed, candidates=patch.candidates, spec=prep.spec,
                             n_images=effort.images(MASK_IMAGES), batch=effort.images(MASK_BATCH),
                             first_steps=effort.steps(MASK_STEPS, MASK_BATCH),

@@ -5,12 +5,13 @@ optimiser steps × images per step torch passes (forward and backward), and ever
 re-attack) forwards probed held-out images with onnxruntime. At full effort (each module's constants) a
 CIFAR-size model costs 15-30 minutes on 2 cores; one pass of an ImageNet-size ResNet-50 at 224×224 costs 23×
 the CIFAR ResNet-18's (README, Where the time goes), so the same work would take most of a day. Before each
-stage (detection, then the rest) its work at full effort is priced with the pass costs measured on this model
-on this machine (PassCost); when it does not fit the stage's part of the budget, the effort is halved until
-it does: first the images each optimiser step sees (down to MIN_IMAGES — a universal perturbation's gradient
-over a few images still points the same way, the step is noisier), then the steps (down to MIN_STEP_SHARE of
-them), and the images each probe is tested on (down to MIN_TEST). Shares are powers of two, so timing noise
-moves the effort only near a boundary; the report says which was used and why.
+stage (each detection search as it comes, then the rest of the defense) its work at full effort is priced
+with the pass costs measured on this model on this machine (PassCost); when it does not fit its part of the
+budget, the effort is halved until it does: first the images each optimiser step sees (down to MIN_IMAGES —
+a universal perturbation's gradient over a few images still points the same way, the step is noisier), then
+the steps (down to MIN_STEP_SHARE of them), and the images each probe is tested on (down to MIN_TEST).
+Shares are powers of two, so timing noise moves the effort only near a boundary; the report says which was
+used and why.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import numpy as np
 
 # The whole run's default budget, in seconds of wall time on the machine it runs on.
 DEFAULT_BUDGET = 15 * 60
-# Detection's part of the budget: it comes first and its cost is known; the rest goes to the defense.
+# Each detection search's part of the budget left when it starts (the patch scan, then the family scan and
+# the mask search only when nothing was found); the defense gets all that is left after them.
 DETECTION_SHARE = 0.25
 # Floors of a reduced effort: images per optimiser step, share of the steps, images a probe is tested on.
 MIN_IMAGES = 8
