@@ -270,7 +270,9 @@ def bench_cmd(
                               f"{row['asr_before']:.4f}→{row['asr_after']:.4f}", f"{row['units']}/{row['candidates']}",
                               (f"{row['stats_seconds']:.2f} / {row['plain_seconds']:.2f} (×{row['ratio']})"
                                if "ratio" in row else "—"),
-                              f"{row['total_seconds']:.1f}" + (" over budget" if row["degraded"] else ""),
+                              f"{row['total_seconds']:.1f}" + (" over budget" if row["degraded"] else "")
+                              + "".join(f" ({stage} at effort {v['share']:g})" for stage, v in row.get("effort", {}).items()
+                                        if isinstance(v, dict) and v["share"] < 1),
                               (row["detection"]["verdict"] + (f" ({row['detection']['found_by']})"
                                                               if row["detection"]["found_by"] else "")
                                if "detection" in row else "—"),

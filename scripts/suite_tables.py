@@ -46,14 +46,23 @@ def units(r: dict) -> str:
     return f"{r['units']}/{r['candidates']} ({pr['ranking']}), {pr['chosen']}"
 
 
+def effort(r: dict) -> str:
+    """Each stage's share of the full effort (effort.py), or "full" (or "—": a row from before --time-budget)."""
+    e = r.get("effort")
+    if not e:
+        return "—"
+    cut = [f"{stage} {v['share']:g}" for stage, v in e.items() if isinstance(v, dict) and v["share"] < 1]
+    return ", ".join(cut) if cut else "full"
+
+
 def default_table(rs: list[dict]) -> str:
     lines = ["| case | clean acc before → after | ASR before → after | units (ranking), kept | bounds | "
-             "fresh probes' best flip; place vs any other class | goal | total s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "fresh probes' best flip; place vs any other class | goal | effort | total s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rs:
         asr = "—" if r["asr_before"] is None else f"{r['asr_before']:.4f} → {r['asr_after']:.4f}"
         lines.append(f"| {r['case']} | {r['acc_before']:.4f} → {r['acc_after']:.4f} | {asr} | {units(r)} | "
-                     f"{bounds(r)} | {fresh(r)} | {r['goal']} | {r['total_seconds']:.0f} |")
+                     f"{bounds(r)} | {fresh(r)} | {r['goal']} | {effort(r)} | {r['total_seconds']:.0f} |")
     return "\n".join(lines)
 
 
