@@ -516,7 +516,8 @@ class Sizing:
         if self.opts.time_budget is None:
             return FULL
         if self.cost is None:
-            raw = self.prep.calib.subset(self.fit[:effort_sizing.COST_IMAGES]).read(0, effort_sizing.COST_IMAGES)
+            few = self.fit[:effort_sizing.COST_IMAGES]
+            raw = self.prep.calib.subset(few).read(0, len(few))
             self.cost = effort_sizing.measure(self.prep.model, self.prep.spec, self.prep.pre, raw, self.forward)
         left = self.opts.time_budget - (time.perf_counter() - self.t0)
         effort, self.report[stage] = effort_sizing.sized(work, self.cost, max(left, 0.0) * share)
