@@ -41,6 +41,9 @@ def test_default_removes_the_backdoor_within_the_budget(tmp_path):
     # the corner probe is the one that found the trigger
     used = [p["probe"] for p in report["probes"]["probes"] if p["used"]]
     assert "patch 2x2 at (6, 6)" in used, report["probes"]["probes"]
+    # the patch scan found it: no family scan or mask search was run, or sized
+    assert report["detection"]["found_by"] == "patch scan"
+    assert set(report["effort"]) == {"budget_seconds", "patch scan", "defense"}, report["effort"]
     # wall seconds per step of the defense, adding up to no more than the whole run (each rounded to the
     # millisecond, so the sum may exceed it by half a millisecond per step)
     steps = report["timings_seconds"]

@@ -72,6 +72,9 @@ def test_detect_with_a_clean_verdict_prunes_nothing(clean, tmp_path, capsys):
     assert report["plan"]["count"] == 0 and report["detection"]["found_by"] is None
     assert len(report["detection"]["patch_scan"]["best_flip"]) == 10
     assert len(report["detection"]["neural_cleanse"]["anomaly_index"]) == 10
+    # each search was sized as it came (all at full effort on 8x8 digits); no defense ran, none was sized
+    assert {k: v["share"] for k, v in report["effort"].items() if k != "budget_seconds"} == {
+        "patch scan": 1.0, "family scan": 1.0, "mask search": 1.0}
 
 
 def test_scan_names_the_patch_target_and_passes_the_clean_twin(backdoored, clean):
