@@ -116,7 +116,8 @@ def time_resnet50(folder: Path, images: int, budget: float | None) -> dict:
     export(torch, resnet(torch, 1000, bottleneck=True, width=64, blocks=[3, 4, 6, 3]), 224, model)
     np.savez(calib, X=noise_images(images, 224))
     wall, cpu = time.perf_counter(), cpu_seconds()
-    report = sanitize(Options(model=model, calib=calib, allow_degraded=True, time_budget=budget))
+    # random weights give every noise image one class, which the sanity gate rightly refuses
+    report = sanitize(Options(model=model, calib=calib, allow_degraded=True, time_budget=budget, sanity_check=False))
     return {"measure": "default run", "model": "ResNet-50, 1000 classes, random weights", "image": 224,
             "images": images, "wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1),
             "timings_seconds": report["timings_seconds"], "verdict": report["detection"]["verdict"],
