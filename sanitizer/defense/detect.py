@@ -34,7 +34,7 @@ from ..errors import require
 from .count import USE_FLIP
 from .effort import FULL, Effort
 from .probes import FAMILIES, N_PLACES, Probe, _Optimiser, _split
-from .torchnet import check_images, classifier, device, make_input, pixel_range
+from .torchnet import check_images, class_scores, classifier, device, make_input, pixel_range
 
 if TYPE_CHECKING:
     from ..pipeline import Prepared, Progress
@@ -420,8 +420,7 @@ def mask_search(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed:
     graph = classifier(model, spec, frozen=True)
     hi = pixel_range(x_raw)
     x_all = torch.from_numpy(x_raw).to(device(torch))
-    with torch.no_grad():
-        logits, _ = graph(make_input(torch, x_all[torch.from_numpy(opt_idx)], pp))
+    logits = class_scores(torch, graph, x_all[torch.from_numpy(opt_idx)], pp)
     preds = logits.argmax(1).cpu().numpy()
     n_classes = logits.shape[1]
 
@@ -448,13 +447,11 @@ def mask_search(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed:
     mask, pattern = searches[best].best
     trigger = Trigger(best, mask.cpu().numpy().astype(np.float32), pattern.cpu().numpy().astype(np.float32))
 
-    with torch.no_grad():
-        held = x_raw[held_idx]
-        held_logits, _ = graph(make_input(torch, torch.from_numpy(held), pp))
-        keep = held_logits.argmax(1).cpu().numpy() != best
-        flip = 0.0
-        if keep.any():
-            stamped, _ = graph(make_input(torch, torch.from_numpy(trigger.stamp(held[keep])), pp))
-            flip = float((stamped.argmax(1).cpu().numpy() == best).mean())
+    held = x_raw[held_idx]
+    keep = class_scores(torch, graph, torch.from_numpy(held), pp).argmax(1).cpu().numpy() != best
+    flip = 0.0
+    if keep.any():
+        stamped = class_scores(torch, graph, torch.from_numpy(trigger.stamp(held[keep])), pp)
+        flip = float((stamped.argmax(1).cpu().numpy() == best).mean())
     suspected = best if anomaly[best] > ANOMALY_THRESHOLD else None
     return ProbeResult(first, anomaly, suspected, trigger, flip, refined)

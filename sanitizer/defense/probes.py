@@ -25,7 +25,7 @@ import onnx
 from calib.preprocess import Preprocess
 
 from ..errors import require
-from .torchnet import classifier, device, make_input, pixel_range
+from .torchnet import class_scores, classifier, device, make_input, pixel_range
 
 # Patch sides as a share of the image side: patch triggers in the literature cover ~1-4 % of the image,
 # i.e. a side of 10-20 %. A probe smaller than the trigger can be silenced while the trigger still works,
@@ -150,9 +150,8 @@ class _Optimiser:
         if target is not None:
             labels = torch.full((len(x),), target, dtype=torch.long, device=self.on)
             return lambda logits: torch.nn.functional.cross_entropy(logits, labels)
-        with torch.no_grad():
-            logits = self.graph(make_input(torch, x, self.pp))[0]
-            outside = (logits.argmax(1)[:, None] != torch.arange(logits.shape[1], device=self.on)[None, :]).float()
+        logits = class_scores(torch, self.graph, x, self.pp)
+        outside = (logits.argmax(1)[:, None] != torch.arange(logits.shape[1], device=self.on)[None, :]).float()
         count = outside.sum(0)
         # a class every image is already in cannot be reached: it takes no part
         unreachable = torch.where(count > 0, 0.0, -torch.inf)
@@ -250,8 +249,7 @@ class _Optimiser:
         return self.signal(name, target, steps, exclude, x)
 
     def logits(self, x_raw: np.ndarray) -> np.ndarray:
-        with self.torch.no_grad():
-            return self.graph(make_input(self.torch, self.torch.from_numpy(x_raw), self.pp))[0].cpu().numpy()
+        return class_scores(self.torch, self.graph, self.torch.from_numpy(x_raw), self.pp).cpu().numpy()
 
 
 def _split(x_raw: np.ndarray, n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ from calib.preprocess import Preprocess
 from ..errors import require
 from ..graph import Site
 from .probes import Probe
-from .torchnet import classifier, device, make_input
+from .torchnet import FORWARD_BATCH, classifier, device, make_input
 
 # Repairs run, each from the pruned model, as (steps, Adam learning rate); the held-out images pick among
 # them (defend.py). How far a model should be tuned differs: on the open suite's CIFAR-10 ResNet-18, 100
@@ -50,7 +50,7 @@ def repair(model: onnx.ModelProto, sites: dict[str, Site], pruned: dict[str, lis
     graph = classifier(model, spec)
     with torch.no_grad():
         graph.eval()
-        teacher = torch.softmax(torch.cat([graph(x[i:i + 256])[0] for i in range(0, len(x), 256)]), 1)
+        teacher = torch.softmax(torch.cat([graph(x[i:i + FORWARD_BATCH])[0] for i in range(0, len(x), FORWARD_BATCH)]), 1)
     shunned = None
     if avoid is not None:
         shunned = make_input(torch, torch.from_numpy(np.asarray(avoid[0], np.float32)), pp)

@@ -43,6 +43,19 @@ def make_input(torch, x_raw, pp: Preprocess):
     return x.permute(0, 3, 1, 2) if pp.layout == "nchw" else x
 
 
+# Images per forward without gradients: the interpreter holds a batch's live activations at once, and a batch
+# of a few hundred ImageNet-size images was tens of GB.
+FORWARD_BATCH = 64
+
+
+def class_scores(torch, graph, x_raw, pp: Preprocess):
+    """`graph`'s class scores (a torch tensor [N, classes]) on raw NHWC pixels `x_raw` (a torch tensor), without
+    gradients, FORWARD_BATCH images at a time."""
+    with torch.no_grad():
+        return torch.cat([graph(make_input(torch, x_raw[i:i + FORWARD_BATCH], pp))[0]
+                          for i in range(0, max(len(x_raw), 1), FORWARD_BATCH)])
+
+
 def check_images(x_raw: np.ndarray) -> np.ndarray:
     if x_raw.ndim != 4 or len(x_raw) < 8:
         raise BadData(f"need at least 8 calibration images as an NHWC array, got shape {x_raw.shape}")
