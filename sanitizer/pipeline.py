@@ -22,7 +22,7 @@ from . import rewrite
 from .atomic import check_writable, write_text
 from .defense import defend
 from .defense import effort as effort_sizing
-from .defense.defend import unconfirmed
+from .defense.defend import probe_work, unconfirmed
 from .defense.defend import work as defense_work
 from .defense.count import FLIP_GOAL, USE_FLIP
 from .defense.detect import detect, families_for
@@ -533,7 +533,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     if opts.criterion == PROBE and importlib.util.find_spec("torch") is None:
         raise SanitizeError("the default criterion 'probe' needs torch: pip install "
                             "'onnx-backdoor-sanitizer[torch]', or pass --criterion linf", ExitCode.MISSING_DEP)
-    if opts.time_budget is not None and not opts.time_budget > 0:
+    if opts.time_budget is not None and not 0 < opts.time_budget < float("inf"):
         raise SanitizeError(f"--time-budget is minutes (0: full effort), got {opts.time_budget / 60:g}", ExitCode.USAGE)
     if not 0 <= opts.max_acc_drop < 1:
         raise SanitizeError(f"--max-acc-drop is a share of accuracy in [0, 1), got {opts.max_acc_drop}", ExitCode.USAGE)
@@ -592,9 +592,11 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     plan, probe_info, refused = None, None, None
     unconfirmed_by = None
     families = families_for(detection)
-    if probing and not clean_verdict or detection is not None and detection["found_by"] == "mask anomaly":
-        units = sum(s.channels for s in sites)
-        effort = sizing("defense", lambda e: defense_work(e, len(fit), len(hold), units, families))
+    if probing and not clean_verdict:
+        units, n_suspects = sum(s.channels for s in sites), None if suspects is None else len(suspects)
+        effort = sizing("defense", lambda e: defense_work(e, len(fit), len(hold), units, families, suspects=n_suspects))
+    elif detection is not None and detection["found_by"] == "mask anomaly":
+        effort = sizing("probes", lambda e: probe_work(e, len(hold), families))
     if probing and not clean_verdict:
         plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, target, opts, progress, suspects,
                                              families=families, effort=effort)

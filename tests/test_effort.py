@@ -9,6 +9,7 @@ import pytest
 
 from sanitizer.defense import effort as E
 from sanitizer.defense.count import flips
+from sanitizer.defense.defend import probe_work
 from sanitizer.defense.defend import work as defense_work
 from sanitizer.defense.detect import SCAN_IMAGES, SCAN_STEPS, mask_work, scan_work
 from sanitizer.defense.probes import N_IMAGES, STEPS
@@ -52,6 +53,14 @@ def test_sized_takes_the_largest_share_within_the_budget():
     effort, record = E.sized(work, cost, budget=1.0)
     assert effort.share == E.SHARES[-1]
     assert record["estimated_seconds"] == 8 * 25 + 0.5 * E.MIN_TEST
+
+
+def test_the_defense_is_priced_for_what_runs():
+    full = defense_work(E.FULL, 250, 250, 2400)
+    # suspicious samples replace the probes: nothing synthesized, no re-attack
+    assert defense_work(E.FULL, 250, 250, 2400, suspects=60)[0] < full[0] / 2
+    # confirming a mask-search target runs the probes step alone
+    assert sum(probe_work(E.FULL, 250)) < sum(full) / 4
 
 
 def test_the_work_estimates_fall_with_the_effort():
@@ -101,12 +110,12 @@ def test_a_budget_too_small_for_the_full_effort_cuts_every_search(tmp_path, caps
 
     _, _, x_test, y_test = trained(poisoned=True)
     np.savez(tmp_path / "suspects.npz", X=_stamp(x_test[y_test != TARGET][:60]).astype(np.uint8))
-    # a second is far under what the full effort costs even on 8x8 digits: the least effort runs
-    code, report, _ = _digits_run(tmp_path, "--suspect", str(tmp_path / "suspects.npz"), "--time-budget", str(1 / 60),
+    # 60 microseconds are spent before the defense starts: nothing fits, the least effort runs
+    code, report, _ = _digits_run(tmp_path, "--suspect", str(tmp_path / "suspects.npz"), "--time-budget", "1e-6",
                                   "--max-acc-drop", "0.06", "--allow-degraded")
     assert code == 0
     printed = " ".join(capsys.readouterr().out.split())   # the console wraps long lines
-    assert "reduced effort to fit --time-budget 0.0166667 min: defense 0.015625 of the full effort" in printed
+    assert "reduced effort to fit --time-budget 1e-06 min: defense 0.015625 of the full effort" in printed
     sized = report["effort"]["defense"]
     assert sized["share"] == E.SHARES[-1] and sized["estimated_seconds"] < sized["full_effort_seconds"]
     least = E.Effort(E.SHARES[-1])
@@ -115,9 +124,10 @@ def test_a_budget_too_small_for_the_full_effort_cuts_every_search(tmp_path, caps
 
 
 def test_time_budget_zero_is_full_effort_and_a_negative_one_is_refused(tmp_path, capsys):
-    code, report, _ = _digits_run(tmp_path, "--criterion", "linf", "--detect", "--time-budget", "-1")
-    assert code == 2 and report is None
-    assert "--time-budget is minutes" in capsys.readouterr().err
+    for bad in ("-1", "inf", "nan"):   # inf would write Infinity into the JSON report
+        code, report, _ = _digits_run(tmp_path, "--criterion", "linf", "--detect", "--time-budget", bad)
+        assert code == 2 and report is None
+        assert "--time-budget is minutes" in capsys.readouterr().err
     code, report, _ = _digits_run(tmp_path, "--time-budget", "0", "--max-acc-drop", "0.06")
     assert code == 0 and "effort" not in report
     code, report, _ = _digits_run(tmp_path, "--max-acc-drop", "0.06", "--force")

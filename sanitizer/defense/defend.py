@@ -39,21 +39,31 @@ if TYPE_CHECKING:
     from ..pipeline import HeldOut, Options, Prepared, Progress
 
 
-def work(effort: Effort, n_fit: int, n_hold: int, n_units: int, families: tuple[str, ...] = ()) -> tuple[float, float]:
+def work(effort: Effort, n_fit: int, n_hold: int, n_units: int, families: tuple[str, ...] = (), *,
+         suspects: int | None = None) -> tuple[float, float]:
     """The defense's work after detection at `effort` (n_fit / n_hold images, n_units prunable units), as
     effort.PassCost counts it: (torch forward+backward image passes, onnxruntime forward image passes), with
-    every probe used and a count search of twice the doubling grid per ranking."""
-    probes = 2 * N_PLACES + 1 + len(families)
-    hold, ranked = effort.tests(n_hold), effort.tests(n_fit)
+    every probe used and a count search of twice the doubling grid per ranking. `suspects`: the number of
+    suspicious samples that replace the probes (half rank, half count; nothing synthesized, no re-attack)."""
+    synthesized = suspects is None
+    probes = 2 * N_PLACES + 1 + len(families) if synthesized else 1
+    hold, ranked = (effort.tests(n_hold), effort.tests(n_fit)) if synthesized else (suspects // 2, suspects // 2)
     # the probes, then as many fresh ones in the re-attack
-    passes = 2 * probes * effort.steps(STEPS, N_IMAGES) * effort.images(N_IMAGES)
+    passes = 2 * probe_work(effort, 0, families)[0] if synthesized else 0.0
     passes += (probes + 1) * ranked                      # margin attribution
     batch = effort.images(REPAIR_BATCH)
-    passes += 2 * batch * sum(effort.steps(n, REPAIR_BATCH) for n, _ in REPAIR_RUNS)
+    # a clean and a probed batch per repair step; with suspects a third, kept off the target
+    passes += (2 if synthesized else 3) * batch * sum(effort.steps(n, REPAIR_BATCH) for n, _ in REPAIR_RUNS)
     counts = 3 * 2 * (1 + np.log2(max(2, MAX_SHARE * n_units)))   # three rankings
-    checks = len(BOUND_QUANTILES) + counts + len(REPAIR_RUNS) + 3  # + before, pruned, re-attack
+    checks = len(BOUND_QUANTILES) + counts + len(REPAIR_RUNS) + (3 if synthesized else 2)  # before, pruned(, re-attack)
     forwards = n_fit + probes * ranked + checks * (n_hold + probes * hold)
     return passes, forwards
+
+
+def probe_work(effort: Effort, n_hold: int, families: tuple[str, ...] = ()) -> tuple[float, float]:
+    """The probes step's work alone (as `work`): what confirming a mask-search target costs (`unconfirmed`)."""
+    probes = 2 * N_PLACES + 1 + len(families)
+    return probes * effort.steps(STEPS, N_IMAGES) * effort.images(N_IMAGES), n_hold + probes * effort.tests(n_hold)
 
 
 def _context(prep: Prepared, fit: np.ndarray, hold: np.ndarray | None, held: HeldOut, target: int, opts: Options,
