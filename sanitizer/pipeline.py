@@ -666,10 +666,13 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
             # degraded for every reader of the report (the HTML verdict, bench), written only with --allow-degraded
             report["evaluation"]["refused"] = refused[0]
             report["degraded"] = True
+    # a refusal after a search ran below full effort says so: more time is the first thing to try
+    cut = effort_sizing.summary(sizing.report)
+    also = f" [{cut}]" if cut else ""
     if degraded and not opts.allow_degraded:
-        raise SanitizeError(refusal(plan.count, final, probe_info, opts.max_acc_drop), ExitCode.DEGRADED)
+        raise SanitizeError(refusal(plan.count, final, probe_info, opts.max_acc_drop) + also, ExitCode.DEGRADED)
     if refused is not None and not opts.allow_degraded:
-        raise SanitizeError(f"{refused[0]}; nothing written ({refused[1]})", ExitCode.DEGRADED)
+        raise SanitizeError(f"{refused[0]}; nothing written ({refused[1]}){also}", ExitCode.DEGRADED)
     clock.switch("write")
     if out_onnx is not None:
         written = save_model(sanitized, out_onnx, external=prep.loaded.external)

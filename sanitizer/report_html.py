@@ -186,6 +186,11 @@ def page(report: dict, pngs: dict[str, bytes], command: str | None) -> str:
              "<h2>Before and after</h2>", _table(["", "before", "after"], _before_after(report), {1, 2})]
     if "detection" in report:
         parts += ["<h2>Detection</h2>", _detection(report["detection"])]
+    from .defense.effort import summary
+
+    cut = summary(report.get("effort", {}))
+    if cut:
+        parts.append(f'<p class="note">{_e(cut)}</p>')
     if "probes" in report:
         parts += ["<h2>Probes</h2>", _probes(report["probes"], report["held_out_after"])]
     parts.append("<h2>Pruning curve</h2>")

@@ -49,8 +49,8 @@ _ONNX_TO_TORCH_DTYPE = {
 
 
 # Appended to every refusal of an op or attribute: the user's way around the torch path.
-AVOID = ("in the default criterion's torch path; pass --criterion linf to use the clean-data criterion, "
-         "which runs on onnxruntime only")
+AVOID = ("in the torch path (the default criterion, --detect, --suspect); pass --criterion linf without --detect "
+         "to use the clean-data criterion, which runs on onnxruntime only")
 
 
 def _unsupported(what: str) -> BadModel:

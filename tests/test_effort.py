@@ -115,7 +115,8 @@ def test_a_budget_too_small_for_the_full_effort_cuts_every_search(tmp_path, caps
                                   "--max-acc-drop", "0.06", "--allow-degraded")
     assert code == 0
     printed = " ".join(capsys.readouterr().out.split())   # the console wraps long lines
-    assert "reduced effort to fit --time-budget 1e-06 min: defense 0.015625 of the full effort" in printed
+    assert "reduced effort for --time-budget 1e-06 min: defense at 1/64 (full effort: about" in printed
+    assert "still over its 0 s" in printed, "the least effort did not fit either, and the line says so"
     sized = report["effort"]["defense"]
     assert sized["share"] == E.SHARES[-1] and sized["estimated_seconds"] < sized["full_effort_seconds"]
     least = E.Effort(E.SHARES[-1])
@@ -134,3 +135,22 @@ def test_time_budget_zero_is_full_effort_and_a_negative_one_is_refused(tmp_path,
     assert code == 0 and report["effort"]["budget_seconds"] == E.DEFAULT_BUDGET
     assert report["effort"]["patch scan"]["share"] == 1.0, "8x8 digits fit the default budget at full effort"
     assert "reduced effort" not in capsys.readouterr().out
+
+
+def test_a_refusal_after_a_reduced_effort_names_it_and_the_html_page_shows_it(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from sanitizer.cli import main
+    from sanitizer.demo import DEMO
+
+    args = [str(DEMO["model"]), "--calib", str(DEMO["calib"]), "--eval-data", str(DEMO["clean"]),
+            "--eval-triggered", str(DEMO["triggered"]), "--target", str(DEMO["target"]), "--time-budget", "1e-6",
+            "--out", str(tmp_path / "o.onnx")]
+    # every search at 1/64 (5-step patches): the demo's backdoor goes unseen and its triggered images refuse the
+    # result — the refusal must say that the searches were cut, and how to run them in full
+    assert main(args) == 7
+    err = " ".join(capsys.readouterr().err.split())
+    assert "still reach the target" in err and "reduced effort for --time-budget 1e-06 min: patch scan at 1/64" in err
+    assert "(--time-budget 0: full effort)" in err and not (tmp_path / "o.onnx").exists()
+    assert main(args + ["--allow-degraded", "--report-html", str(tmp_path / "r.html")]) == 0
+    page = " ".join((tmp_path / "r.html").read_text().split())
+    assert "reduced effort for --time-budget 1e-06 min: patch scan at 1/64" in page

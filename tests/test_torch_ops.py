@@ -400,7 +400,7 @@ def test_missing_op_names_itself_and_the_flag_that_avoids_it(n, what):
     with pytest.raises(SanitizeError, match=what) as err:
         to_torch(_model([n], X, {}, 17))
     assert err.value.code == ExitCode.BAD_MODEL
-    assert "pass --criterion linf" in str(err.value)
+    assert "pass --criterion linf without --detect" in str(err.value)
 
 
 def test_vit_block_as_exported():

@@ -114,13 +114,21 @@ def sized(work: Callable[[Effort], tuple[float, float]], cost: PassCost, budget:
                                      "onnxruntime_forward": round(cost.forward, 5)}}
 
 
+def _seconds(t: float) -> str:
+    return f"{t:.0f} s" if t < 120 else f"{t / 60:.0f} min"
+
+
 def summary(record: dict) -> str | None:
-    """One line on a reduced effort for the console (`record`: the report's "effort" section), None at full
-    effort."""
+    """One line on the stages that ran below full effort (`record`: the report's "effort" section), for the
+    console, the HTML page and a refusal; None when every stage ran at full effort."""
     cut = {stage: r for stage, r in record.items() if isinstance(r, dict) and r["share"] < 1}
     if not cut:
         return None
-    parts = ", ".join(f"{stage} {r['share']:g} of the full effort (estimated {r['full_effort_seconds'] / 60:.0f} "
-                      f"min at full effort here)" for stage, r in cut.items())
-    return (f"reduced effort to fit --time-budget {record['budget_seconds'] / 60:g} min: {parts}; fewer images and "
-            f"steps per search can miss a backdoor the full effort finds (--time-budget 0: full effort)")
+    parts = []
+    for stage, r in cut.items():
+        over = (f", still over its {_seconds(r['budget_seconds'])}" if r["estimated_seconds"] > r["budget_seconds"]
+                else "")
+        parts.append(f"{stage} at 1/{round(1 / r['share'])} (full effort: about {_seconds(r['full_effort_seconds'])} "
+                     f"here{over})")
+    return (f"reduced effort for --time-budget {record['budget_seconds'] / 60:g} min: {', '.join(parts)}; fewer "
+            f"images and steps per search can miss a backdoor the full effort finds (--time-budget 0: full effort)")
