@@ -41,6 +41,9 @@ def budget_seconds(minutes: float | None) -> float | None:
     (full effort) for 0."""
     from .defense.effort import DEFAULT_BUDGET
 
+    if minutes is not None and minutes != 0 and not 0 < minutes * 60 < float("inf"):
+        # checked here on the user's number: a huge one overflows to inf once in seconds
+        raise SanitizeError(f"--time-budget is minutes (0: full effort), got {minutes:g}", ExitCode.USAGE)
     return DEFAULT_BUDGET if minutes is None else None if minutes == 0 else minutes * 60
 
 
@@ -270,8 +273,9 @@ def bench_cmd(
                               f"{row['asr_before']:.4f}→{row['asr_after']:.4f}", f"{row['units']}/{row['candidates']}",
                               (f"{row['stats_seconds']:.2f} / {row['plain_seconds']:.2f} (×{row['ratio']})"
                                if "ratio" in row else "—"),
-                              f"{row['total_seconds']:.1f}" + (" over budget" if row["degraded"] else "")
-                              + "".join(f" ({stage} at effort {v['share']:g})" for stage, v in row.get("effort", {}).items()
+                              f"{row['total_seconds']:.1f}" + (" degraded" if row["degraded"] else "")
+                              + "".join(f" ({stage} at effort 1/{round(1 / v['share'])})"
+                                        for stage, v in row.get("effort", {}).items()
                                         if isinstance(v, dict) and v["share"] < 1),
                               (row["detection"]["verdict"] + (f" ({row['detection']['found_by']})"
                                                               if row["detection"]["found_by"] else "")

@@ -51,7 +51,7 @@ def effort(r: dict) -> str:
     e = r.get("effort")
     if not e:
         return "—"
-    cut = [f"{stage} {v['share']:g}" for stage, v in e.items() if isinstance(v, dict) and v["share"] < 1]
+    cut = [f"{stage} 1/{round(1 / v['share'])}" for stage, v in e.items() if isinstance(v, dict) and v["share"] < 1]
     return ", ".join(cut) if cut else "full"
 
 

@@ -125,7 +125,7 @@ def test_a_budget_too_small_for_the_full_effort_cuts_every_search(tmp_path, caps
 
 
 def test_time_budget_zero_is_full_effort_and_a_negative_one_is_refused(tmp_path, capsys):
-    for bad in ("-1", "inf", "nan"):   # inf would write Infinity into the JSON report
+    for bad in ("-1", "inf", "nan", "1e307"):   # inf would write Infinity into the JSON report; 1e307 min is inf s
         code, report, _ = _digits_run(tmp_path, "--criterion", "linf", "--detect", "--time-budget", bad)
         assert code == 2 and report is None
         assert "--time-budget is minutes" in capsys.readouterr().err
