@@ -287,7 +287,10 @@ class HeldOut:
         predictor = Predictor(prep.model, self.spec)
         self.provider = predictor.provider
         # the original's probabilities weigh each changed prediction by how sure it was of the old class
+        start = time.perf_counter()
         out = [predictor.logits(x, batch_size) for x in self.batches()]
+        # seconds per image of an onnxruntime forward (with reading the images), the session made: effort sizing
+        self.forward_seconds = (time.perf_counter() - start) / max(len(self.indices), 1)
         self.reference_prob = (probabilities(np.concatenate(out), self.spec.output_kind).astype(np.float32)
                                if out else np.zeros((0, 0)))
         self.reference = self.reference_prob.argmax(1)
@@ -574,9 +577,8 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     for flag, path in (("--eval-data", opts.eval_data), ("--eval-triggered", opts.eval_triggered)):
         if path is not None:
             check_same_scale(flag, path, prep.spec, sanity["raw_range"][1], opts.batch_size)
-    held_since = time.perf_counter()
     held = HeldOut(prep, hold, opts.batch_size, opts.use_labels)
-    sizing = Sizing(opts, prep, fit, (time.perf_counter() - held_since) / max(len(hold), 1), t0)
+    sizing = Sizing(opts, prep, fit, held.forward_seconds, t0)
     suspects, detection = None, None
     if opts.suspect is not None:
         suspects, target = read_suspects(prep, opts)
