@@ -597,15 +597,13 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     if probing and not clean_verdict:
         units, n_suspects = sum(s.channels for s in sites), None if suspects is None else len(suspects)
         effort = sizing("defense", lambda e: defense_work(e, len(fit), len(hold), units, families, suspects=n_suspects))
-    elif detection is not None and detection["found_by"] == "mask anomaly":
-        effort = sizing("probes", lambda e: probe_work(e, len(hold), families))
-    if probing and not clean_verdict:
         plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, target, opts, progress, suspects,
                                              families=families, effort=effort)
         if plan is None:
             unconfirmed_by, probe_info = probe_info, None
     elif detection is not None and detection["found_by"] == "mask anomaly":
         # the scans' targets come with a probe over their bar; the mask search's need one too
+        effort = sizing("probes", lambda e: probe_work(e, len(hold), families))
         unconfirmed_by = unconfirmed(prep, fit, hold, held, target, opts, progress, families, effort)
     if unconfirmed_by is not None:
         # a backdoor is a shortcut: when no probe toward the suspected class finds one, the suspicion (a

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 
 from .count import flips
-from .probes import N_IMAGES, STEPS
 from .effort import FULL, Effort
+from .probes import N_IMAGES, STEPS
 
 if TYPE_CHECKING:
     from ..pipeline import HeldOut, Options, Prepared, Progress
