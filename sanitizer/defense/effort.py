@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# The whole run's default budget, in seconds of wall time on the machine it runs on: what the open suite's
-# CIFAR-10 models cost at full effort on 2 cores (up to 26 min, MobileNetV2), so that they keep it. Half of it
-# cut their effort to a half, which shipped ResNet-18 (ASR 0.045, -1.2 points) but refused MobileNetV2 on a
-# re-attack judged on half the held-out images (README, Where the time goes).
-DEFAULT_BUDGET = 30 * 60
+# The whole run's default budget, in seconds of wall time on the machine it runs on: the open suite's CIFAR-10
+# models cost up to 26 min at full effort on 2 idle cores (MobileNetV2), and keep it here with room for a slower
+# or shared machine. 15 minutes cut their effort to a half, which shipped ResNet-18 (ASR 0.045, -1.2 points) but
+# refused MobileNetV2 on a re-attack judged on half the held-out images (README, Where the time goes).
+DEFAULT_BUDGET = 45 * 60
 # Each detection search's part of the budget left when it starts (the patch scan, then the family scan and
 # the mask search only when nothing was found); the defense gets all that is left after them.
 DETECTION_SHARE = 0.25
