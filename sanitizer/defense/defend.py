@@ -46,7 +46,7 @@ def work(effort: Effort, n_fit: int, n_hold: int, n_units: int, families: tuple[
     every probe used and a count search of twice the doubling grid per ranking. `suspects`: the number of
     suspicious samples that replace the probes (half rank, half count; nothing synthesized, no re-attack)."""
     synthesized = suspects is None
-    probes = 2 * N_PLACES + 1 + len(families) if synthesized else 1
+    probes = _probe_count(families) if synthesized else 1
     hold, ranked = (effort.tests(n_hold), effort.tests(n_fit)) if synthesized else (suspects // 2, suspects // 2)
     # the probes, then as many fresh ones in the re-attack
     passes = 2 * probe_work(effort, 0, families)[0] if synthesized else 0.0
@@ -60,9 +60,14 @@ def work(effort: Effort, n_fit: int, n_hold: int, n_units: int, families: tuple[
     return passes, forwards
 
 
+def _probe_count(families: tuple[str, ...]) -> int:
+    """Probes probes.synthesize makes at most: a patch per place and side, the blend, one per family."""
+    return 2 * N_PLACES + 1 + len(families)
+
+
 def probe_work(effort: Effort, n_hold: int, families: tuple[str, ...] = ()) -> tuple[float, float]:
     """The probes step's work alone (as `work`): what confirming a mask-search target costs (`unconfirmed`)."""
-    probes = 2 * N_PLACES + 1 + len(families)
+    probes = _probe_count(families)
     return probes * effort.steps(STEPS, N_IMAGES) * effort.images(N_IMAGES), n_hold + probes * effort.tests(n_hold)
 
 
