@@ -33,7 +33,7 @@ InputName = Annotated[Optional[str], typer.Option("--input-name", help="image in
 OutputName = Annotated[Optional[str], typer.Option("--output-name", help="classifier output, when the model has several float [N, classes] outputs")]
 InputSize = Annotated[Optional[str], typer.Option("--input-size", help="HxW to feed a model whose height and width are dynamic")]
 Force = Annotated[bool, typer.Option("--force", help="overwrite existing outputs")]
-TimeBudget = Annotated[Optional[float], typer.Option("--time-budget", help="minutes the default defense's searches are sized to on this machine (default 45): fewer images and steps where its full effort would take longer, as the report's 'effort' says; 0: full effort, however long")]
+TimeBudget = Annotated[Optional[float], typer.Option("--time-budget", help="minutes the default defense's searches are sized to on this machine (default 15): fewer steps, then images, where its full effort would take longer, as the report's 'effort' says; 0: full effort, however long")]
 
 
 def budget_seconds(minutes: float | None) -> float | None:

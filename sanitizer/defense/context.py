@@ -38,7 +38,7 @@ class Context:
 
     def synthesize_kw(self) -> dict:
         """probes.synthesize's steps and images at this run's effort."""
-        return {"steps": self.effort.steps(STEPS, N_IMAGES), "n_images": self.effort.images(N_IMAGES)}
+        return {"steps": self.effort.steps(STEPS), "n_images": self.effort.images(N_IMAGES)}
 
     def flips(self, model: onnx.ModelProto, probed_x: list[np.ndarray], paired: bool = True,
               target: int | None = None) -> tuple[np.ndarray, list[float]]:

@@ -51,9 +51,8 @@ def work(effort: Effort, n_fit: int, n_hold: int, n_units: int, families: tuple[
     # the probes, then as many fresh ones in the re-attack
     passes = 2 * probe_work(effort, 0, families)[0] if synthesized else 0.0
     passes += (probes + 1) * ranked                      # margin attribution
-    batch = effort.images(REPAIR_BATCH)
     # a clean and a probed batch per repair step; with suspects a third, kept off the target
-    passes += (2 if synthesized else 3) * batch * sum(effort.steps(n, REPAIR_BATCH) for n, _ in REPAIR_RUNS)
+    passes += (2 if synthesized else 3) * sum(np.prod(effort.updates(n, REPAIR_BATCH)) for n, _ in REPAIR_RUNS)
     counts = 3 * 2 * (1 + np.log2(max(2, MAX_SHARE * n_units)))   # three rankings
     checks = len(BOUND_QUANTILES) + counts + len(REPAIR_RUNS) + (3 if synthesized else 2)  # before, pruned(, re-attack)
     forwards = n_fit + probes * ranked + checks * (n_hold + probes * hold)
@@ -68,7 +67,7 @@ def _probe_count(families: tuple[str, ...]) -> int:
 def probe_work(effort: Effort, n_hold: int, families: tuple[str, ...] = ()) -> tuple[float, float]:
     """The probes step's work alone (as `work`): what confirming a mask-search target costs (`unconfirmed`)."""
     probes = _probe_count(families)
-    return probes * effort.steps(STEPS, N_IMAGES) * effort.images(N_IMAGES), n_hold + probes * effort.tests(n_hold)
+    return probes * effort.steps(STEPS) * effort.images(N_IMAGES), n_hold + probes * effort.tests(n_hold)
 
 
 def _context(prep: Prepared, fit: np.ndarray, hold: np.ndarray | None, held: HeldOut, target: int, opts: Options,
@@ -170,8 +169,8 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
     # suspicious samples have no clean twin to hold them to: the repair keeps them off the target instead
     avoid = None if paired else (rank_sets[0], target)
     repaired = repair(base, prep.sites, plan.pruned(), fit_raw, prep.pre, used, opts.seed, avoid=avoid, spec=prep.spec,
-                      runs=tuple((effort.steps(n, REPAIR_BATCH), lr) for n, lr in REPAIR_RUNS),
-                      batch=effort.images(REPAIR_BATCH))
+                      runs=tuple((effort.updates(n, REPAIR_BATCH)[0], lr) for n, lr in REPAIR_RUNS),
+                      batch=effort.updates(1, REPAIR_BATCH)[1])
     progress("repair", 1, 1)
     progress("final checks", 0, 1)
     candidates = []

@@ -83,7 +83,7 @@ def scan_work(effort: Effort, n_fit: int, families: int = 0) -> tuple[float, flo
     fit = min(effort.images(SCAN_IMAGES), n_fit // 2)
     probes = (families or N_PLACES) * (1 + SCAN_CANDIDATES)
     tests = n_fit + probes * effort.tests(n_fit - fit)
-    return probes * effort.steps(SCAN_STEPS, SCAN_IMAGES) * fit + 0.5 * tests, 0.0
+    return probes * effort.steps(SCAN_STEPS) * fit + 0.5 * tests, 0.0
 
 
 def mask_work(effort: Effort, n_fit: int, n_classes: int) -> tuple[float, float]:
@@ -91,13 +91,13 @@ def mask_work(effort: Effort, n_fit: int, n_classes: int) -> tuple[float, float]
     images = min(effort.images(MASK_IMAGES), n_fit // 2)
     batch = min(effort.images(MASK_BATCH), images)
     classes = min(n_classes, mask_classes(effort))
-    steps = classes * effort.steps(MASK_STEPS, MASK_BATCH) + MASK_REFINED * effort.steps(MASK_REFINE, MASK_BATCH)
+    steps = classes * effort.steps(MASK_STEPS) + MASK_REFINED * effort.steps(MASK_REFINE)
     return steps * batch + 0.5 * (n_fit - images), 0.0
 
 
 def mask_classes(effort: Effort) -> int:
     """Classes the mask search runs on at `effort`."""
-    return max(MIN_MASK_CLASSES, round(MAX_CLASSES * effort.share))
+    return max(MIN_MASK_CLASSES, round(MAX_CLASSES * effort.breadth()))
 
 
 def _full(stage: str, work) -> Effort:
@@ -120,7 +120,7 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
     effort = size("patch scan", lambda e: scan_work(e, len(fit)))
     # one torch copy of the model and one split of the images for both scans (unless their efforts differ)
     reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
-    patch = scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS, SCAN_IMAGES), spec=prep.spec,
+    patch = scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS), spec=prep.spec,
                  reach=reach)
     out = {"patch_scan": {"best_flip": _per_class(patch.best_flip, 4), "candidates": patch.candidates,
                           "threshold": SCAN_FLIP}}
@@ -130,7 +130,7 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
         was, effort = effort, size("family scan", lambda e: scan_work(e, len(fit), len(FAMILIES)))
         if effort != was:
             reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
-        fam = family_scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS, SCAN_IMAGES),
+        fam = family_scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS),
                           spec=prep.spec, reach=reach)
         out["family_scan"] = {"best_flip": {f: _per_class(v, 4) for f, v in fam.best_flip.items()},
                               "candidates": fam.candidates, "threshold": FAMILY_FLIP}
@@ -143,8 +143,8 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
         effort = size("mask search", lambda e: mask_work(e, len(fit), n_classes))
         found = mask_search(prep.model, raw, prep.pre, seed, candidates=patch.candidates, spec=prep.spec,
                             n_images=effort.images(MASK_IMAGES), batch=effort.images(MASK_BATCH),
-                            first_steps=effort.steps(MASK_STEPS, MASK_BATCH),
-                            refine_steps=effort.steps(MASK_REFINE, MASK_BATCH), max_classes=mask_classes(effort))
+                            first_steps=effort.steps(MASK_STEPS),
+                            refine_steps=effort.steps(MASK_REFINE), max_classes=mask_classes(effort))
         target, how = found.suspected_target, "mask anomaly"
         out["neural_cleanse"] = {"anomaly_index": _per_class(found.anomaly, 4),
                                  "mask_l1": _per_class(found.mask_norms, 3),
