@@ -587,13 +587,19 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
                            lambda stage, work: sizing(stage, work, effort_sizing.DETECTION_SHARE))
         target = detection["suspected_target"]
     clean_verdict = detection is not None and target is None
-    if not sites and not clean_verdict:
-        # writing the input back as "sanitized" would claim a defense that never ran
-        raise BadModel(f"no prunable layer in scope: {blocked_reasons(prep.sites.values())}")
     info = {"provider": held.provider}
     plan, probe_info, refused = None, None, None
     unconfirmed_by = None
     families = families_for(detection)
+    if detection is not None and detection["found_by"] == "mask anomaly" and not (probing and sites):
+        # the scans' targets come with a probe over their bar; the mask search's need one too (the default's
+        # defense checks it itself; with no layer to prune, before the model is refused for that)
+        effort = sizing("probes", lambda e: probe_work(e, len(hold), families))
+        unconfirmed_by = unconfirmed(prep, fit, hold, held, target, opts, progress, families, effort)
+        clean_verdict = unconfirmed_by is not None
+    if not sites and not clean_verdict:
+        # writing the input back as "sanitized" would claim a defense that never ran
+        raise BadModel(f"no prunable layer in scope: {blocked_reasons(prep.sites.values())}")
     if probing and not clean_verdict:
         units, n_suspects = sum(s.channels for s in sites), None if suspects is None else len(suspects)
         effort = sizing("defense", lambda e: defense_work(e, len(fit), len(hold), units, families, suspects=n_suspects))
@@ -601,10 +607,6 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
                                              families=families, effort=effort)
         if plan is None:
             unconfirmed_by, probe_info = probe_info, None
-    elif detection is not None and detection["found_by"] == "mask anomaly":
-        # the scans' targets come with a probe over their bar; the mask search's need one too
-        effort = sizing("probes", lambda e: probe_work(e, len(hold), families))
-        unconfirmed_by = unconfirmed(prep, fit, hold, held, target, opts, progress, families, effort)
     if unconfirmed_by is not None:
         # a backdoor is a shortcut: when no probe toward the suspected class finds one, the suspicion (a
         # mask anomaly on a small clean model, as a rule) is not confirmed and the model is left alone

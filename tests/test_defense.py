@@ -485,3 +485,23 @@ def test_a_suspicion_no_probe_confirms_leaves_the_model_alone(tmp_path, monkeypa
     assert detection["not_confirmed"]["best_probe_flip"] < 0.5
     before, after = onnx.load(tmp_path / "m.onnx"), onnx.load(tmp_path / "o.onnx")
     assert [i.raw_data for i in after.graph.initializer] == [i.raw_data for i in before.graph.initializer]
+
+
+def test_nothing_to_prune_is_refused_only_when_the_suspicion_is_confirmed(tmp_path, monkeypatch):
+    # a model whose every layer is blocked (an op the sites do not follow): a clean one with a false mask
+    # anomaly is "no backdoor found" (exit 0, left as it is), not "no prunable layer" (exit 4); a backdoored
+    # one still is refused, since nothing could be pruned
+    from sanitizer import pipeline
+
+    monkeypatch.setattr(pipeline, "scope", lambda *a: [])
+    real = pipeline.detect
+    monkeypatch.setattr(pipeline, "detect", lambda *a: {**real(*a), "verdict": "backdoor suspected, target class 3",
+                                                        "suspected_target": 3, "found_by": "mask anomaly"})
+    model, calib, _, _ = trained(poisoned=False)
+    code, report = _run(model, calib, tmp_path)
+    assert code == 0 and report["detection"]["not_confirmed"]["class"] == 3 and report["plan"]["count"] == 0
+    monkeypatch.setattr(pipeline, "detect", real)
+    model, calib, _, _ = trained(poisoned=True)
+    (tmp_path / "b").mkdir()
+    code, report = _run(model, calib, tmp_path / "b")
+    assert code == 4 and report is None and not (tmp_path / "b" / "o.onnx").exists()
