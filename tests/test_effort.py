@@ -66,6 +66,9 @@ def test_sized_takes_the_largest_share_within_the_budget():
     effort, record = E.sized(work, cost, budget=1.0)
     assert effort.share == E.SHARES[-1]
     assert record["estimated_seconds"] == 8 * 25 + 0.5 * E.MIN_TEST
+    # ... unless a larger share costs less: a search that tests the images it no longer optimises on
+    effort, record = E.sized(lambda e: (e.images(64) * e.steps(100), 100 * (250 - e.images(64))), cost, budget=1.0)
+    assert effort.share == 0.25 and record["estimated_seconds"] == 64 * 25 + 0.5 * 100 * (250 - 64)
 
 
 def test_the_defense_is_priced_for_what_runs():

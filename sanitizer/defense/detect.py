@@ -118,7 +118,7 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
     start = time.perf_counter()
     raw = prep.calib.subset(fit).read(0, len(fit))
     effort = size("patch scan", lambda e: scan_work(e, len(fit)))
-    # one torch copy of the model and one split of the images for both scans (unless their efforts differ)
+    # one torch copy of the model and one split of the images for both scans (unless their images differ)
     reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
     patch = scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS), spec=prep.spec,
                  reach=reach)
@@ -128,7 +128,7 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
     progress("detection", 1, 3)
     if target is None:
         was, effort = effort, size("family scan", lambda e: scan_work(e, len(fit), len(FAMILIES)))
-        if effort != was:
+        if effort.breadth() != was.breadth():
             reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
         fam = family_scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS),
                           spec=prep.spec, reach=reach)
