@@ -161,11 +161,13 @@ def test_a_refusal_after_a_reduced_effort_names_it_and_the_html_page_shows_it(tm
     args = [str(DEMO["model"]), "--calib", str(DEMO["calib"]), "--eval-data", str(DEMO["clean"]),
             "--eval-triggered", str(DEMO["triggered"]), "--target", str(DEMO["target"]), "--time-budget", "1e-6",
             "--out", str(tmp_path / "o.onnx")]
-    # every search at 1/64 (5-step patches): the demo's backdoor goes unseen and its triggered images refuse the
-    # result — the refusal must say that the searches were cut, and how to run them in full
+    # every search at its floors (5-step patches): the demo's backdoor is not removed and the result is refused
+    # (by the re-attack or the triggered images) — the refusal must say that the searches were cut, and how to
+    # run them in full
     assert main(args) == 7
     err = " ".join(capsys.readouterr().err.split())
-    assert "still reach the target" in err and "reduced effort for --time-budget 1e-06 min: patch scan at 1/64" in err
+    assert "leaves the backdoor in place" in err or "still reach the target" in err
+    assert "reduced effort for --time-budget 1e-06 min: patch scan at 1/64" in err and "defense at 1/64" in err
     assert "(--time-budget 0: full effort)" in err and not (tmp_path / "o.onnx").exists()
     assert main(args + ["--allow-degraded", "--report-html", str(tmp_path / "r.html")]) == 0
     page = " ".join((tmp_path / "r.html").read_text().split())
