@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 # The whole run's default budget, in seconds of wall time on the machine it runs on. At full effort the open
-# suite's CIFAR-10 models cost 18-26 min on 2 idle cores; within 15 their defense runs at a half or a quarter of
-# the steps (every probe image kept) and kept the goal (README, Where the time goes); an ImageNet-size
-# ResNet-50's detection runs at the floors (14.4 min on 2 cores, issue 13's bar; a backdoored one's defense
+# suite's CIFAR-10 models cost up to 26 min on 2 idle cores; within 15 their defense runs at half the steps (every
+# probe image kept) or in full and kept the goal (README, Benchmark); an ImageNet-size
+# ResNet-50's detection runs at the floors (13.1 min on 2 cores, issue 13's bar; a backdoored one's defense
 # would take over an hour more).
 DEFAULT_BUDGET = 15 * 60
 # Each detection search's part of the budget left when it starts (the patch scan, then the family scan and
