@@ -255,6 +255,7 @@ def bench_cmd(
 ):
     from .atomic import write_text
     from .bench import load_suite, machine, run_case, step_times
+    from .defense.effort import cut_stages
 
     chosen = load_suite(suite)
     if cases:
@@ -274,9 +275,8 @@ def bench_cmd(
                               (f"{row['stats_seconds']:.2f} / {row['plain_seconds']:.2f} (×{row['ratio']})"
                                if "ratio" in row else "—"),
                               f"{row['total_seconds']:.1f}" + (" degraded" if row["degraded"] else "")
-                              + "".join(f" ({stage} at effort 1/{round(1 / v['share'])})"
-                                        for stage, v in row.get("effort", {}).items()
-                                        if isinstance(v, dict) and v["share"] < 1),
+                              + "".join(f" ({stage} at effort {share})"
+                                        for stage, share in cut_stages(row.get("effort", {})).items()),
                               (row["detection"]["verdict"] + (f" ({row['detection']['found_by']})"
                                                               if row["detection"]["found_by"] else "")
                                if "detection" in row else "—"),

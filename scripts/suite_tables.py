@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
+from sanitizer.defense.effort import cut_stages
+
 def rows(paths: list[str]) -> list[dict]:
     out = []
     for path in paths:
@@ -51,7 +53,7 @@ def effort(r: dict) -> str:
     e = r.get("effort")
     if not e:
         return "—"
-    cut = [f"{stage} 1/{round(1 / v['share'])}" for stage, v in e.items() if isinstance(v, dict) and v["share"] < 1]
+    cut = [f"{stage} {share}" for stage, share in cut_stages(e).items()]
     return ", ".join(cut) if cut else "full"
 
 

@@ -52,11 +52,18 @@ def work(effort: Effort, n_fit: int, n_hold: int, n_units: int, families: tuple[
     passes = 2 * probe_work(effort, 0, families)[0] if synthesized else 0.0
     passes += (probes + 1) * ranked                      # margin attribution
     # a clean and a probed batch per repair step; with suspects a third, kept off the target
-    passes += (2 if synthesized else 3) * sum(np.prod(effort.updates(n, REPAIR_BATCH)) for n, _ in REPAIR_RUNS)
+    runs, batch = _repair_runs(effort)
+    passes += (2 if synthesized else 3) * batch * sum(steps for steps, _ in runs)
     counts = 3 * 2 * (1 + np.log2(max(2, MAX_SHARE * n_units)))   # three rankings
     checks = len(BOUND_QUANTILES) + counts + len(REPAIR_RUNS) + (3 if synthesized else 2)  # before, pruned(, re-attack)
     forwards = n_fit + probes * ranked + checks * (n_hold + probes * hold)
     return passes, forwards
+
+
+def _repair_runs(effort: Effort) -> tuple[tuple[tuple[int, float], ...], int]:
+    """repair.RUNS at `effort` — (steps, learning rate) per run — and the images per step they share."""
+    runs = tuple((effort.updates(n, REPAIR_BATCH)[0], lr) for n, lr in REPAIR_RUNS)
+    return runs, effort.updates(REPAIR_RUNS[0][0], REPAIR_BATCH)[1]
 
 
 def _probe_count(families: tuple[str, ...]) -> int:
@@ -168,9 +175,9 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
     progress("repair", 0, 1)
     # suspicious samples have no clean twin to hold them to: the repair keeps them off the target instead
     avoid = None if paired else (rank_sets[0], target)
+    runs, batch = _repair_runs(effort)
     repaired = repair(base, prep.sites, plan.pruned(), fit_raw, prep.pre, used, opts.seed, avoid=avoid, spec=prep.spec,
-                      runs=tuple((effort.updates(n, REPAIR_BATCH)[0], lr) for n, lr in REPAIR_RUNS),
-                      batch=effort.updates(1, REPAIR_BATCH)[1])
+                      runs=runs, batch=batch)
     progress("repair", 1, 1)
     progress("final checks", 0, 1)
     candidates = []

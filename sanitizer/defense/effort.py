@@ -144,17 +144,24 @@ def _seconds(t: float) -> str:
     return f"{t:.0f} s" if t < 120 else f"{t / 60:.0f} min"
 
 
+def cut_stages(record: dict) -> dict[str, str]:
+    """The stages of `record` (the report's "effort" section) that ran below full effort, each with its share
+    as "1/N" (every share is 1/2**k), in the order they ran."""
+    return {stage: f"1/{round(1 / r['share'])}" for stage, r in record.items() if isinstance(r, dict) and r["share"] < 1}
+
+
 def summary(record: dict) -> str | None:
     """One line on the stages that ran below full effort (`record`: the report's "effort" section), for the
     console, the HTML page and a refusal; None when every stage ran at full effort."""
-    cut = {stage: r for stage, r in record.items() if isinstance(r, dict) and r["share"] < 1}
+    cut = cut_stages(record)
     if not cut:
         return None
     parts = []
-    for stage, r in cut.items():
+    for stage, share in cut.items():
+        r = record[stage]
         over = (f", still over its {_seconds(r['budget_seconds'])}" if r["estimated_seconds"] > r["budget_seconds"]
                 else "")
-        parts.append(f"{stage} at 1/{round(1 / r['share'])} (full effort: about {_seconds(r['full_effort_seconds'])} "
+        parts.append(f"{stage} at {share} (full effort: about {_seconds(r['full_effort_seconds'])} "
                      f"here{over})")
     return (f"reduced effort for --time-budget {record['budget_seconds'] / 60:g} min: {', '.join(parts)}; fewer "
             f"images and steps per search can miss a backdoor the full effort finds (--time-budget 0: full effort)")
