@@ -72,8 +72,9 @@ def render(report: dict, figures: dict, asr_curve: dict[int, float] | None) -> d
     units = [t["units"] for t in trace]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(units, [t["agreement"] for t in trace], "o-", label="held-out agreement")
-    if trace and "probe_flip" in trace[0]:
-        ax.plot(units, [max(t["probe_flip"]) for t in trace], "s--", label="worst probe flip rate")
+    read = [t for t in trace if "probe_flip" in t]   # a count one probe over its bar decided has no other rate
+    if read:
+        ax.plot([t["units"] for t in read], [max(t["probe_flip"]) for t in read], "s--", label="worst probe flip rate")
     if asr_curve:
         ks = sorted(asr_curve)
         ax.plot(ks, [asr_curve[k] for k in ks], "^:", label="ASR (--eval-triggered)")

@@ -25,7 +25,7 @@ from ..graph import Site, stat_tensors
 from ..plan import Plan, rank, safe_limit
 from .bound import BOUND_QUANTILES, choose_bounds
 from .context import Context
-from .count import FLIP_GOAL, MAX_SHARE, USE_FLIP, count_by_probes, preference
+from .count import FLIP_GOAL, MAX_SHARE, USE_FLIP, Checks, count_by_probes, preference
 from .effort import FULL, Effort
 from .probes import N_IMAGES, N_PLACES, STEPS, synthesize
 from .rank import ell_inf_gaps, linf_histograms, margin_gradients, raw_stats
@@ -160,10 +160,11 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
     progress("attribution", 0, 1)
     scores["attribution"] = margin_gradients(prep.model, sites, prep.pre, rank_sets, ctx.rank_raw, target,
                                              opts.batch_size, spec=prep.spec)
+    checks = Checks(ctx, base, used_x, paired)
     for name, gap in scores.items():
         order = rank(gap, descending=True)
         limit = safe_limit(order, {s.name: s.channels for s in sites})
-        searches[name] = count_by_probes(ctx, base, order, limit, used_x, paired, evidence)
+        searches[name] = count_by_probes(ctx, checks, order, limit, evidence)
     ranking = max(searches, key=lambda n: preference(searches[n][0], opts.max_acc_drop))
     plan, _, good = searches[ranking]
     if not paired:
