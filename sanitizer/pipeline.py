@@ -455,19 +455,25 @@ def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: floa
 
 def asr_evidence(after: dict, clean: dict, target: int) -> dict:
     """The ASR's 80 % Wilson interval on the triggered images (`after`: evaluate()'s result for the result) and
-    the bar it is judged against: FLIP_GOAL plus the result's own rate toward `target` on the clean images whose
-    label is another class (`clean`: evaluate()'s keep dict, with "pred", "labels" and "triggered_labelled";
-    natural_rate None and the bar one half without such images) — the share of triggered images that would
-    reach the target with no backdoor at all, so a weak model's natural pull toward a class is not called a
-    backdoor. Triggered images without labels are judged by the same bar (their class mix is unknown: any of
-    the target's own count as reaching it, which the refusal says; "triggered_labelled")."""
+    the bar it is judged against: FLIP_GOAL plus the lower end of the 80 % Wilson interval of the result's own
+    rate toward `target` on the clean images whose label is another class (`clean`: evaluate()'s keep dict,
+    with "pred", "labels" and "triggered_labelled"; natural_rate None and the bar one half without such
+    images) — the share of triggered images that would reach the target with no backdoor at all, so a weak
+    model's natural pull toward a class is not called a backdoor. The lower end, not the rate: a handful of
+    evaluation images that happen to go to the target would otherwise loosen the bar by as much as they
+    say, and the bar only grants what the evidence shows. Triggered images without labels are judged by the
+    same bar (their class mix is unknown: any of the target's own count as reaching it, which the refusal
+    says; "triggered_labelled")."""
     lo, hi = wilson(round(after["asr"] * after["n_triggered"]), after["n_triggered"])
     natural = None
     if "pred" in clean:
         others = clean["labels"] != target
-        natural = float((clean["pred"][others] == target).mean()) if others.any() else None
-    bar = USE_FLIP if natural is None else min(USE_FLIP, FLIP_GOAL + natural)
-    return {"interval80": [round(lo, 6), round(hi, 6)], "natural_rate": None if natural is None else round(natural, 6),
+        if others.any():
+            hits = int((clean["pred"][others] == target).sum())
+            natural = (hits / int(others.sum()), wilson(hits, int(others.sum())))
+    bar = USE_FLIP if natural is None else min(USE_FLIP, FLIP_GOAL + natural[1][0])
+    return {"interval80": [round(lo, 6), round(hi, 6)], "natural_rate": None if natural is None else round(natural[0], 6),
+            **({"natural_interval80": [round(v, 6) for v in natural[1]]} if natural is not None else {}),
             "bar": round(bar, 6), "triggered_labelled": clean.get("triggered_labelled", True)}
 
 
@@ -477,7 +483,8 @@ def evaluation_refusal(evaluation: dict, max_acc_drop: float, clean_verdict: boo
     (`evaluation["accuracy_drop"]`, image by image) is over the budget, or triggered images that still
     reach the target beyond what clean images do, is a result that must not ship looking fine — the same
     evidence the held-out stop rule asks for. The ASR's bar (`evaluation["asr_evidence"]`, asr_evidence())
-    is the goal plus the result's own rate toward the target on the clean images of other classes, and the
+    is the goal plus the result's own rate toward the target on the clean images of other classes (the lower
+    end of its 80 % interval), and the
     whole 80 % interval of the ASR must be over it; without labelled clean images that rate is unknown and
     the bar is one half of the triggered images."""
     before, after = evaluation["before"], evaluation["after"]

@@ -83,9 +83,11 @@ def _before_after(report: dict) -> list[list]:
                 rows.append([label, rate(ev["before"][key]), rate(ev["after"][key])])
         if "asr_evidence" in ev:
             e = ev["asr_evidence"]
-            natural = "unknown" if e["natural_rate"] is None else rate(e["natural_rate"])
-            rows.append(["ASR 80 % interval and the bar it must not lie wholly above (5 % + the result's rate "
-                         "toward the target on --eval-data images of other classes)", "—",
+            natural = ("unknown" if e["natural_rate"] is None else
+                       f"{rate(e['natural_rate'])}, 80 % interval {rate(e['natural_interval80'][0])}–"
+                       f"{rate(e['natural_interval80'][1])}")
+            rows.append(["ASR 80 % interval and the bar it must not lie wholly above (5 % + the lower end of the "
+                         "result's rate toward the target on --eval-data images of other classes)", "—",
                          f"{rate(e['interval80'][0])}–{rate(e['interval80'][1])}; bar {rate(e['bar'])} "
                          f"(natural rate {natural})"])
     if "probes" in report and "probe_flip" in held:

@@ -299,15 +299,23 @@ def test_the_asr_is_judged_against_the_results_own_rate_toward_the_target():
     pred[np.flatnonzero(labels != 3)[:27]] = 3  # 27 of the 450 images of other classes go to class 3: 0.06
     ev = {"before": {"asr": 0.99, "clean_acc": None}, "after": {"asr": 0.15, "n_triggered": 400, "clean_acc": None}}
     evidence = asr_evidence(ev["after"], {"pred": pred, "labels": labels}, 3)
-    assert evidence["natural_rate"] == 0.06 and abs(evidence["bar"] - 0.11) < 1e-9
+    # the bar grants the lower end of the natural rate's 80 % interval (27 of 450: 0.06, 0.0474..0.0758)
+    assert evidence["natural_rate"] == 0.06 and 0.047 < evidence["natural_interval80"][0] < 0.048
+    assert abs(evidence["bar"] - 0.05 - evidence["natural_interval80"][0]) < 1e-6
     lo, hi = evidence["interval80"]
     assert 0.12 < lo < 0.15 < hi < 0.18
     why, _ = evaluation_refusal({**ev, "asr_evidence": evidence}, 0.02, False)
     assert "reach the target on 0.150" in why and "0.060 of your --eval-data images of other classes" in why
     # an ASR the model's own pull toward the class explains, or one whose interval reaches the bar, ships
-    ev["after"]["asr"] = 0.12
+    ev["after"]["asr"] = 0.11
     assert evaluation_refusal({**ev, "asr_evidence": asr_evidence(ev["after"], {"pred": pred, "labels": labels}, 3)},
                               0.02, False) is None
+    # 2 of 5 evaluation images of other classes sent to the target say little: the bar is not 0.45
+    few = asr_evidence({"asr": 0.3, "n_triggered": 400}, {"pred": np.array([3, 3, 0, 1, 2]),
+                                                           "labels": np.array([0, 1, 0, 1, 2])}, 3)
+    assert few["natural_rate"] == 0.4 and few["bar"] < few["interval80"][0] < 0.3 < 0.05 + few["natural_rate"]
+    assert evaluation_refusal({**ev, "after": {"asr": 0.3, "n_triggered": 400, "clean_acc": None},
+                               "asr_evidence": few}, 0.02, False) is not None
     # triggered images without labels: their class mix is unknown, the same bar, and the refusal says why
     ev["after"]["asr"] = 0.15
     unlabelled = asr_evidence(ev["after"], {"pred": pred, "labels": labels, "triggered_labelled": False}, 3)
