@@ -108,3 +108,10 @@ def test_rankings_share_the_counts_they_have_in_common(search):
     again = count_by_probes(ctx, checks, list(order), limit)
     assert len(checks) == read
     assert again[0].count == first[0].count and again[0].trace == first[0].trace
+
+
+def test_no_count_past_a_limit_of_zero_is_read(search):
+    ctx, probed_x, order, _ = search
+    # plan.safe_limit is 0 when the first unit is its layer's last: pruning it would cut the network
+    plan, agreement, _ = count_by_probes(ctx, Checks(ctx, ctx.prep.model, probed_x, True), order, 0)
+    assert plan.count == 0 and agreement == 1.0 and {t["units"] for t in plan.trace} == {0}

@@ -171,12 +171,13 @@ def count_by_probes(ctx: Context, checks: Checks, order: list[tuple[str, int]], 
         return plan, agree_at[0], np.full(n, FLIP_GOAL)
     # the base itself (bounded) may already have every probe that counts under its bar
     grid, k = [0], 1
-    while True:
+    # cap 0: the first unit would empty its layer (plan.safe_limit), so no count is read past the base
+    while k <= cap:
         measure(k, alive_only=True)
         if agree_at[k] < ALIVE:
             break
         grid.append(k)
-        if k >= cap:
+        if k == cap:
             break
         k = min(2 * k, cap)
     good = bars(np.min([flips_at[k] for k in grid], axis=0), evidence)
