@@ -17,6 +17,13 @@ The bars, none fitted to a case:
   marginals). The gate trips when even the upper one-sided 99.9 % Wilson bound of the accuracy gives
   κ ≤ SLIGHT_KAPPA, Landis & Koch's (1977) "slight" agreement: a model that truly agrees with its labels
   beyond that is refused in at most 0.1 % of runs.
+- *Coverage*: the classes the images stand for (their labels, else the original's predictions) are fewer
+  than COVERAGE of the number a set of this size drawn from every class would hold, C·(1 − (1 − 1/C)^n) for
+  C classes and n images. Every decision is judged on these images and the repair tunes on them alone, so
+  a class they never show can lose its accuracy unseen: a model 0.998 accurate, calibrated on digits 0–4
+  only, shipped at 0.88 (0.78 on 5–9) with a held-out agreement of 0.985. Real sets are uneven — GTSRB's
+  rarest class is 0.5 % of its images, and 500 images miss it 7 % of the time — so a missing class or two
+  is chance, a fifth of them is not.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ COLLAPSE = 0.9
 SPREAD = 0.5          # labels are spread when no class holds more than this share
 SLIGHT_KAPPA = 0.2
 Z_999 = 3.0902        # one-sided 99.9 %
+COVERAGE = 0.8
 # Rows that are non-negative and sum to 1 within this are probabilities (16-bit outputs round at ~1e-3).
 PROB_TOLERANCE = 1e-2
 
@@ -44,6 +52,7 @@ def check_original(model: onnx.ModelProto, spec: InputSpec, pre: Preprocess, dat
     it. `labels`: [N] int64 class indices or None (unlabeled, or labels not to be used).
 
     Returns the numbers (JSON-ready): images, classes, input and raw pixel range, top class and its share,
+    the classes the images stand for and how many a set drawn from every class would,
     with labels accuracy / κ / its bound, the output's kind ("logits" or "probabilities": non-negative rows
     summing to 1 on every image, or a Softmax producer), and "tripped" (the refusal it would give, or None).
     Raises BadModel when the output has fewer than 2 scores per image (not overridable); BadData (exit 5)
@@ -72,6 +81,8 @@ def check_original(model: onnx.ModelProto, spec: InputSpec, pre: Preprocess, dat
            "output": {"name": spec.output, "kind": kind}, "enforced": enforce}
     if labels is not None:
         out.update(_label_numbers(pred, np.asarray(labels), classes))
+    out["covered"] = int(len(np.unique(labels if labels is not None else pred)))
+    out["expected_covered"] = round(classes * (1 - (1 - 1 / classes) ** n), 1)
     out["tripped"] = _verdict(out, pre, labels is not None)
     if out["tripped"] and enforce:
         raise BadData(out["tripped"])
@@ -124,4 +135,10 @@ def _verdict(r: dict, pre: Preprocess, labeled: bool) -> str | None:
                 f"{r['chance']:.1%}; Cohen's kappa {r['kappa']:.2f}, ≤ {r['kappa_upper999']:.2f} at 99.9 %): the "
                 f"labels likely do not match the model's classes{hint} (else check --scale, --mean/--std, "
                 f"--layout){override}")
+    if r["covered"] < COVERAGE * r["expected_covered"]:
+        by = "their labels" if labeled else "the original model's predictions"
+        return (f"the {n} calibration images stand for {r['covered']} of the model's {classes} classes (by {by}; "
+                f"about {r['expected_covered']:.0f} expected of {n} images drawn from every class): every check runs "
+                f"and the repair tunes on these images alone, so the other classes can lose accuracy unseen — add "
+                f"images of the other classes{override}")
     return None
