@@ -257,7 +257,7 @@ def _weight(g: Graph, name: str) -> tuple[str, np.ndarray] | None:
     if g.private(name):
         return name, g.const(name)
     node = g.producer.get(name)
-    if node is None or g.only_consumer(name) is None or not g.private(node.input[0]):
+    if node is None or not node.input or g.only_consumer(name) is None or not g.private(node.input[0]):
         return None
     if node.op_type == "Cast" or node.op_type == "DequantizeLinear" and not attr(node, "block_size", 0):
         return node.input[0], g.const(node.input[0])

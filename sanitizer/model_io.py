@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
@@ -116,7 +117,47 @@ def load_model(path: Path) -> LoadedModel:
             raise BadModel(f"model {path}: external data unreadable ({e})") from None
     _check_tensor_sizes(model, path)
     check(model, path)
+    constants_to_initializers(model)
     return LoadedModel(path=path, model=model, external=external, sha256=sha256_file(path), data_files=data_files)
+
+
+# Ops whose constant operands hold a layer's units — weights, biases, normalisation and per-channel scales — which
+# the site analysis reads and the rewrite edits as initializers (graph.py).
+UNIT_OPERANDS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add", "Sub", "Mul", "Div",
+                           "PRelu"})
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> None:
+    """In place: each main-graph `Constant` node holding a tensor (`value`, or a float/int scalar or list) that
+    an op of UNIT_OPERANDS reads becomes an initializer of the same name — onnxoptimizer's
+    extract_constant_to_initializer pass; the two forms compute the same. Some exporters and hand-edited graphs
+    keep weights in Constant nodes, which the site analysis and the rewrite would otherwise not see as weights.
+    Other constants (shapes, the bounds' Min/Max operands this tool writes) stay nodes. Models of IR version < 4,
+    where every initializer must also be a graph input, are left as they are."""
+    if model.ir_version < 4:
+        return
+    read_by_units = {name for n in model.graph.node if n.op_type in UNIT_OPERANDS and n.domain in ("", "ai.onnx")
+                     for name in n.input}
+    kept = []
+    for node in model.graph.node:
+        tensor = None
+        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1
+                and node.output[0] in read_by_units):
+            a = node.attribute[0]
+            if a.name == "value":
+                tensor = TensorProto()
+                tensor.CopyFrom(a.t)
+            elif a.name in ("value_float", "value_floats", "value_int", "value_ints"):
+                value = helper.get_attribute_value(a)
+                tensor = numpy_helper.from_array(np.asarray(value, np.float32 if "float" in a.name else np.int64))
+        if tensor is None:
+            kept.append(node)
+            continue
+        tensor.name = node.output[0]
+        model.graph.initializer.append(tensor)
+    if len(kept) < len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
 
 
 def check(model: onnx.ModelProto, path: Path | None = None) -> None:

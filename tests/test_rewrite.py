@@ -13,6 +13,7 @@ from masked import masked_reference
 from sanitizer import rewrite
 from sanitizer.errors import BadModel
 from sanitizer.graph import find_sites
+from sanitizer.model_io import constants_to_initializers, load_model
 
 P, C, B = "producer", "consumers", "blocked"
 
@@ -47,7 +48,30 @@ CASES = {
     "dynamo_fixed1": (lambda: M.dynamo(batch=1), {"conv1": P, "conv2": C}),
     "blocked": (M.blocked, {"conv_a": B, "conv_b": B, "conv_c": P}),
     "shared_weight": (M.shared_weight, {"conv0": P, "conv1": B, "conv3": P}),
+    # weights and biases held in Constant nodes, as some exporters write them: what load_model makes of them
+    "constant_nodes": (lambda: _loaded(_as_constant_nodes(M.resnet())),
+                       {"stem": P, "b0_conv1": P, "b0_conv2": P, "b0_add": C, "down_conv1": P, "down_conv2": P,
+                        "down_short": P, "down_add": C}),
 }
+
+
+def _as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every initializer moved into a Constant node of the same name."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in out.graph.initializer]
+    del out.graph.initializer[:]
+    nodes += list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def _loaded(model: onnx.ModelProto) -> onnx.ModelProto:
+    converted = onnx.ModelProto()
+    converted.CopyFrom(model)
+    constants_to_initializers(converted)
+    return converted
 
 
 def analyse(model: onnx.ModelProto):
@@ -305,3 +329,25 @@ def test_bounds_refuse_an_opset_whose_nodes_change_meaning_at_8():
     model.opset_import[0].version = 6
     with pytest.raises(BadModel, match="opset 6, whose Gemm nodes"):
         rewrite.apply_bounds(model, sites, {n: np.ones(s.channels) for n, s in sites.items()})
+
+
+def test_weights_in_constant_nodes_load_as_initializers_that_compute_the_same(tmp_path):
+    model = _as_constant_nodes(M.resnet())
+    loaded = load_model(M.save(model, tmp_path / "m.onnx")).model
+    # every weight and bias is an initializer now, the same ones the exporter's form has
+    read_by_layers = {i for m in loaded.graph.node if m.op_type in ("Conv", "Gemm", "Add") for i in m.input}
+    assert not [n for n in loaded.graph.node if n.op_type == "Constant" and n.output[0] in read_by_layers]
+    assert {t.name for t in loaded.graph.initializer} == {t.name for t in M.resnet().graph.initializer}
+    feed = M.random_input(model, batch=3)
+    np.testing.assert_array_equal(M.run(loaded, feed)[0], M.run(model, feed)[0])
+
+
+def test_the_bounds_constant_nodes_stay_nodes():
+    model = M.plain()
+    shapes, sites = analyse(model)
+    bounded = rewrite.apply_bounds(model, sites, {n: np.ones(s.channels, np.float32) for n, s in sites.items()
+                                                  if s.prunable})
+    before = [n for n in bounded.graph.node if n.op_type == "Constant"]
+    assert before
+    constants_to_initializers(bounded)
+    assert [n for n in bounded.graph.node if n.op_type == "Constant"] == before
