@@ -79,7 +79,7 @@ def run_cmd(
     target: Annotated[Optional[int], typer.Option(help="attacker's target class, for ASR")] = None,
     report: Annotated[Optional[Path], typer.Option(help="write a JSON report here")] = None,
     report_html: Annotated[Optional[Path], typer.Option("--report-html", help="write a self-contained HTML report here (figures need the plots extra)")] = None,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="seed of the image split, the probes and the repair (0..2^32-1)")] = 0,
     detect: Annotated[bool, typer.Option("--detect", help="with linf/mean/l1/l2: detect a backdoor first (needs torch; probe always does); a clean verdict prunes nothing")] = False,
     suspect: Annotated[Optional[Path], typer.Option("--suspect", help="images you believe carry the trigger: rank by their ℓ∞ rise instead of synthesized probes")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", help="write PNG figures (pruning curve, ℓ∞ histograms, probes) to this folder; needs the plots extra")] = None,

@@ -79,6 +79,11 @@ ERRORS = {
     "out_not_onnx_or_engine": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.txt"]),
     "unknown_criterion": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
                                                              "--criterion", "entropy"]),
+    # numpy and torch take different seed ranges: a seed past either is refused before any work
+    "seed_negative": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
+                                                         "--seed", "-1"]),
+    "seed_past_32_bits": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
+                                                             "--seed", str(2**32)]),
     "ratio_above_one": (ExitCode.USAGE, lambda t, wm, wn: [wm(), "--calib", wn(), "--out", t / "clean.onnx",
                                                            "--criterion", "linf", "--ratio", "1.5", UNCHECKED]),
     # label-free, this random model's pruned twin disagrees everywhere: estimated drop 0.04 (its own
