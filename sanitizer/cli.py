@@ -229,15 +229,18 @@ def demo_cmd(
     criterion: Annotated[str, typer.Option(help="criterion to demonstrate (the job's default: probe)")] = "probe",
     detect: Annotated[bool, typer.Option("--detect", help="with linf/mean/l1/l2: probe for a backdoor first")] = False,
     report: Annotated[Optional[Path], typer.Option("--report", help="JSON report of the run")] = None,
+    suspect: Annotated[Optional[Path], typer.Option("--suspect", help="images you believe carry the trigger (as for a model of yours)")] = None,
+    allow_degraded: Annotated[bool, typer.Option("--allow-degraded", help="write even if the budget is broken (with --out)")] = False,
     force: Force = False,
 ):
+    # a refusal's advice names the job's flags: the demo takes those it names (--suspect, --allow-degraded)
     from .demo import DEMO
     from .pipeline import Options, sanitize
 
     out_console_line(f"demo model: {DEMO['trigger']}; target class {DEMO['target']}")
     opts = Options(model=DEMO["model"], calib=DEMO["calib"], out=out, criterion=criterion, scale=DEMO["scale"],
                    eval_data=DEMO["clean"], eval_triggered=DEMO["triggered"], target=DEMO["target"],
-                   force=force, detect=detect, report=report)
+                   force=force, detect=detect, report=report, suspect=suspect, allow_degraded=allow_degraded)
     bar, update = _progress()
     with bar:
         result = sanitize(opts, update)

@@ -267,6 +267,15 @@ def test_triggered_evaluation_images_that_still_work_refuse_the_result(cli, tmp_
     assert "degraded: the defense ran" in shown and "written only because of --allow-degraded" in shown
 
 
+def test_the_demo_takes_the_flags_its_refusal_names(cli, tmp_path):
+    result = cli("demo", "--criterion", "linf")
+    assert result.code == ExitCode.DEGRADED and "--allow-degraded writes it anyway" in result.err
+    assert "--suspect" in result.err
+    result = cli("demo", "--criterion", "linf", "--allow-degraded", "--out", tmp_path / "o.onnx")
+    assert result.code == 0 and (tmp_path / "o.onnx").exists()
+    assert "written only because of --allow-degraded" in " ".join(result.out.split())
+
+
 def test_triggered_images_all_of_the_target_class_are_refused(cli, tmp_path):
     from sanitizer.demo import DEMO
 
