@@ -136,8 +136,13 @@ def show_summary(result: dict) -> None:
         table.add_row("probes toward target", "", f"{len(used)} used: {'; '.join(used)}")
         table.add_row("probe flip rate", f"{max(p['flip_before'] for p in pr['probes'] if p['used']):.3f}",
                       f"{max(result['held_out_after']['probe_flip']):.3f} ({pr['ranking']} ranking, {pr['chosen']})")
+    # a clean-data criterion only prunes: with no unit pruned the written model is the original
+    unchanged = result["criterion"] != "probe" and result["plan"]["count"] == 0
     if result.get("detection", {}).get("suspected_target", 0) is None:
         table.add_row("units pruned", "0", "0 (no backdoor found: the model is written unchanged)")
+    elif unchanged:
+        table.add_row("units pruned", "0", f"0 of {result['plan']['candidates']} ({result['criterion']}): the model is "
+                      "unchanged")
     else:
         # a repair changes every weight though it prunes nothing: "0 of N" alone would read as unchanged
         repaired = "repaired" in result.get("probes", {}).get("chosen", "")
@@ -158,7 +163,8 @@ def show_summary(result: dict) -> None:
         why = result.get("evaluation", {}).get("refused") or "over the budget or the backdoor's probes still work"
         out_console_line(f"degraded: {why}; written only because of --allow-degraded")
     if "output" in result:
-        out_console_line(f"sanitized ONNX written to {result['output']['onnx']}")
+        out_console_line(f"ONNX written to {result['output']['onnx']}: the original, unchanged (nothing pruned)"
+                         if unchanged else f"sanitized ONNX written to {result['output']['onnx']}")
     else:
         out_console_line("no --out given: no model written")
 

@@ -387,3 +387,17 @@ def test_evaluation_images_on_another_pixel_scale_are_refused_before_any_work(cl
                  "--eval-data", tmp_path / "float01.npz")
     assert result.code == ExitCode.BAD_DATA and "--eval-data" in result.err and "same scale" in result.err, result.err
     assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "o.onnx").exists()
+
+
+def test_a_run_that_prunes_nothing_says_the_written_model_is_the_original(cli, write_model, tmp_path):
+    # the sanity gate needs a model that works on its images (tests/models.py brightest_channel)
+    x, y = M.channel_images(120)
+    np.savez(tmp_path / "calib.npz", X=x, y=y)
+    result = cli(write_model(M.brightest_channel), "--calib", tmp_path / "calib.npz", "--criterion", "linf",
+                 "--ratio", "0", "--out", tmp_path / "o.onnx")
+    shown = " ".join(result.out.split())
+    assert result.code == 0 and "(linf): the model is unchanged" in shown, result.out
+    assert "the original, unchanged (nothing pruned)" in shown and "sanitized ONNX written" not in shown
+    result = cli(write_model(M.brightest_channel), "--calib", tmp_path / "calib.npz", "--criterion", "linf",
+                 "--ratio", "0.5", "--out", tmp_path / "o.onnx", "--force")
+    assert result.code == 0 and "sanitized ONNX written" in result.out, result.out
