@@ -427,9 +427,10 @@ def check_outputs(opts: Options, models: tuple[Path, ...]) -> Path | None:
     return out_onnx
 
 
-def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: float) -> str:
+def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: float, ratio: float | None = None) -> str:
     """The one-line reason a result is not written (exit 7) and what the user can do about it. `final`:
-    the chosen candidate's held-out record (evaluate.Agreement.to_dict plus the probe verdicts)."""
+    the chosen candidate's held-out record (evaluate.Agreement.to_dict plus the probe verdicts); `ratio`: the
+    user's --ratio, when it set the count."""
     if final["drop_estimate"] > max_acc_drop:
         lo, hi = final["drop_interval90"]
         why = (f"breaks the accuracy budget: estimated {final['judged_on'].split()[0]} drop "
@@ -438,7 +439,10 @@ def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: floa
         if not final.get("probes_silenced", True):
             # the least costly result still misses the goal too: a larger budget alone would not do
             why += f", and leaves the backdoor's probes working (flip rate {max(final['probe_flip']):.3f})"
-        act = "more --calib images narrow the estimate; --max-acc-drop raises the budget"
+        # more images only help an estimate whose interval reaches under the budget
+        act = "; ".join(([f"a --ratio under {ratio:g} prunes fewer units"] if ratio is not None else [])
+                        + (["more --calib images narrow the estimate"] if lo <= max_acc_drop else [])
+                        + ["--max-acc-drop raises the budget"])
     else:
         act = "--suspect with triggered samples, if you have any, aims the search"
         if not final.get("fresh_probes_silenced", True):
@@ -679,7 +683,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     cut = effort_sizing.summary(sizing.report)
     also = f" [{cut}]" if cut else ""
     if degraded and not opts.allow_degraded:
-        raise SanitizeError(refusal(plan.count, final, probe_info, opts.max_acc_drop) + also, ExitCode.DEGRADED)
+        raise SanitizeError(refusal(plan.count, final, probe_info, opts.max_acc_drop, opts.ratio) + also, ExitCode.DEGRADED)
     if refused is not None and not opts.allow_degraded:
         raise SanitizeError(f"{refused[0]}; nothing written ({refused[1]}){also}", ExitCode.DEGRADED)
     clock.switch("write")

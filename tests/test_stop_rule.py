@@ -41,3 +41,17 @@ def test_probabilities_are_kept_and_logits_softmaxed():
     p = np.array([[0.25, 0.75]])
     assert np.array_equal(probabilities(p, "probabilities"), p)
     np.testing.assert_allclose(probabilities(np.array([[0.0, np.log(3.0)]])), p)
+
+
+def test_a_refusal_over_the_budget_advises_what_can_change_it():
+    from sanitizer.pipeline import refusal
+
+    final = {"drop_estimate": 0.37, "drop_interval90": [0.33, 0.41], "judged_on": "accuracy on labels", "n": 100}
+    # a forced --ratio far over the budget: fewer units help, more images cannot
+    why = refusal(31, final, None, 0.02, ratio=1.0)
+    assert "a --ratio under 1 prunes fewer units" in why and "--calib images" not in why
+    # an estimate whose interval reaches under the budget: more images may show it within
+    near = {**final, "drop_estimate": 0.025, "drop_interval90": [0.012, 0.038]}
+    why = refusal(5, near, None, 0.02)
+    assert "more --calib images narrow the estimate" in why and "--ratio" not in why
+    assert "--max-acc-drop raises the budget" in why and "--allow-degraded writes it anyway" in why
