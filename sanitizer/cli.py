@@ -4,6 +4,7 @@
 are subcommands. Every user error is one line on stderr and a documented exit code (see errors.ExitCode)."""
 from __future__ import annotations
 
+import difflib
 import json
 import shlex
 import sys
@@ -319,7 +320,13 @@ def main(argv: list[str] | None = None) -> int:
 
         session.LOG_SEVERITY = 2   # onnxruntime's warnings too
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
-        argv = ["run"] + argv   # `sanitize MODEL ...` is the main job
+        # `sanitize MODEL ...` is the main job; a word close to a command that names no file is a typo
+        near = difflib.get_close_matches(argv[0], COMMANDS, n=1, cutoff=0.75)
+        if near and not Path(argv[0]).exists():
+            err.print(f"error: unknown command {argv[0]!r} (did you mean {near[0]!r}?); a model path is given as "
+                      "sanitize MODEL --calib DATA", highlight=False, markup=False, soft_wrap=True)
+            return int(ExitCode.USAGE)
+        argv = ["run"] + argv
     try:
         # commands return nothing; with standalone_mode=False typer returns the code of an Exit it caught
         # instead of raising it, which is how it reports Ctrl-C (130)

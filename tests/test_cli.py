@@ -401,3 +401,16 @@ def test_a_run_that_prunes_nothing_says_the_written_model_is_the_original(cli, w
     result = cli(write_model(M.brightest_channel), "--calib", tmp_path / "calib.npz", "--criterion", "linf",
                  "--ratio", "0.5", "--out", tmp_path / "o.onnx", "--force")
     assert result.code == 0 and "sanitized ONNX written" in result.out, result.out
+
+
+def test_a_misspelt_command_is_named_not_read_as_a_model(cli, write_model, tmp_path, monkeypatch):
+    result = cli("evalute", write_model(), "--data", tmp_path / "d.npz")
+    assert_one_line_error(result, ExitCode.USAGE)
+    assert "unknown command 'evalute' (did you mean 'evaluate'?)" in result.err
+    # a model file named like a command is still the job's model
+    monkeypatch.chdir(tmp_path)
+    write_model(name="benchh")
+    x, y = M.channel_images(60)
+    np.savez(tmp_path / "d.npz", X=x, y=y)
+    result = cli("benchh", "--calib", "d.npz", "--criterion", "linf")
+    assert "unknown command" not in result.err and "calibration images" in result.err, result.err
