@@ -179,9 +179,11 @@ def check(model: onnx.ModelProto, path: Path | None = None) -> None:
     except BadOutput:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # the checker's message runs over lines ("... of node:\nname: x OpType: Relu\n is not ..."): one line of it
+        said = " ".join(str(e).split())
+        said = (said[:400] + " …" if len(said) > 400 else said) or type(e).__name__
         where = f"model {path}" if path else "model"
-        raise BadModel(f"{where} is not a valid ONNX model: {first}") from None
+        raise BadModel(f"{where} is not a valid ONNX model: {said}") from None
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -564,3 +564,20 @@ def test_a_write_that_dies_midway_keeps_the_previous_output(error, code, externa
     assert got == code and len(lines) == 1 and "Traceback" not in out + err, err
     assert snapshot(env.outdir) == previous and sorted(os.listdir(env.outdir)) == listing
     onnx.checker.check_model(onnx.load(str(env.out)), full_check=True)
+
+
+def test_a_checker_message_over_several_lines_names_the_node(tmp_path):
+    from onnx import TensorProto, helper
+
+    from sanitizer.errors import BadModel
+    from sanitizer.model_io import load_model
+
+    # nodes out of order: the checker's message breaks its line before naming the node
+    x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2]) for n in ("x", "b"))
+    graph = helper.make_graph([helper.make_node("Relu", ["a"], ["b"], name="second"),
+                               helper.make_node("Relu", ["x"], ["a"], name="first")], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    with pytest.raises(BadModel) as info:
+        load_model(tmp_path / "m.onnx")
+    said = str(info.value)
+    assert "\n" not in said and "name: second OpType: Relu" in said and "is not output of any previous nodes" in said
