@@ -89,6 +89,30 @@ def check_original(model: onnx.ModelProto, spec: InputSpec, pre: Preprocess, dat
     return out
 
 
+def narrow_input(input_range: tuple[float, float], raw_range: tuple[float, float], pre: Preprocess,
+                 which: str) -> str | None:
+    """The input-range bar: why preprocessed inputs spanning `input_range` (raw pixels `raw_range`) cannot be
+    what the model was trained on, naming the likely flag, or None. `which`: the images' role, for the message."""
+    lo, hi = input_range
+    if hi - lo >= MIN_INPUT_SPAN:
+        return None
+    raw_lo, raw_hi = raw_range
+    cause = ("pixels already in [0, 1]? pass --scale 1" if raw_hi <= 1 and pre.scale < 1 else
+             "check --scale and --mean/--std")
+    return (f"every {which} input lies within {lo:.4g}..{hi:.4g} after preprocessing (span {hi - lo:.2g} < "
+            f"{MIN_INPUT_SPAN}; pixels {raw_lo:.4g}..{raw_hi:.4g} × --scale {pre.scale:.4g}): {cause}")
+
+
+def input_ranges(data: Dataset, pre: Preprocess, batch_size: int = 64) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(preprocessed min, max), (raw min, max) over every image of `data`, read `batch_size` at a time."""
+    lo, hi, raw_lo, raw_hi = np.inf, -np.inf, np.inf, -np.inf
+    for _, raw in data.batches(batch_size):
+        x = pre.apply(raw)
+        lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+        raw_lo, raw_hi = min(raw_lo, float(raw.min())), max(raw_hi, float(raw.max()))
+    return (lo, hi), (raw_lo, raw_hi)
+
+
 def _label_numbers(pred: np.ndarray, labels: np.ndarray, classes: int) -> dict:
     n = len(pred)
     width = max(classes, int(labels.max()) + 1)
@@ -115,13 +139,9 @@ def _verdict(r: dict, pre: Preprocess, labeled: bool) -> str | None:
     if labeled and r["labels_max"] >= classes:
         return (f"--calib labels go up to {r['labels_max']} but output {r['output']['name']} has {classes} classes "
                 f"(0..{classes - 1}): the labels do not match the model's classes{override}")
-    lo, hi = r["input_range"]
-    if hi - lo < MIN_INPUT_SPAN:
-        raw_lo, raw_hi = r["raw_range"]
-        cause = ("pixels already in [0, 1]? pass --scale 1" if raw_hi <= 1 and pre.scale < 1 else
-                 "check --scale and --mean/--std")
-        return (f"every calibration input lies within {lo:.4g}..{hi:.4g} after preprocessing (span {hi - lo:.2g} < "
-                f"{MIN_INPUT_SPAN}; pixels {raw_lo:.4g}..{raw_hi:.4g} × --scale {pre.scale:.4g}): {cause}{override}")
+    narrow = narrow_input(r["input_range"], r["raw_range"], pre, "calibration")
+    if narrow:
+        return narrow + override
     spread = not labeled or r["label_top_share"] <= SPREAD
     if spread and r["top_share"] > COLLAPSE:
         of = "whose labels are spread" if labeled else "(a calibration set is expected to cover the classes)"

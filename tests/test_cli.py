@@ -184,12 +184,16 @@ def test_evaluate_json_prints_one_object(cli, write_model, write_npz, tmp_path):
     (["--triggered", "{t}", "--target", str(M.CLASSES)], ExitCode.USAGE),   # not a class of the model
     (["--triggered", "{t}", "--target", "-1"], ExitCode.USAGE),
     (["--data", "{wide}"], ExitCode.BAD_DATA),               # labels past the model's classes
+    (["--data", "{unit}"], ExitCode.BAD_DATA),               # pixels in [0, 1] under the default --scale 1/255
 ])
-def test_evaluate_errors(cli, write_model, write_npz, argv, code):
+def test_evaluate_errors(cli, write_model, write_npz, argv, code, tmp_path):
     triggered = write_npz("triggered.npz", n=10, labels=False)
     wide = write_npz("wide.npz", n=40, classes=M.CLASSES + 5, seed=3)
-    result = cli("evaluate", write_model(), *[a.format(t=triggered, wide=wide) for a in argv])
+    np.savez(tmp_path / "unit.npz", X=M.images(40).astype(np.float32) / 255, y=np.arange(40) % M.CLASSES)
+    result = cli("evaluate", write_model(), *[a.format(t=triggered, wide=wide, unit=tmp_path / "unit.npz") for a in argv])
     assert_one_line_error(result, code)
+    if "{unit}" in argv:
+        assert "--data input lies within" in result.err and "pass --scale 1" in result.err
 
 
 def test_asr_leaves_out_triggered_images_already_labelled_target(cli, write_model, write_npz):
