@@ -213,7 +213,7 @@ def layers_cmd(model: Annotated[Path, typer.Argument()], input_name: InputName =
     from calib.preprocess import input_spec
     from calib.stats import probe_shapes
 
-    from .graph import find_sites
+    from .graph import blocked_reasons, find_sites
     from .model_io import load_model
 
     loaded = load_model(model)
@@ -221,9 +221,9 @@ def layers_cmd(model: Annotated[Path, typer.Argument()], input_name: InputName =
     shape = [spec.batch or 1] + ([spec.channels, spec.height, spec.width] if spec.layout == "nchw"
                                  else [spec.height, spec.width, spec.channels])
     shapes, ints = probe_shapes(loaded.model, {spec.name: np.zeros(shape, np.float32)})
+    sites = find_sites(loaded.model, shapes, ints)
     rows = [{"name": s.name, "kind": s.kind, "tensor": s.tensor, "axis": s.axis, "rank": s.rank, "units": s.channels,
-             "strategy": s.strategy, "why_blocked": s.why_blocked or None}
-            for s in find_sites(loaded.model, shapes, ints)]
+             "strategy": s.strategy, "why_blocked": s.why_blocked or None} for s in sites]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -233,7 +233,7 @@ def layers_cmd(model: Annotated[Path, typer.Argument()], input_name: InputName =
         print(f"{r['name']}\t{r['kind']}\t{r['units']} units\ton {r['tensor']} axis {r['axis']} of {r['rank']}"
               f"\t{r['strategy']}{why}")
     if not any(s["strategy"] != "blocked" for s in rows):
-        print("no prunable layer")
+        print(f"no prunable layer: {blocked_reasons(sites, model=loaded.model)}")
 
 
 @app.command("demo", help="Sanitize the shipped backdoored digits model and print a before/after table.")

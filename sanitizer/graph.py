@@ -82,11 +82,25 @@ def stat_tensors(sites) -> dict[str, UnitAxis]:
     return {s.tensor: UnitAxis(s.rank, s.axis) for s in sites}
 
 
-def blocked_reasons(sites, limit: int = 3) -> str:
-    """The first `limit` blocked sites with why, for a one-line refusal."""
+# Weighted layers in a form the site analysis does not read (QOPERATOR layers are sites, blocked with a reason):
+# onnxruntime's fused ops, what a session saves after its extended graph optimizations.
+UNREAD_LAYERS = frozenset({"FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv"})
+
+
+def blocked_reasons(sites, limit: int = 3, model: onnx.ModelProto | None = None) -> str:
+    """The first `limit` blocked sites with why, for a one-line refusal; with no site at all, why not — naming
+    the layers of `model` in a form that is not read (UNREAD_LAYERS)."""
     blocked = [s for s in sites if not s.prunable]
     if not blocked:
-        return "no Conv, Gemm or MatMul with constant weights feeds another weighted layer"
+        why = "no Conv, Gemm or MatMul with constant weights feeds another weighted layer"
+        unread: dict[str, int] = {}
+        for node in model.graph.node if model is not None else ():
+            if node.op_type in UNREAD_LAYERS:
+                unread[node.op_type] = unread.get(node.op_type, 0) + 1
+        if unread:
+            why += (f"; its layers are {', '.join(f'{op} ×{k}' for op, k in unread.items())}, onnxruntime's fused "
+                    "forms, which are not read: give the model as exported, before onnxruntime's graph optimizations")
+        return why
     parts = [f"{s.name}: {s.why_blocked}" for s in blocked[:limit]]
     more = f"; {len(blocked) - limit} more (see `sanitize layers`)" if len(blocked) > limit else ""
     return "; ".join(parts) + more
@@ -252,14 +266,14 @@ def _follow_chain(g: Graph, start: str, channels: int, axis: int):
 
 def _weight(g: Graph, name: str) -> tuple[str, np.ndarray] | None:
     """The initializer that holds a layer's weight and its value, when this layer alone reads it: the weight
-    itself, or the initializer behind a DequantizeLinear (QDQ int8 weights) or a Cast (float16 weights in a
-    float32 graph) that only this layer reads."""
+    itself, or the initializer behind a DequantizeLinear (QDQ int8 weights), a Cast (float16 weights in a
+    float32 graph) or an Identity (some exporters' weight aliases) that only this layer reads."""
     if g.private(name):
         return name, g.const(name)
     node = g.producer.get(name)
     if node is None or not node.input or g.only_consumer(name) is None or not g.private(node.input[0]):
         return None
-    if node.op_type == "Cast" or node.op_type == "DequantizeLinear" and not attr(node, "block_size", 0):
+    if node.op_type in ("Cast", "Identity") or node.op_type == "DequantizeLinear" and not attr(node, "block_size", 0):
         return node.input[0], g.const(node.input[0])
     return None
 

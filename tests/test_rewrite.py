@@ -48,11 +48,28 @@ CASES = {
     "dynamo_fixed1": (lambda: M.dynamo(batch=1), {"conv1": P, "conv2": C}),
     "blocked": (M.blocked, {"conv_a": B, "conv_b": B, "conv_c": P}),
     "shared_weight": (M.shared_weight, {"conv0": P, "conv1": B, "conv3": P}),
+    # each conv weight read through an Identity, as some exporters alias it
+    "identity_weights": (lambda: _through_identity(M.plain()), {"conv1": P, "conv2": P}),
     # weights and biases held in Constant nodes, as some exporters write them: what load_model makes of them
     "constant_nodes": (lambda: _loaded(_as_constant_nodes(M.resnet())),
                        {"stem": P, "b0_conv1": P, "b0_conv2": P, "b0_add": C, "down_conv1": P, "down_conv2": P,
                         "down_short": P, "down_add": C}),
 }
+
+
+def _through_identity(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every Conv's weight read through an Identity node."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    aliases = []
+    for node in out.graph.node:
+        if node.op_type == "Conv":
+            aliases.append(helper.make_node("Identity", [node.input[1]], [node.input[1] + "_alias"]))
+            node.input[1] += "_alias"
+    nodes = aliases + list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
 
 
 def _as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -342,3 +342,20 @@ def test_dense_rows_with_the_batch_folded_in_are_followed_back_to_tokens():
     shapes, sites = analyse(model)
     assert (sites["addmm"].strategy, sites["addmm"].tensor) == ("blocked", "a")
     assert "folds the batch" in sites["addmm"].why_blocked
+
+
+def test_onnxruntime_fused_layers_are_named_when_nothing_is_prunable(tmp_path, write_npz, cli):
+    import onnxruntime as ort
+
+    # what an onnxruntime session saves after its extended optimizations: Conv + Relu as com.microsoft FusedConv
+    onnx.save(M.plain(), tmp_path / "plain.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(str(tmp_path / "plain.onnx"), options, providers=["CPUExecutionProvider"])
+    assert "FusedConv" in {n.op_type for n in onnx.load(tmp_path / "fused.onnx").graph.node}
+    r = cli("layers", tmp_path / "fused.onnx")
+    assert r.code == 0 and "no prunable layer" in r.out and "FusedConv ×2" in r.out
+    r = cli(tmp_path / "fused.onnx", "--calib", write_npz(), "--criterion", "linf", "--out", tmp_path / "o.onnx",
+            "--no-sanity-check")
+    assert r.code == 4 and len(r.err_lines) == 1 and "FusedConv ×2" in r.err and "graph optimizations" in r.err
