@@ -494,7 +494,12 @@ def find_sites(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
         elif node.op_type in PRODUCERS:
             found = _producer_weights(g, node)
             out = node.output[0]
-            if found is None or out not in shapes:
+            if out not in shapes:
+                continue
+            if found is None:
+                computed = _computed_weight_site(g, node, shapes)
+                if computed is not None:
+                    sites.append(computed)
                 continue
             zero, n = found
             kind = "conv" if node.op_type == "Conv" else "dense"
@@ -529,6 +534,19 @@ def find_sites(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
             site.strategy, site.why_blocked = "blocked", (f"{site.tensor} folds the batch into its rows "
                                                           f"{shapes[site.tensor]}: no per-image units")
     return sites
+
+
+def _computed_weight_site(g: Graph, node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> Site | None:
+    """A Conv or Gemm whose weight is computed at run time (weight_norm exported without constant folding),
+    listed as a blocked site so that it is named, not missing; None for any other layer — a MatMul of two
+    computed tensors (attention) is not a layer with units."""
+    out = node.output[0]
+    if (node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or g.const(node.input[1]) is not None
+            or len(shapes[out]) < 2 or not _feeds_producer(g, out)):
+        return None
+    return Site(node.name or out, "conv" if node.op_type == "Conv" else "dense", out, shapes[out][1], 1,
+                len(shapes[out]), "blocked", f"its weight {node.input[1]!r} is computed at run time, not a constant "
+                "(weight_norm and the like: export with constant folding)")
 
 
 def _feeds_producer(g: Graph, tensor: str) -> bool:

@@ -50,6 +50,8 @@ CASES = {
     "shared_weight": (M.shared_weight, {"conv0": P, "conv1": B, "conv3": P}),
     # each conv weight read through an Identity, as some exporters alias it
     "identity_weights": (lambda: _through_identity(M.plain()), {"conv1": P, "conv2": P}),
+    # conv1's weight computed at run time (weight_norm without constant folding): named, blocked
+    "computed_weight": (lambda: _computed_weight(M.plain(), "conv1"), {"conv1": B, "conv2": P}),
     # weights and biases held in Constant nodes, as some exporters write them: what load_model makes of them
     "constant_nodes": (lambda: _loaded(_as_constant_nodes(M.resnet())),
                        {"stem": P, "b0_conv1": P, "b0_conv2": P, "b0_add": C, "down_conv1": P, "down_conv2": P,
@@ -67,6 +69,20 @@ def _through_identity(model: onnx.ModelProto) -> onnx.ModelProto:
             aliases.append(helper.make_node("Identity", [node.input[1]], [node.input[1] + "_alias"]))
             node.input[1] += "_alias"
     nodes = aliases + list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def _computed_weight(model: onnx.ModelProto, conv: str) -> onnx.ModelProto:
+    """The model with `conv`'s weight computed as weight × 1 at run time."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    node = next(n for n in out.graph.node if n.name == conv)
+    out.graph.initializer.append(numpy_helper.from_array(np.ones((), np.float32), "one"))
+    mul = helper.make_node("Mul", [node.input[1], "one"], [node.input[1] + "_computed"])
+    node.input[1] += "_computed"
+    nodes = [mul] + list(out.graph.node)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     return out
@@ -357,6 +373,11 @@ def test_weights_in_constant_nodes_load_as_initializers_that_compute_the_same(tm
     assert {t.name for t in loaded.graph.initializer} == {t.name for t in M.resnet().graph.initializer}
     feed = M.random_input(model, batch=3)
     np.testing.assert_array_equal(M.run(loaded, feed)[0], M.run(model, feed)[0])
+
+
+def test_a_computed_weight_is_named_as_the_reason():
+    _, sites = analyse(_computed_weight(M.plain(), "conv1"))
+    assert "computed at run time" in sites["conv1"].why_blocked and sites["conv1"].channels == 6
 
 
 def test_the_bounds_constant_nodes_stay_nodes():
