@@ -18,14 +18,19 @@ The bars, none fitted to a case:
   κ ≤ SLIGHT_KAPPA, Landis & Koch's (1977) "slight" agreement: a model that truly agrees with its labels
   beyond that is refused in at most 0.1 % of runs.
 - *Coverage*: the classes the images stand for (their labels, else the original's predictions) are fewer
-  than COVERAGE of the number a set of this size drawn from every class would hold, C·(1 − (1 − 1/C)^n) for
-  C classes and n images. Every decision is judged on these images and the repair tunes on them alone, so
-  a class they never show can lose its accuracy unseen: a model 0.998 accurate, calibrated on digits 0–4
-  only, shipped at 0.88 (0.78 on 5–9) with a held-out agreement of 0.985. Real sets are uneven — GTSRB's
-  rarest class is 0.5 % of its images, and 500 images miss it 7 % of the time — so a missing class or two
-  is chance, a fifth of them is not.
+  than a set of this size drawn from all the model's classes would show. Every decision is judged on these
+  images and the repair tunes on them alone, so a class they never show can lose its accuracy unseen: a
+  model 0.998 accurate, calibrated on digits 0–4 only, shipped at 0.88 (0.78 on 5–9) with a held-out
+  agreement of 0.985. Real sets are uneven (GTSRB's rarest class is 0.13 of a balanced share), so the bar
+  allows any set whose every class is at least RARE_SHARE as frequent as in a balanced one: of such sets,
+  the one with the fewest classes expected has all classes but one at that floor (the expected count is a
+  sum of concave terms), each seen with q = 1 − (1 − RARE_SHARE/C)^n (C classes, n images); the gate trips
+  when fewer classes show than 1 + the 0.1 % quantile of Binomial(C − 1, q). 500 GTSRB images need 20 of 43
+  classes, 411 digits 8 of 10, 500 ImageNet images 30 of 1000.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx
@@ -41,7 +46,8 @@ COLLAPSE = 0.9
 SPREAD = 0.5          # labels are spread when no class holds more than this share
 SLIGHT_KAPPA = 0.2
 Z_999 = 3.0902        # one-sided 99.9 %
-COVERAGE = 0.8
+RARE_SHARE = 0.1      # the rarest class the coverage bar allows, as a share of a balanced set's
+ALPHA_COVERAGE = 0.001
 # Rows that are non-negative and sum to 1 within this are probabilities (16-bit outputs round at ~1e-3).
 PROB_TOLERANCE = 1e-2
 
@@ -52,7 +58,7 @@ def check_original(model: onnx.ModelProto, spec: InputSpec, pre: Preprocess, dat
     it. `labels`: [N] int64 class indices or None (unlabeled, or labels not to be used).
 
     Returns the numbers (JSON-ready): images, classes, input and raw pixel range, top class and its share,
-    the classes the images stand for and how many a set drawn from every class would,
+    the classes the images stand for and the fewest a set drawn from all of them would show (coverage_floor),
     with labels accuracy / κ / its bound, the output's kind ("logits" or "probabilities": non-negative rows
     summing to 1 on every image, or a Softmax producer), and "tripped" (the refusal it would give, or None).
     Raises BadModel when the output has fewer than 2 scores per image (not overridable); BadData (exit 5)
@@ -82,11 +88,29 @@ def check_original(model: onnx.ModelProto, spec: InputSpec, pre: Preprocess, dat
     if labels is not None:
         out.update(_label_numbers(pred, np.asarray(labels), classes))
     out["covered"] = int(len(np.unique(labels if labels is not None else pred)))
-    out["expected_covered"] = round(classes * (1 - (1 - 1 / classes) ** n), 1)
+    out["coverage_floor"] = coverage_floor(classes, n)
     out["tripped"] = _verdict(out, pre, labels is not None)
     if out["tripped"] and enforce:
         raise BadData(out["tripped"])
     return out
+
+
+def coverage_floor(classes: int, n: int) -> int:
+    """The fewest classes `n` images drawn from `classes` classes show, each class at least RARE_SHARE as frequent
+    as in a balanced set, but for a chance of at most 0.1 %: 1 (the frequent class) plus the 0.1 % quantile of
+    Binomial(classes − 1, q), q = 1 − (1 − RARE_SHARE/classes)^n (the module's docstring; the classes' indicators
+    are negatively correlated, so the binomial's tail is the wider one)."""
+    m, q = classes - 1, 1 - (1 - RARE_SHARE / classes) ** n
+    if q >= 1:
+        return classes
+    cdf, k = 0.0, 0
+    while k <= m and q > 0:
+        pmf = math.exp(math.lgamma(m + 1) - math.lgamma(k + 1) - math.lgamma(m - k + 1) + k * math.log(q)
+                       + (m - k) * math.log1p(-q))
+        if cdf + pmf > ALPHA_COVERAGE:
+            break
+        cdf, k = cdf + pmf, k + 1
+    return 1 + k
 
 
 def narrow_input(input_range: tuple[float, float], raw_range: tuple[float, float], pre: Preprocess,
@@ -155,10 +179,11 @@ def _verdict(r: dict, pre: Preprocess, labeled: bool) -> str | None:
                 f"{r['chance']:.1%}; Cohen's kappa {r['kappa']:.2f}, ≤ {r['kappa_upper999']:.2f} at 99.9 %): the "
                 f"labels likely do not match the model's classes{hint} (else check --scale, --mean/--std, "
                 f"--layout){override}")
-    if r["covered"] < COVERAGE * r["expected_covered"]:
+    if r["covered"] < r["coverage_floor"]:
         by = "their labels" if labeled else "the original model's predictions"
-        return (f"the {n} calibration images stand for {r['covered']} of the model's {classes} classes (by {by}; "
-                f"about {r['expected_covered']:.0f} expected of {n} images drawn from every class): every check runs "
-                f"and the repair tunes on these images alone, so the other classes can lose accuracy unseen — add "
-                f"images of the other classes{override}")
+        return (f"the {n} calibration images stand for {r['covered']} of the model's {classes} classes (by {by}), where "
+                f"{n} images drawn from all of them, each at least {RARE_SHARE:g} as frequent as in a balanced set, "
+                f"would show at least {r['coverage_floor']}: every check runs and the repair tunes on these "
+                f"images alone, so the other classes can lose accuracy unseen — add images of the other "
+                f"classes{override}")
     return None

@@ -28,7 +28,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("suite", type=Path)
     args = parser.parse_args()
-    print("| case | labels | images | classes | covered (expected) | input range | top class share | accuracy "
+    print("| case | labels | images | classes | covered (floor) | input range | top class share | accuracy "
           "| κ (upper 99.9 %) | output | s | verdict |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     alarms = 0
@@ -47,7 +47,7 @@ def main() -> int:
             acc = f"{r['accuracy']:.3f}" if labeled else "—"
             kappa = f"{r['kappa']:.3f} ({r['kappa_upper999']:.3f})" if labeled else "—"
             print(f"| {case.name} | {'yes' if labeled else 'no'} | {r['images']} | {r['classes']} | "
-                  f"{r['covered']} ({r['expected_covered']:g}) | {lo:.3g}..{hi:.3g} | {r['top_share']:.3f} (class {r['top_class']}) | {acc} | {kappa} | "
+                  f"{r['covered']} ({r['coverage_floor']}) | {lo:.3g}..{hi:.3g} | {r['top_share']:.3f} (class {r['top_class']}) | {acc} | {kappa} | "
                   f"{r['output']['kind']} | {seconds:.1f} | {r['tripped'] or 'passed'} |", flush=True)
     return 1 if alarms else 0
 
