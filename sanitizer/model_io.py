@@ -121,28 +121,42 @@ def load_model(path: Path) -> LoadedModel:
     return LoadedModel(path=path, model=model, external=external, sha256=sha256_file(path), data_files=data_files)
 
 
-# Ops whose constant operands hold a layer's units — weights, biases, normalisation and per-channel scales — which
-# the site analysis reads and the rewrite edits as initializers (graph.py).
-UNIT_OPERANDS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add", "Sub", "Mul", "Div",
-                           "PRelu"})
+# Layers whose constant inputs past the first hold their units' weights (and bias), by input position.
+WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,),
+                 "BatchNormalization": (1, 2, 3, 4), "PRelu": (1,)}
+# Element-wise ops whose constant operand is a layer's bias or per-unit scale when their other operand is that
+# layer's output.
+BIAS_OPS = frozenset({"Add", "Sub", "Mul", "Div"})
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> None:
     """In place: each main-graph `Constant` node holding a tensor (`value`, or a float/int scalar or list) that
-    an op of UNIT_OPERANDS reads becomes an initializer of the same name — onnxoptimizer's
-    extract_constant_to_initializer pass; the two forms compute the same. Some exporters and hand-edited graphs
-    keep weights in Constant nodes, which the site analysis and the rewrite would otherwise not see as weights.
-    Other constants (shapes, the bounds' Min/Max operands this tool writes) stay nodes. Models of IR version < 4,
-    where every initializer must also be a graph input, are left as they are."""
+    sits where a layer keeps its weights — a weight input of WEIGHT_INPUTS, or the constant operand of a
+    BIAS_OPS node applied to the output of a layer whose weight is constant — becomes an initializer of the
+    same name: onnxoptimizer's extract_constant_to_initializer pass, restricted to weights; the two forms
+    compute the same. Some exporters and hand-edited graphs keep weights in Constant nodes, which the site
+    analysis and the rewrite would otherwise not see as weights. Every other constant (preprocessing, GELU's
+    and attention's factors, LayerNorm's epsilon, shapes, the bounds this tool writes) stays a node: the
+    repair tunes initializers, and must tune weights only. Models of IR version < 4, where every initializer
+    must also be a graph input, are left as they are."""
     if model.ir_version < 4:
         return
-    read_by_units = {name for n in model.graph.node if n.op_type in UNIT_OPERANDS and n.domain in ("", "ai.onnx")
-                     for name in n.input}
+    nodes = model.graph.node
+    constant = {n.output[0]: n for n in nodes if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+                and len(n.attribute) == 1}
+    inits = {t.name for t in model.graph.initializer}
+    weights = {n.input[i] for n in nodes if n.domain in ("", "ai.onnx")
+               for i in WEIGHT_INPUTS.get(n.op_type, ()) if i < len(n.input)}
+    layer_out = {n.output[0] for n in nodes if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+                 and n.domain in ("", "ai.onnx") and len(n.input) > 1 and (n.input[1] in inits or n.input[1] in constant)}
+    for n in nodes:
+        if n.op_type in BIAS_OPS and n.domain in ("", "ai.onnx") and len(n.input) == 2 and \
+                any(i in layer_out for i in n.input):
+            weights.update(i for i in n.input if i in constant)
     kept = []
-    for node in model.graph.node:
+    for node in nodes:
         tensor = None
-        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1
-                and node.output[0] in read_by_units):
+        if node.output[0] in constant and node.output[0] in weights:
             a = node.attribute[0]
             if a.name == "value":
                 tensor = TensorProto()
@@ -155,9 +169,9 @@ def constants_to_initializers(model: onnx.ModelProto) -> None:
             continue
         tensor.name = node.output[0]
         model.graph.initializer.append(tensor)
-    if len(kept) < len(model.graph.node):
-        del model.graph.node[:]
-        model.graph.node.extend(kept)
+    if len(kept) < len(nodes):
+        del nodes[:]
+        nodes.extend(kept)
 
 
 def check(model: onnx.ModelProto, path: Path | None = None) -> None:

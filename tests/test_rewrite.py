@@ -380,6 +380,25 @@ def test_a_computed_weight_is_named_as_the_reason():
     assert "computed at run time" in sites["conv1"].why_blocked and sites["conv1"].channels == 6
 
 
+def test_only_weights_in_constant_nodes_become_initializers():
+    # the repair tunes initializers: preprocessing constants must stay out of its reach
+    model = _as_constant_nodes(M.plain())
+    first = model.graph.input[0].name
+    mean = helper.make_node("Constant", [], ["mean"], value=numpy_helper.from_array(np.full((1, 3, 1, 1), 0.5, np.float32)))
+    std = helper.make_node("Constant", [], ["std"], value=numpy_helper.from_array(np.full((1, 3, 1, 1), 0.25, np.float32)))
+    pre = [mean, std, helper.make_node("Sub", [first, "mean"], ["centred"]), helper.make_node("Div", ["centred", "std"], ["normed"])]
+    for node in model.graph.node:
+        node.input[:] = ["normed" if i == first else i for i in node.input]
+    nodes = pre + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    converted = _loaded(model)
+    assert {t.name for t in converted.graph.initializer} == {t.name for t in M.plain().graph.initializer}
+    assert {n.output[0] for n in converted.graph.node if n.op_type == "Constant"} == {"mean", "std"}
+    feed = M.random_input(model, batch=3)
+    np.testing.assert_array_equal(M.run(converted, feed)[0], M.run(model, feed)[0])
+
+
 def test_the_bounds_constant_nodes_stay_nodes():
     model = M.plain()
     shapes, sites = analyse(model)
