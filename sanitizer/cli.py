@@ -233,7 +233,7 @@ def layers_cmd(model: Annotated[Path, typer.Argument()], input_name: InputName =
         print(f"{r['name']}\t{r['kind']}\t{r['units']} units\ton {r['tensor']} axis {r['axis']} of {r['rank']}"
               f"\t{r['strategy']}{why}")
     if not any(s["strategy"] != "blocked" for s in rows):
-        print(f"no prunable layer: {blocked_reasons(sites, model=loaded.model)}")
+        print("no prunable layer" + ("" if rows else f": {blocked_reasons(sites)}"))
 
 
 @app.command("demo", help="Sanitize the shipped backdoored digits model and print a before/after table.")

@@ -82,25 +82,15 @@ def stat_tensors(sites) -> dict[str, UnitAxis]:
     return {s.tensor: UnitAxis(s.rank, s.axis) for s in sites}
 
 
-# Weighted layers in a form the site analysis does not read (QOPERATOR layers are sites, blocked with a reason):
-# onnxruntime's fused ops, what a session saves after its extended graph optimizations.
-UNREAD_LAYERS = frozenset({"FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv"})
+# onnxruntime's fused layers, what a session saves after its extended graph optimizations: not read, like QOPERATOR.
+FUSED = frozenset({"FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv"})
 
 
-def blocked_reasons(sites, limit: int = 3, model: onnx.ModelProto | None = None) -> str:
-    """The first `limit` blocked sites with why, for a one-line refusal; with no site at all, why not — naming
-    the layers of `model` in a form that is not read (UNREAD_LAYERS)."""
+def blocked_reasons(sites, limit: int = 3) -> str:
+    """The first `limit` blocked sites with why, for a one-line refusal."""
     blocked = [s for s in sites if not s.prunable]
     if not blocked:
-        why = "no Conv, Gemm or MatMul with constant weights feeds another weighted layer"
-        unread: dict[str, int] = {}
-        for node in model.graph.node if model is not None else ():
-            if node.op_type in UNREAD_LAYERS:
-                unread[node.op_type] = unread.get(node.op_type, 0) + 1
-        if unread:
-            why += (f"; its layers are {', '.join(f'{op} ×{k}' for op, k in unread.items())}, onnxruntime's fused "
-                    "forms, which are not read: give the model as exported, before onnxruntime's graph optimizations")
-        return why
+        return "no Conv, Gemm or MatMul with constant weights feeds another weighted layer"
     parts = [f"{s.name}: {s.why_blocked}" for s in blocked[:limit]]
     more = f"; {len(blocked) - limit} more (see `sanitize layers`)" if len(blocked) > limit else ""
     return "; ".join(parts) + more
@@ -491,6 +481,15 @@ def find_sites(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
             sites.append(Site(node.name or out, "conv" if conv else "dense", out, units, 1, 4 if conv else 2, "blocked",
                               f"{node.op_type} is a QOperator-format quantized layer (not supported; quantize "
                               "to the QDQ format, QuantFormat.QDQ)"))
+        elif node.op_type in FUSED:
+            # listed, so that a partly fused model does not pass for one whose every layer was read
+            out = node.output[0]
+            conv = "Conv" in node.op_type
+            weight = g.const(node.input[1]) if len(node.input) > 1 else None
+            units = 0 if weight is None else weight.shape[0 if conv else -1]
+            sites.append(Site(node.name or out, "conv" if conv else "dense", out, units, 1, 4 if conv else 2, "blocked",
+                              f"{node.op_type} is onnxruntime's fused form of a layer (not read: give the model as "
+                              "exported, before onnxruntime's graph optimizations)"))
         elif node.op_type in PRODUCERS:
             found = _producer_weights(g, node)
             out = node.output[0]

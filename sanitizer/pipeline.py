@@ -610,7 +610,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         clean_verdict = unconfirmed_by is not None
     if not sites and not clean_verdict:
         # writing the input back as "sanitized" would claim a defense that never ran
-        raise BadModel(f"no prunable layer in scope: {blocked_reasons(prep.sites.values(), model=prep.model)}")
+        raise BadModel(f"no prunable layer in scope: {blocked_reasons(prep.sites.values())}")
     if probing and not clean_verdict:
         units, n_suspects = sum(s.channels for s in sites), None if suspects is None else len(suspects)
         effort = sizing("defense", lambda e: defense_work(e, len(fit), len(hold), units, families, suspects=n_suspects))

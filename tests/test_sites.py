@@ -355,7 +355,23 @@ def test_onnxruntime_fused_layers_are_named_when_nothing_is_prunable(tmp_path, w
     ort.InferenceSession(str(tmp_path / "plain.onnx"), options, providers=["CPUExecutionProvider"])
     assert "FusedConv" in {n.op_type for n in onnx.load(tmp_path / "fused.onnx").graph.node}
     r = cli("layers", tmp_path / "fused.onnx")
-    assert r.code == 0 and "no prunable layer" in r.out and "FusedConv ×2" in r.out
+    assert r.code == 0 and "no prunable layer" in r.out and r.out.count("FusedConv is onnxruntime's fused form") == 2
     r = cli(tmp_path / "fused.onnx", "--calib", write_npz(), "--criterion", "linf", "--out", tmp_path / "o.onnx",
             "--no-sanity-check")
-    assert r.code == 4 and len(r.err_lines) == 1 and "FusedConv ×2" in r.err and "graph optimizations" in r.err
+    assert r.code == 4 and len(r.err_lines) == 1 and "FusedConv is onnxruntime's fused form" in r.err
+    assert "graph optimizations" in r.err
+
+
+def test_a_partly_fused_model_lists_its_fused_layers_as_blocked(tmp_path):
+    import onnxruntime as ort
+
+    onnx.save(M.resnet(), tmp_path / "resnet.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(str(tmp_path / "resnet.onnx"), options, providers=["CPUExecutionProvider"])
+    model = onnx.load(tmp_path / "fused.onnx")
+    fused = {n.name for n in model.graph.node if n.op_type == "FusedConv"}
+    _, sites = analyse(model)
+    assert fused and fused <= set(sites) and all("fused form" in sites[n].why_blocked for n in fused)
+    assert any(s.prunable for s in sites.values())
