@@ -540,8 +540,16 @@ def _computed_weight_site(g: Graph, node: onnx.NodeProto, shapes: dict[str, tupl
     listed as a blocked site so that it is named, not missing; None for any other layer — a MatMul of two
     computed tensors (attention) is not a layer with units."""
     out = node.output[0]
-    if (node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or g.const(node.input[1]) is not None
-            or len(shapes[out]) < 2 or not _feeds_producer(g, out)):
+    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or len(shapes[out]) < 2 \
+            or not _feeds_producer(g, out):
+        return None
+    # a constant weight behind a Cast, Identity or DequantizeLinear that _weight refused (shared with another
+    # layer, block-quantized) is not computed: it stays out of the list, as before
+    weight = node.input[1]
+    while (p := g.producer.get(weight)) is not None and p.op_type in ("Cast", "Identity", "DequantizeLinear") \
+            and p.input:
+        weight = p.input[0]
+    if g.const(weight) is not None:
         return None
     return Site(node.name or out, "conv" if node.op_type == "Conv" else "dense", out, shapes[out][1], 1,
                 len(shapes[out]), "blocked", f"its weight {node.input[1]!r} is computed at run time, not a constant "

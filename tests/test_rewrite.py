@@ -378,6 +378,17 @@ def test_weights_in_constant_nodes_load_as_initializers_that_compute_the_same(tm
 def test_a_computed_weight_is_named_as_the_reason():
     _, sites = analyse(_computed_weight(M.plain(), "conv1"))
     assert "computed at run time" in sites["conv1"].why_blocked and sites["conv1"].channels == 6
+    # a constant weight read through a Cast that two layers share is not called computed
+    model = _through_identity(M.plain())
+    for node in model.graph.node:
+        if node.op_type == "Identity":
+            node.op_type = "Cast"
+            node.attribute.append(helper.make_attribute("to", onnx.TensorProto.FLOAT))
+    conv1 = next(n for n in model.graph.node if n.name == "conv1")
+    assert conv1.input[1].endswith("_alias")
+    model.graph.node.append(helper.make_node("Conv", [conv1.input[0], conv1.input[1]], ["spare"], name="spare"))
+    _, sites = analyse(model)
+    assert "conv1" not in sites or "computed" not in sites["conv1"].why_blocked
 
 
 def test_only_weights_in_constant_nodes_become_initializers():
