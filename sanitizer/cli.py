@@ -24,6 +24,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Find and prune backdoor neurons in an ONNX image classifier.")
 err = Console(stderr=True)
 out = Console()
+# images `evaluate` reads for the input-range check: pixels on another scale show in any of them
+EVAL_RANGE_IMAGES = 256
 
 Calib = Annotated[Path, typer.Option("--calib", help="clean images: folder (flat or one subfolder per class), .npz or .npy")]
 Scale = Annotated[float, typer.Option(help="model_input = ((pixels × scale) − mean) / std")]
@@ -164,7 +166,7 @@ def show_summary(result: dict) -> None:
         why = result.get("evaluation", {}).get("refused") or "over the budget or the backdoor's probes still work"
         out_console_line(f"degraded: {why}; written only because of --allow-degraded")
     if "output" in result:
-        out_console_line(f"ONNX written to {result['output']['onnx']}: the original, unchanged (nothing pruned)"
+        out_console_line(f"ONNX written to {result['output']['onnx']}: the original's weights, unchanged (nothing pruned)"
                          if unchanged else f"sanitized ONNX written to {result['output']['onnx']}")
     else:
         out_console_line("no --out given: no model written")
@@ -193,7 +195,9 @@ def evaluate_cmd(
     pre = resolve_preprocess(spec, scale=scale, mean=parse_floats(mean), std=parse_floats(std), layout=layout)
     for flag, path in (("--data", data), ("--triggered", triggered)):
         # the job's sanity gate checks this on --calib; here nothing else would (accuracy 0.18 on [0, 1] pixels)
-        narrow = path is not None and narrow_input(*input_ranges(open_data(path, spec), pre), pre, flag)
+        # the first EVAL_RANGE_IMAGES say it: a whole set is not decoded twice for this
+        narrow = path is not None and narrow_input(*input_ranges(open_data(path, spec), pre, EVAL_RANGE_IMAGES),
+                                                   pre, flag)
         if narrow:
             raise SanitizeError(narrow, ExitCode.BAD_DATA)
     result = evaluate(loaded.model, spec, pre, data=data, triggered=triggered, target=target)

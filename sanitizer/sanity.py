@@ -127,9 +127,13 @@ def narrow_input(input_range: tuple[float, float], raw_range: tuple[float, float
             f"{MIN_INPUT_SPAN}; pixels {raw_lo:.4g}..{raw_hi:.4g} × --scale {pre.scale:.4g}): {cause}")
 
 
-def input_ranges(data: Dataset, pre: Preprocess, batch_size: int = 64) -> tuple[tuple[float, float], tuple[float, float]]:
-    """(preprocessed min, max), (raw min, max) over every image of `data`, read `batch_size` at a time."""
+def input_ranges(data: Dataset, pre: Preprocess, limit: int | None = None,
+                 batch_size: int = 64) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(preprocessed min, max), (raw min, max) over the first `limit` images of `data` (None: all), read
+    `batch_size` at a time."""
     lo, hi, raw_lo, raw_hi = np.inf, -np.inf, np.inf, -np.inf
+    if limit is not None and limit < data.n:
+        data = data.subset(np.arange(limit))
     for _, raw in data.batches(batch_size):
         x = pre.apply(raw)
         lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))

@@ -108,6 +108,13 @@ def test_rankings_share_the_counts_they_have_in_common(search):
     again = count_by_probes(ctx, checks, list(order), limit)
     assert len(checks) == read
     assert again[0].count == first[0].count and again[0].trace == first[0].trace
+    # one whose first two units come in the other order prunes the same units at every count but one: only
+    # the sets of units it prunes that were not read before are read
+    swapped = [order[1], order[0], *order[2:]]
+    known = {frozenset(order[:t["units"]]) for t in first[0].trace}
+    third = count_by_probes(ctx, checks, swapped, limit)
+    new = {frozenset(swapped[:t["units"]]) for t in third[0].trace} - known
+    assert new and len(checks) == read + len(new)
 
 
 def test_no_count_past_a_limit_of_zero_is_read(search):
