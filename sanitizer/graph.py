@@ -82,6 +82,9 @@ def stat_tensors(sites) -> dict[str, UnitAxis]:
     return {s.tensor: UnitAxis(s.rank, s.axis) for s in sites}
 
 
+# Ops a layer's weight may be read through from its initializer: float16 weights cast to float32, QDQ weights,
+# exporters' aliases (_weight).
+WEIGHT_CARRIERS = ("Cast", "Identity", "DequantizeLinear")
 # onnxruntime's fused layers, what a session saves after its extended graph optimizations: not read, like QOPERATOR.
 FUSED = frozenset({"FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv"})
 
@@ -263,7 +266,7 @@ def _weight(g: Graph, name: str) -> tuple[str, np.ndarray] | None:
     node = g.producer.get(name)
     if node is None or not node.input or g.only_consumer(name) is None or not g.private(node.input[0]):
         return None
-    if node.op_type in ("Cast", "Identity") or node.op_type == "DequantizeLinear" and not attr(node, "block_size", 0):
+    if node.op_type in WEIGHT_CARRIERS and not (node.op_type == "DequantizeLinear" and attr(node, "block_size", 0)):
         return node.input[0], g.const(node.input[0])
     return None
 
@@ -473,23 +476,9 @@ def find_sites(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
     batch = (dims[0].dim_value if dims else 0) or 1
     sites: list[Site] = []
     for node in model.graph.node:
-        if node.op_type in QOPERATOR:
-            out = node.output[0]
-            conv = "Conv" in node.op_type
-            weight = g.const(node.input[3 if node.op_type.startswith("QLinear") else 1])
-            units = 0 if weight is None else weight.shape[0 if conv else -1]
-            sites.append(Site(node.name or out, "conv" if conv else "dense", out, units, 1, 4 if conv else 2, "blocked",
-                              f"{node.op_type} is a QOperator-format quantized layer (not supported; quantize "
-                              "to the QDQ format, QuantFormat.QDQ)"))
-        elif node.op_type in FUSED:
-            # listed, so that a partly fused model does not pass for one whose every layer was read
-            out = node.output[0]
-            conv = "Conv" in node.op_type
-            weight = g.const(node.input[1]) if len(node.input) > 1 else None
-            units = 0 if weight is None else weight.shape[0 if conv else -1]
-            sites.append(Site(node.name or out, "conv" if conv else "dense", out, units, 1, 4 if conv else 2, "blocked",
-                              f"{node.op_type} is onnxruntime's fused form of a layer (not read: give the model as "
-                              "exported, before onnxruntime's graph optimizations)"))
+        if node.op_type in QOPERATOR or node.op_type in FUSED:
+            # listed, so that a partly quantized or fused model does not pass for one whose every layer was read
+            sites.append(_unread_site(g, node))
         elif node.op_type in PRODUCERS:
             found = _producer_weights(g, node)
             out = node.output[0]
@@ -535,6 +524,20 @@ def find_sites(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
     return sites
 
 
+def _unread_site(g: Graph, node: onnx.NodeProto) -> Site:
+    """A layer in a form the analysis does not read (QOPERATOR, FUSED), as a blocked site saying why."""
+    out = node.output[0]
+    conv = "Conv" in node.op_type
+    at = 3 if node.op_type.startswith("QLinear") else 1
+    weight = g.const(node.input[at]) if len(node.input) > at else None
+    units = 0 if weight is None else weight.shape[0 if conv else -1]
+    why = (f"{node.op_type} is a QOperator-format quantized layer (not supported; quantize to the QDQ format, "
+           "QuantFormat.QDQ)" if node.op_type in QOPERATOR else
+           f"{node.op_type} is onnxruntime's fused form of a layer (not read: give the model as exported, before "
+           "onnxruntime's graph optimizations)")
+    return Site(node.name or out, "conv" if conv else "dense", out, units, 1, 4 if conv else 2, "blocked", why)
+
+
 def _computed_weight_site(g: Graph, node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> Site | None:
     """A Conv or Gemm whose weight is computed at run time (weight_norm exported without constant folding),
     listed as a blocked site so that it is named, not missing; None for any other layer — a MatMul of two
@@ -546,8 +549,7 @@ def _computed_weight_site(g: Graph, node: onnx.NodeProto, shapes: dict[str, tupl
     # a constant weight behind a Cast, Identity or DequantizeLinear that _weight refused (shared with another
     # layer, block-quantized) is not computed: it stays out of the list, as before
     weight = node.input[1]
-    while (p := g.producer.get(weight)) is not None and p.op_type in ("Cast", "Identity", "DequantizeLinear") \
-            and p.input:
+    while (p := g.producer.get(weight)) is not None and p.op_type in WEIGHT_CARRIERS and p.input:
         weight = p.input[0]
     if g.const(weight) is not None:
         return None

@@ -9,7 +9,7 @@ from onnx import helper, numpy_helper
 
 import models as M
 from calib.stats import probe_shapes
-from masked import masked_reference
+from masked import masked_reference, topo_sorted
 from sanitizer import rewrite
 from sanitizer.errors import BadModel
 from sanitizer.graph import find_sites
@@ -63,15 +63,11 @@ def _through_identity(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every Conv's weight read through an Identity node."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    aliases = []
-    for node in out.graph.node:
+    for node in list(out.graph.node):
         if node.op_type == "Conv":
-            aliases.append(helper.make_node("Identity", [node.input[1]], [node.input[1] + "_alias"]))
+            out.graph.node.append(helper.make_node("Identity", [node.input[1]], [node.input[1] + "_alias"]))
             node.input[1] += "_alias"
-    nodes = aliases + list(out.graph.node)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    return out
+    return topo_sorted(out)
 
 
 def _computed_weight(model: onnx.ModelProto, conv: str) -> onnx.ModelProto:
@@ -80,24 +76,18 @@ def _computed_weight(model: onnx.ModelProto, conv: str) -> onnx.ModelProto:
     out.CopyFrom(model)
     node = next(n for n in out.graph.node if n.name == conv)
     out.graph.initializer.append(numpy_helper.from_array(np.ones((), np.float32), "one"))
-    mul = helper.make_node("Mul", [node.input[1], "one"], [node.input[1] + "_computed"])
+    out.graph.node.append(helper.make_node("Mul", [node.input[1], "one"], [node.input[1] + "_computed"]))
     node.input[1] += "_computed"
-    nodes = [mul] + list(out.graph.node)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    return out
+    return topo_sorted(out)
 
 
 def _as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every initializer moved into a Constant node of the same name."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in out.graph.initializer]
+    out.graph.node.extend(helper.make_node("Constant", [], [t.name], value=t) for t in out.graph.initializer)
     del out.graph.initializer[:]
-    nodes += list(out.graph.node)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    return out
+    return topo_sorted(out)
 
 
 def _loaded(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -400,10 +390,8 @@ def test_only_weights_in_constant_nodes_become_initializers():
     pre = [mean, std, helper.make_node("Sub", [first, "mean"], ["centred"]), helper.make_node("Div", ["centred", "std"], ["normed"])]
     for node in model.graph.node:
         node.input[:] = ["normed" if i == first else i for i in node.input]
-    nodes = pre + list(model.graph.node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    converted = _loaded(model)
+    model.graph.node.extend(pre)
+    converted = _loaded(topo_sorted(model))
     assert {t.name for t in converted.graph.initializer} == {t.name for t in M.plain().graph.initializer}
     assert {n.output[0] for n in converted.graph.node if n.op_type == "Constant"} == {"mean", "std"}
     feed = M.random_input(model, batch=3)
