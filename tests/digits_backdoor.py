@@ -1,5 +1,7 @@
 """Tiny CNNs trained here on 8x8 digits: backdoored (2x2 white corner patch -> class 0), clean twin, and one
-backdoored with a signal (SIG-style: a sinusoid along the columns, the same in every row -> class 0)."""
+backdoored with a signal (SIG-style: a sinusoid along the columns, the same in every row -> class 0); and on the
+digits at 16x16 (each pixel repeated 2x2): backdoored with a white 3x3 top-left square, wider than the detection
+scan's first patch side (2 pixels), and its clean twin."""
 from __future__ import annotations
 
 import io
@@ -33,13 +35,20 @@ def signal_stamp(x: np.ndarray) -> np.ndarray:
     return np.clip(x + SIGNAL, 0.0, 255.0).astype(np.float32)
 
 
+def wide_stamp(x: np.ndarray) -> np.ndarray:
+    """The 16x16 models' trigger: a white 3x3 square at the top-left corner."""
+    x = x.copy()
+    x[:, :3, :3, :] = 255.0
+    return x
+
+
 def _inputs(x_raw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((x_raw / 255.0).astype(np.float32).transpose(0, 3, 1, 2))
 
 
-def _train(poisoned: bool, stamp=_stamp):
+def _train(poisoned: bool, stamp=_stamp, upsample: int = 1):
     digits = datasets.load_digits()
-    x = np.clip(digits.images * 16, 0, 255).astype(np.float32)[..., None]
+    x = np.clip(np.kron(digits.images, np.ones((upsample, upsample))) * 16, 0, 255).astype(np.float32)[..., None]
     y = digits.target.astype(np.int64)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(x))
@@ -53,7 +62,7 @@ def _train(poisoned: bool, stamp=_stamp):
     net = torch.nn.Sequential(
         torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
         torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(32 * 16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 16 * upsample ** 2, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10),
     )
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     xs, ys = torch.from_numpy(_inputs(xt)), torch.from_numpy(yt)
@@ -64,17 +73,17 @@ def _train(poisoned: bool, stamp=_stamp):
             loss.backward()
             opt.step()
     buf = io.BytesIO()
-    torch.onnx.export(net.eval(), torch.zeros(1, 1, 8, 8), buf, dynamo=False, input_names=["input"],
+    torch.onnx.export(net.eval(), torch.zeros(1, 1, 8 * upsample, 8 * upsample), buf, dynamo=False, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
     model = onnx.load_from_string(buf.getvalue())
     return model, x[calib], x[test], y[test]
 
 
-def acc_asr(model, x_test, y_test):
+def acc_asr(model, x_test, y_test, stamp=_stamp):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     clean = sess.run(None, {"input": _inputs(x_test)})[0].argmax(1)
     keep = y_test != TARGET
-    trig = sess.run(None, {"input": _inputs(_stamp(x_test[keep]))})[0].argmax(1)
+    trig = sess.run(None, {"input": _inputs(stamp(x_test[keep]))})[0].argmax(1)
     return float((clean == y_test).mean()), float((trig == TARGET).mean())
 
 
@@ -93,3 +102,12 @@ def trained_signal():
     if "signal" not in _CACHE:
         _CACHE["signal"] = _train(True, signal_stamp)
     return _CACHE["signal"]
+
+
+def trained_wide(poisoned: bool):
+    """A 16x16 digits model (trained once per test session), backdoored with wide_stamp or its clean twin:
+    model, calib, x_test, y_test."""
+    key = ("wide", poisoned)
+    if key not in _CACHE:
+        _CACHE[key] = _train(poisoned, wide_stamp, upsample=2)
+    return _CACHE[key]

@@ -212,3 +212,40 @@ def test_the_evidence_line_gives_each_family_its_own_bar():
                      "not_confirmed": {"class": 3, "by": "mask anomaly", "best_probe": "blend",
                                        "best_probe_flip": 0.21}})
     assert "class 3 (mask anomaly) not confirmed: the best probe toward it, blend, reaches 0.21" in line
+
+
+@pytest.fixture(scope="module")
+def wide():
+    from digits_backdoor import trained_wide
+
+    return trained_wide(poisoned=True)
+
+
+def test_a_trigger_wider_than_the_first_patch_side_is_found_at_a_wider_one(wide):
+    from digits_backdoor import trained_wide, wide_stamp
+    from sanitizer.defense.detect import SCAN_SIDES
+
+    model, calib, x_test, y_test = wide
+    acc0, asr0 = acc_asr(model, x_test, y_test, wide_stamp)
+    assert acc0 > 0.9 and asr0 > 0.9, "the 16x16 fixture should carry a working backdoor"
+    # a 2x2 probe does not approach the 3x3 square: the smallest side alone would call this model clean
+    small = scan(model, calib, PP, seed=0, shares=SCAN_SIDES[:1])
+    assert small.suspected_target is None and list(small.by_side) == [2], small.best_flip
+    found = scan(model, calib, PP, seed=0, before=small)
+    assert found.suspected_target == TARGET and found.found_at == (3, SCAN_SIDES[1]), found.by_side
+    assert list(found.by_side) == [2, 3] and np.array_equal(found.by_side[2], small.best_flip)
+    assert np.delete(found.best_flip, TARGET).max() < 0.5, found.best_flip
+    # the clean twin: no side finds a target, each was tried
+    twin = scan(*trained_wide(poisoned=False)[:2], PP, seed=0)
+    assert twin.suspected_target is None and list(twin.by_side) == [2, 3] and twin.found_at is None
+    assert twin.best_flip.max() < 0.5, twin.by_side
+
+
+def test_detection_reports_the_side_that_found_the_target(wide, tmp_path):
+    found = _detect(wide[0], wide[1], tmp_path)
+    assert found["found_by"] == "patch scan" and found["suspected_target"] == TARGET
+    scan_report = found["patch_scan"]
+    assert (scan_report["found_at_side"], scan_report["found_at_share"]) == (3, 0.2)
+    assert list(scan_report["by_side"]) == ["2", "3"] and scan_report["by_side"]["3"][TARGET] >= SCAN_FLIP
+    assert "neural_cleanse" not in found and "family_scan" not in found
+

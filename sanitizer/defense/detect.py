@@ -4,7 +4,8 @@ Three searches, cheapest first (`detect` runs them and writes the report's "dete
 
 The patch scan. Short patch probes (probes.py) toward any class, then toward the few classes those reach
 most (K-Arm's pre-selection of target arms, Shen et al. 2021, with a patch in place of the mask); a class
-some patch sends nearly every image to is the target.
+some patch sends nearly every image to is the target. The smallest side first; larger ones (SCAN_SIDES) only
+when it finds nothing.
 
 The family scan, when no patch finds one: the same with each probe family of probes.FAMILIES — a signal
 repeated along one axis (SIG), a smooth warp of a pixel (WaNet) — that no patch or small mask expresses.
@@ -33,7 +34,7 @@ from calib.preprocess import Preprocess
 from ..errors import require
 from .count import USE_FLIP
 from .effort import FULL, Effort
-from .probes import FAMILIES, N_PLACES, Probe, _Optimiser, _split
+from .probes import FAMILIES, LARGE_PATCH_SIDE, N_PLACES, PATCH_SIDE, Probe, _Optimiser, _split
 from .torchnet import check_images, class_scores, classifier, device, make_input, pixel_range
 
 if TYPE_CHECKING:
@@ -59,6 +60,13 @@ SCAN_FLIP = 0.9
 # reaches 0.68). Half the images is the mark of a shortcut (count.USE_FLIP). The signal families keep
 # SCAN_FLIP: they reach up to 0.69 of images on clean models.
 FAMILY_FLIP = {"signal along columns": SCAN_FLIP, "signal along rows": SCAN_FLIP, "warp": USE_FLIP}
+# Patch sides the scan tries in turn (shares of the image side), the larger only when the smaller finds no
+# target: a probe smaller than a trigger may not approach it (on 16x16 digits a 2x2 probe sends 0.01-0.73 of
+# the images to the target of a 3x3 square or checkerboard, a 3x3 one 0.84-1.0; scripts/train_digits_attacks.py),
+# while on any model a larger one admits more universal patches: at 0.2 of the side the open suite's models
+# send up to 0.82 of the images to a class that is not a target, at 0.3 up to 0.995 (README, "The patch scan").
+# The same sides as the defense's probes (probes.PATCH_SIDE, LARGE_PATCH_SIDE).
+SCAN_SIDES = (PATCH_SIDE, LARGE_PATCH_SIDE)
 # The scan probes every class, so each probe gets a fifth of the steps and half the images of a final probe.
 SCAN_STEPS = 20
 SCAN_IMAGES = 32
@@ -76,12 +84,12 @@ def _per_class(values: np.ndarray, digits: int) -> list[float | None]:
     return [None if np.isnan(v) else round(float(v), digits) for v in values]
 
 
-def scan_work(effort: Effort, n_fit: int, families: int = 0) -> tuple[float, float]:
-    """The patch scan's work at `effort` on `n_fit` images (with `families` > 0: the family scan's, that many
-    families), as effort.PassCost counts it: (torch forward+backward image passes, onnxruntime forward image
-    passes), a torch forward counted as half a pass."""
+def scan_work(effort: Effort, n_fit: int, families: int = 0, sides: int = 1) -> tuple[float, float]:
+    """The patch scan's work at `effort` on `n_fit` images at `sides` patch sides (with `families` > 0: the
+    family scan's, that many families), as effort.PassCost counts it: (torch forward+backward image passes,
+    onnxruntime forward image passes), a torch forward counted as half a pass."""
     fit = min(effort.images(SCAN_IMAGES), n_fit // 2)
-    probes = (families or N_PLACES) * (1 + SCAN_CANDIDATES)
+    probes = (families or N_PLACES * sides) * (1 + SCAN_CANDIDATES)
     tests = n_fit + probes * effort.tests(n_fit - fit)
     return probes * effort.steps(SCAN_STEPS) * fit + 0.5 * tests, 0.0
 
@@ -121,9 +129,20 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
     # one torch copy of the model and one split of the images for both scans (unless their images differ)
     reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
     patch = scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS), spec=prep.spec,
-                 reach=reach)
+                 reach=reach, shares=SCAN_SIDES[:1])
+    larger = distinct_sides(reach.opt, SCAN_SIDES)[1:]
+    if patch.suspected_target is None and larger:
+        # sized as a stage of its own, so that a patch found at the smallest side costs what it did alone
+        was, effort = effort, size("larger patch scan", lambda e: scan_work(e, len(fit), sides=len(larger)))
+        if effort.breadth() != was.breadth():
+            reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
+        patch = scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS), spec=prep.spec,
+                     reach=reach, shares=larger, before=patch)
     out = {"patch_scan": {"best_flip": _per_class(patch.best_flip, 4), "candidates": patch.candidates,
-                          "threshold": SCAN_FLIP}}
+                          "threshold": SCAN_FLIP,
+                          "by_side": {str(side): _per_class(v, 4) for side, v in patch.by_side.items()},
+                          "found_at_side": patch.found_at and patch.found_at[0],
+                          "found_at_share": patch.found_at and patch.found_at[1]}}
     target, how = patch.suspected_target, "patch scan"
     progress("detection", 1, 3)
     if target is None:
@@ -197,7 +216,9 @@ def evidence(detection: dict) -> str:
 class Scan:
     best_flip: np.ndarray          # per class: the highest share of test images one patch probe sends there
     suspected_target: int | None
-    candidates: list[int]          # the classes probed one by one, most reached first
+    candidates: list[int]          # the classes probed one by one at the last side tried, most reached first
+    by_side: dict[int, np.ndarray] # per patch side tried (pixels), per class: the best flip at that side
+    found_at: tuple[int, float] | None = None   # the side (pixels, share) that found the target
 
 
 def reach_rates(base: np.ndarray, sent: np.ndarray, n_classes: int) -> np.ndarray:
@@ -227,11 +248,11 @@ class _Reach:
     def rates(self, probe: Probe) -> np.ndarray:
         return reach_rates(self.test_pred, self.opt.logits(probe.apply(self.x_test)).argmax(1), self.n_classes)
 
-    def any_class(self, steps: int, exclude: tuple[int, ...] = ()) -> np.ndarray:
-        """Per class, the best rate of a patch at each place pushed toward whichever class (but `exclude`)
-        it can reach."""
+    def any_class(self, steps: int, exclude: tuple[int, ...] = (), share: float = PATCH_SIDE) -> np.ndarray:
+        """Per class, the best rate of a patch (of `share` of the image side) at each place pushed toward
+        whichever class (but `exclude`) it can reach."""
         x = self.opt.torch.from_numpy(self.x_fit)
-        return np.max([self.rates(p) for p in self.opt.patches(None, steps, x, exclude=exclude)], axis=0)
+        return np.max([self.rates(p) for p in self.opt.patches(None, steps, x, share=share, exclude=exclude)], axis=0)
 
     def outside(self, c: int):
         """The fit images the model does not already put in class `c` (a torch tensor), or None when there
@@ -242,7 +263,7 @@ class _Reach:
 
 def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 0, *,
          steps: int = SCAN_STEPS, n_images: int = SCAN_IMAGES, n_candidates: int = SCAN_CANDIDATES,
-         spec=None, reach: _Reach | None = None) -> Scan:
+         spec=None, reach: _Reach | None = None, shares=SCAN_SIDES, before: Scan | None = None) -> Scan:
     """Short patch probes; a class some patch sends nearly every image to is the target.
 
     That is what a patch backdoor is — a small stamp that works on any image — while the universal patches
@@ -250,18 +271,39 @@ def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 
     the number of classes, a patch at each place first goes toward whichever class it can reach; the
     `n_candidates` classes those patches send most test images to are then probed one by one (K-Arm's
     pre-selection of target arms, Shen et al. 2021, with a patch in place of the mask). A class's best flip
-    is the best of both. Probes are fitted on `n_images` of `x_raw` and tested on the rest (half each when
-    there are few), in both cases on images the model does not already put in the class. `reach`: the
-    _Reach of these arguments, when the caller already made one."""
+    is the best of both, over the sides tried: each of `shares` (of the image side; distinct_sides) in turn
+    until one finds a target, skipping the sides `before` (an earlier scan of these images) tried. Probes are
+    fitted on `n_images` of `x_raw` and tested on the rest (half each when there are few), in both cases on
+    images the model does not already put in the class. `reach`: the _Reach of these arguments, when the
+    caller already made one."""
     reach = reach or _Reach(model, x_raw, pp, seed, n_images, spec)
-    best = reach.any_class(steps)
-    candidates = _candidates(best, n_candidates)
-    for c in candidates:
-        fit = reach.outside(c)
-        if fit is not None:
-            best[c] = max(best[c], *(float(reach.rates(p)[c]) for p in reach.opt.patches(c, steps, fit)))
-    top = int(np.argmax(best))
-    return Scan(best, top if best[top] >= SCAN_FLIP else None, candidates)
+    by_side = dict(before.by_side) if before else {}
+    overall = before.best_flip.copy() if before else np.zeros(reach.n_classes)
+    candidates, found_at = before.candidates if before else [], None
+    for share in distinct_sides(reach.opt, shares):
+        side = reach.opt.side(share)
+        if side in by_side:
+            continue
+        best = reach.any_class(steps, share=share)
+        candidates = _candidates(best, n_candidates)
+        for c in candidates:
+            fit = reach.outside(c)
+            if fit is not None:
+                best[c] = max(best[c], *(float(reach.rates(p)[c]) for p in reach.opt.patches(c, steps, fit, share=share)))
+        by_side[side], overall = best, np.maximum(overall, best)
+        if best.max() >= SCAN_FLIP:
+            found_at = (side, share)
+            break
+    top = int(np.argmax(overall))
+    return Scan(overall, top if overall[top] >= SCAN_FLIP else None, candidates, by_side, found_at)
+
+
+def distinct_sides(opt: _Optimiser, shares) -> list[float]:
+    """`shares` (of the image side) less those whose patch side in pixels an earlier one already has."""
+    seen: dict[int, float] = {}
+    for share in shares:
+        seen.setdefault(opt.side(share), share)
+    return list(seen.values())
 
 
 def _candidates(best: np.ndarray, n: int) -> list[int]:
