@@ -295,7 +295,7 @@ def bench_cmd(
                               (f"{row['stats_seconds']:.2f} / {row['plain_seconds']:.2f} (×{row['ratio']})"
                                if "ratio" in row else "—"),
                               f"{row['total_seconds']:.1f}" + (" degraded" if row["degraded"] else "")
-                              + "".join(f" ({stage} at effort {share})"
+                              + "".join(f" ({stage} {share})" if share == "skipped" else f" ({stage} at effort {share})"
                                         for stage, share in cut_stages(row.get("effort", {})).items()),
                               (row["detection"]["verdict"] + (f" ({row['detection']['found_by']})"
                                                               if row["detection"]["found_by"] else "")

@@ -524,9 +524,10 @@ class Sizing:
         self.cost = None
         self.report: dict = {}
 
-    def __call__(self, stage: str, work, share: float = 1.0):
+    def __call__(self, stage: str, work, share: float = 1.0, optional: bool = False):
         """The effort of `stage`, whose work at an effort is `work(effort)` (PassCost.seconds' tuple), within
-        `share` of the budget left; full effort without a budget."""
+        `share` of the budget left; full effort without a budget. None for an `optional` stage that does not
+        fit at its least effort either (recorded as skipped)."""
         if self.opts.time_budget is None:
             return FULL
         if self.cost is None:
@@ -536,6 +537,9 @@ class Sizing:
         left = self.opts.time_budget - (time.perf_counter() - self.t0)
         effort, self.report[stage] = effort_sizing.sized(work, self.cost, max(left, 0.0) * share)
         self.report["budget_seconds"] = self.opts.time_budget
+        if optional and self.report[stage]["estimated_seconds"] > self.report[stage]["budget_seconds"]:
+            self.report[stage]["skipped"] = True
+            return None
         return effort
 
 
@@ -595,7 +599,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         suspects, target = read_suspects(prep, opts)
     elif opts.detect or probing:
         detection = detect(prep, fit, opts.seed, progress,
-                           lambda stage, work: sizing(stage, work, effort_sizing.DETECTION_SHARE))
+                           lambda stage, work, **kw: sizing(stage, work, effort_sizing.DETECTION_SHARE, **kw))
         target = detection["suspected_target"]
     clean_verdict = detection is not None and target is None
     info = {"provider": held.provider}

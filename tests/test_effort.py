@@ -168,7 +168,20 @@ def test_a_refusal_after_a_reduced_effort_names_it_and_the_html_page_shows_it(tm
     err = " ".join(capsys.readouterr().err.split())
     assert "leaves the backdoor in place" in err or "still reach the target" in err
     assert "reduced effort for --time-budget 1e-06 min: patch scan at 1/64" in err and "defense at 1/64" in err
+    # the second patch side is a second try: over its part of the budget even at its least, it gives way
+    assert "larger patch scan skipped (about" in err
     assert "(--time-budget 0: full effort)" in err and not (tmp_path / "o.onnx").exists()
     assert main(args + ["--allow-degraded", "--report-html", str(tmp_path / "r.html")]) == 0
     page = " ".join((tmp_path / "r.html").read_text().split())
     assert "reduced effort for --time-budget 1e-06 min: patch scan at 1/64" in page
+
+
+def test_a_skipped_stage_is_named_as_skipped_not_as_a_share():
+    over = {"share": E.SHARES[-1], "estimated_seconds": 300.0, "full_effort_seconds": 9000.0, "budget_seconds": 200.0}
+    record = {"patch scan": dict(over), "larger patch scan": {**over, "skipped": True}, "family scan": {
+        **over, "share": 1.0, "estimated_seconds": 1.0}, "budget_seconds": 900}
+    assert E.cut_stages(record) == {"patch scan": "1/64", "larger patch scan": "skipped"}
+    line = E.summary(record)
+    assert "patch scan at 1/64 (full effort: about 150 min here, still over its 3 min)" in line
+    assert "larger patch scan skipped (about 5 min here at its least, over its 3 min)" in line
+    assert "family scan" not in line

@@ -108,7 +108,7 @@ def mask_classes(effort: Effort) -> int:
     return max(MIN_MASK_CLASSES, round(MAX_CLASSES * effort.breadth()))
 
 
-def _full(stage: str, work) -> Effort:
+def _full(stage: str, work, optional: bool = False) -> Effort:
     return FULL
 
 
@@ -132,12 +132,18 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
                  reach=reach, shares=SCAN_SIDES[:1])
     larger = distinct_sides(reach.opt, SCAN_SIDES)[1:]
     if patch.suspected_target is None and larger:
-        # sized as a stage of its own, so that a patch found at the smallest side costs what it did alone
-        was, effort = effort, size("larger patch scan", lambda e: scan_work(e, len(fit), sides=len(larger)))
-        if effort.breadth() != was.breadth():
-            reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
-        patch = scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS), spec=prep.spec,
-                     reach=reach, shares=larger, before=patch)
+        # sized as a stage of its own, so that a patch found at the smallest side costs what it did alone; a
+        # second try, so it gives way (skipped, and said so) where even its least effort is over its part of
+        # --time-budget, as on an ImageNet-size model (README, Where the time goes)
+        was = effort
+        effort = size("larger patch scan", lambda e: scan_work(e, len(fit), sides=len(larger)), optional=True)
+        if effort is None:
+            effort = was
+        else:
+            if effort.breadth() != was.breadth():
+                reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
+            patch = scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS), spec=prep.spec,
+                         reach=reach, shares=larger, before=patch)
     out = {"patch_scan": {"best_flip": _per_class(patch.best_flip, 4), "candidates": patch.candidates,
                           "threshold": SCAN_FLIP,
                           "by_side": {str(side): _per_class(v, 4) for side, v in patch.by_side.items()},

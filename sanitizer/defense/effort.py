@@ -146,8 +146,10 @@ def _seconds(t: float) -> str:
 
 def cut_stages(record: dict) -> dict[str, str]:
     """The stages of `record` (the report's "effort" section) that ran below full effort, each with its share
-    as "1/N" (every share is 1/2**k), in the order they ran."""
-    return {stage: f"1/{round(1 / r['share'])}" for stage, r in record.items() if isinstance(r, dict) and r["share"] < 1}
+    as "1/N" (every share is 1/2**k), or "skipped" (an optional stage whose least effort was over its part of
+    the budget), in the order they ran."""
+    return {stage: "skipped" if r.get("skipped") else f"1/{round(1 / r['share'])}"
+            for stage, r in record.items() if isinstance(r, dict) and r["share"] < 1}
 
 
 def summary(record: dict) -> str | None:
@@ -159,6 +161,10 @@ def summary(record: dict) -> str | None:
     parts = []
     for stage, share in cut.items():
         r = record[stage]
+        if share == "skipped":
+            parts.append(f"{stage} skipped (about {_seconds(r['estimated_seconds'])} here at its least, over its "
+                         f"{_seconds(r['budget_seconds'])})")
+            continue
         over = (f", still over its {_seconds(r['budget_seconds'])}" if r["estimated_seconds"] > r["budget_seconds"]
                 else "")
         parts.append(f"{stage} at {share} (full effort: about {_seconds(r['full_effort_seconds'])} "
