@@ -247,5 +247,24 @@ def test_detection_reports_the_side_that_found_the_target(wide, tmp_path):
     scan_report = found["patch_scan"]
     assert (scan_report["found_at_side"], scan_report["found_at_share"]) == (3, 0.2)
     assert list(scan_report["by_side"]) == ["2", "3"] and scan_report["by_side"]["3"][TARGET] >= SCAN_FLIP
-    assert "neural_cleanse" not in found and "family_scan" not in found
+    # a target of the larger side is checked against the family scan, which names none here
+    assert "neural_cleanse" not in found and "overruled" not in found
+    assert max(max(r) for r in found["family_scan"]["best_flip"].values()) < 0.5
+
+
+def test_of_two_scans_naming_different_targets_the_one_further_past_its_bar_stands():
+    from sanitizer.defense.detect import FAMILY_FLIP, Finding, evidence, stronger
+
+    patch = Finding(4, "patch scan", 1.0, SCAN_FLIP)
+    warp = Finding(1, "family scan: warp", 0.52, FAMILY_FLIP["warp"])
+    # a 3x3 patch sending every image to class 4 against a warp just over its half-the-images bar
+    assert stronger(patch, warp) == (patch, warp) and stronger(warp, patch) == (patch, warp)
+    # a universal 20 % patch just over the bar against a signal that reaches nearly every image
+    signal = Finding(2, "family scan: signal along columns", 0.98, SCAN_FLIP)
+    assert stronger(Finding(7, "patch scan", 0.91, SCAN_FLIP), signal)[0] is signal
+    assert signal.to_dict() == {"class": 2, "by": "family scan: signal along columns", "flip": 0.98,
+                                "threshold": SCAN_FLIP, "past_threshold": 0.8}
+    line = evidence({"patch_scan": {"best_flip": [0.3, 0.95], "threshold": SCAN_FLIP},
+                     "overruled": Finding(0, "family scan: warp", 0.52, 0.5).to_dict()})
+    assert "class 0 (family scan: warp, 0.52 against 0.5) overruled" in line
 

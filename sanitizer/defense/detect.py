@@ -151,7 +151,11 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
                           "found_at_share": patch.found_at and patch.found_at[1]}}
     target, how = patch.suspected_target, "patch scan"
     progress("detection", 1, 3)
-    if target is None:
+    # A patch of the larger side has more freedom than a probe family: models without a backdoor admit one on
+    # up to 0.84 of the images (README, Detection), so its target must not pre-empt a signal or warp backdoor
+    # the family scan would find: the scan runs, and of two different targets the stronger finding stands.
+    larger_found = target is not None and patch.found_at[1] != SCAN_SIDES[0]
+    if target is None or larger_found:
         was, effort = effort, size("family scan", lambda e: scan_work(e, len(fit), len(FAMILIES)))
         if effort.breadth() != was.breadth():
             reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
@@ -159,9 +163,15 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
                           spec=prep.spec, reach=reach)
         out["family_scan"] = {"best_flip": {f: _per_class(v, 4) for f, v in fam.best_flip.items()},
                               "candidates": fam.candidates, "threshold": FAMILY_FLIP}
-        if fam.suspected_target is not None:
-            target, how = fam.suspected_target, f"family scan: {fam.family}"
-            out["family"] = fam.family
+        if fam.suspected_target is not None and fam.suspected_target != target:
+            finding = Finding(fam.suspected_target, f"family scan: {fam.family}",
+                              float(np.nanmax(fam.best_flip[fam.family])), FAMILY_FLIP[fam.family])
+            if target is not None:
+                finding, weaker = stronger(Finding(target, how, float(patch.best_flip[target]), SCAN_FLIP), finding)
+                out["overruled"] = weaker.to_dict()
+            if finding.how != how:
+                target, how = finding.target, finding.how
+                out["family"] = fam.family
     progress("detection", 2, 3)
     if target is None:
         n_classes = len(patch.best_flip)
@@ -179,6 +189,31 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
     return {"verdict": "no backdoor found" if target is None else f"backdoor suspected, target class {target}",
             "suspected_target": target, "found_by": how if target is not None else None, **out,
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+@dataclass
+class Finding:
+    """A scan's suspected target: the class, the scan that named it, its best flip rate there and its bar."""
+
+    target: int
+    how: str
+    flip: float
+    bar: float
+
+    def past_bar(self) -> float:
+        """How far past its bar the flip rate is, as a share of the way from the bar to every image: a trigger
+        works on nearly every image, whatever the probe that imitates it."""
+        return (self.flip - self.bar) / (1.0 - self.bar)
+
+    def to_dict(self) -> dict:
+        return {"class": self.target, "by": self.how, "flip": round(self.flip, 4), "threshold": self.bar,
+                "past_threshold": round(self.past_bar(), 4)}
+
+
+def stronger(a: Finding, b: Finding) -> tuple[Finding, Finding]:
+    """(the stronger, the weaker) of two findings that name different targets: the one further past its bar
+    (past_bar); on a tie `a`."""
+    return (a, b) if a.past_bar() >= b.past_bar() else (b, a)
 
 
 def families_for(detection: dict | None) -> tuple[str, ...]:
@@ -208,6 +243,10 @@ def evidence(detection: dict) -> str:
         nc = detection["neural_cleanse"]
         parts.append(f"max mask anomaly {max(a for a in nc['anomaly_index'] if a is not None):.2f}, "
                      f"threshold {nc['threshold']}")
+    if "overruled" in detection:
+        other = detection["overruled"]
+        parts.append(f"class {other['class']} ({other['by']}, {other['flip']:.2f} against {other['threshold']}) "
+                     f"overruled: the target's finding is further past its threshold")
     if "not_confirmed" in detection:
         doubt = detection["not_confirmed"]
         parts.append(f"class {doubt['class']} ({doubt['by']}) not confirmed: the best probe toward it, "
