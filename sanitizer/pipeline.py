@@ -537,7 +537,7 @@ class Sizing:
         left = self.opts.time_budget - (time.perf_counter() - self.t0)
         effort, self.report[stage] = effort_sizing.sized(work, self.cost, max(left, 0.0) * share)
         self.report["budget_seconds"] = self.opts.time_budget
-        if optional and self.report[stage]["estimated_seconds"] > self.report[stage]["budget_seconds"]:
+        if optional and self.report[stage]["over_budget"]:
             self.report[stage]["skipped"] = True
             return None
         return effort

@@ -9,16 +9,16 @@ clean models alone?
 scikit-learn's 8x8 digits (1797 images), each pixel repeated 2x2 to 16x16 and scaled to 0-255; images
 perm[:1100] train, perm[1100:1400] calibrate, the rest evaluate (perm = numpy.random.default_rng(0)
 .permutation(1797)). 10 % of the training images, drawn from the non-target classes, carry the trigger and
-are relabelled to the target (BadNets, Gu et al. 2017). Two networks: `plain` (two 3x3 conv + ReLU, a
-max-pool, two linear layers; the tests' digits fixture at 16x16) and `bn` (the same convolutions with
-BatchNorm). Exported with the TorchScript exporter, opset 17, input x/255 NCHW.
+are relabelled to the target (BadNets, Gu et al. 2017). Two networks: `plain` (three 3x3 conv + ReLU, two
+max-pools, two linear layers; one convolution more than the tests' digits fixture) and `bn` (the same
+convolutions with BatchNorm). Exported with the TorchScript exporter, opset 17, input x/255 NCHW.
 
 Triggers (raw 0-255 pixels; the image side is 16):
   white3     a white 3x3 square at the top-left corner
   white2     a white 2x2 square at the bottom-right corner (the scan patch's own size: a control)
   checker3   a 3x3 black-and-white checkerboard at the bottom-right corner
   checker8   an 8x8 checkerboard of 2x2 cells over the top-left quarter
-  roaming3   the 3x3 checkerboard at a random place in each image
+  roaming3   the 3x3 checkerboard at a random place in each image (its corner at rows and columns 0-12)
   clean      no trigger (triggered.npz carries white3, which should do nothing)
 
 Prints one JSON line per model: the name, clean accuracy and attack success rate on the evaluation images.

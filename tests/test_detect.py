@@ -233,7 +233,8 @@ def test_a_trigger_wider_than_the_first_patch_side_is_found_at_a_wider_one(wide)
     assert small.suspected_target is None and list(small.by_side) == [2], small.best_flip
     found = scan(model, calib, PP, seed=0, before=small)
     assert found.suspected_target == TARGET and found.found_at == (3, SCAN_SIDES[1]), found.by_side
-    assert list(found.by_side) == [2, 3] and np.array_equal(found.by_side[2], small.best_flip)
+    assert list(found.by_side) == [2, 3] and found.candidates[:len(small.candidates)] == small.candidates
+    assert scan(model, calib, PP, seed=0, before=found) is found, "a scan that found its target is not redone"
     assert np.delete(found.best_flip, TARGET).max() < 0.5, found.best_flip
     # the clean twin: no side finds a target, each was tried
     twin = scan(*trained_wide(poisoned=False)[:2], PP, seed=0)
@@ -268,3 +269,30 @@ def test_of_two_scans_naming_different_targets_the_one_further_past_its_bar_stan
                      "overruled": Finding(0, "family scan: warp", 0.52, 0.5).to_dict()})
     assert "class 0 (family scan: warp, 0.52 against 0.5) overruled" in line
 
+
+
+@pytest.mark.parametrize("warp_flip", [1.0, 0.52])
+def test_a_family_target_overrules_a_larger_patch_only_when_further_past_its_bar(wide, tmp_path, monkeypatch,
+                                                                               warp_flip):
+    from sanitizer.defense.detect import FamilyScan
+    from sanitizer.defense.probes import FAMILIES
+
+    def family_scan(*args, **kwargs):
+        # a warp toward class 5: every image (past its bar by all the way), or just over its half
+        rates = {f: np.zeros(10) for f in FAMILIES}
+        rates["warp"][5] = warp_flip
+        return FamilyScan(rates, 5, "warp", {f: [5] for f in FAMILIES})
+
+    monkeypatch.setattr(detection, "family_scan", family_scan)
+    found = _detect(wide[0], wide[1], tmp_path)
+    patch_flip = found["patch_scan"]["best_flip"][TARGET]
+    assert found["patch_scan"]["found_at_side"] == 3 and SCAN_FLIP <= patch_flip < 1.0
+    if warp_flip == 1.0:
+        assert (found["suspected_target"], found["found_by"], found["family"]) == (5, "family scan: warp", "warp")
+        overruled = found["overruled"]
+        assert {k: overruled[k] for k in ("class", "by", "flip", "threshold")} == {
+            "class": TARGET, "by": "patch scan", "flip": patch_flip, "threshold": SCAN_FLIP}
+        assert overruled["past_threshold"] == pytest.approx((patch_flip - SCAN_FLIP) / (1 - SCAN_FLIP), abs=2e-3)
+    else:
+        assert (found["suspected_target"], found["found_by"], "family" in found) == (TARGET, "patch scan", False)
+        assert found["overruled"]["class"] == 5 and found["overruled"]["by"] == "family scan: warp"

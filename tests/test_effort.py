@@ -62,9 +62,13 @@ def test_sized_takes_the_largest_share_within_the_budget():
     assert effort.share == 0.5 and record["full_effort_seconds"] == 6900 and record["estimated_seconds"] == 3700
     effort, record = E.sized(work, cost, budget=3699)
     assert effort.share == 0.25 and record["estimated_seconds"] == 1600 + 500 and record["budget_seconds"] == 3699
-    # nothing fits: the least effort, and the report says what it will cost
+    assert not record["over_budget"]
+    # nothing fits: the least effort, and the report says what it will cost — judged before rounding, so that a
+    # budget of 0.04 s is not met by an estimate of 0.045 s that the record shows as 0.0 against 0.0
     effort, record = E.sized(work, cost, budget=1.0)
-    assert effort.share == E.SHARES[-1]
+    assert effort.share == E.SHARES[-1] and record["over_budget"]
+    _, tiny = E.sized(work, E.PassCost(backward=1.7e-4, forward=1.7e-4), budget=0.04)
+    assert tiny["estimated_seconds"] == tiny["budget_seconds"] == 0.0 and tiny["over_budget"]
     assert record["estimated_seconds"] == 8 * 25 + 0.5 * E.MIN_TEST
     # ... unless a larger share costs less: a search that tests the images it no longer optimises on
     effort, record = E.sized(lambda e: (e.images(64) * e.steps(100), 100 * (250 - e.images(64))), cost, budget=1.0)
@@ -177,10 +181,13 @@ def test_a_refusal_after_a_reduced_effort_names_it_and_the_html_page_shows_it(tm
 
 
 def test_a_skipped_stage_is_named_as_skipped_not_as_a_share():
-    over = {"share": E.SHARES[-1], "estimated_seconds": 300.0, "full_effort_seconds": 9000.0, "budget_seconds": 200.0}
+    over = {"share": E.SHARES[-1], "estimated_seconds": 300.0, "full_effort_seconds": 9000.0, "budget_seconds": 200.0,
+            "over_budget": True}
     record = {"patch scan": dict(over), "larger patch scan": {**over, "skipped": True}, "family scan": {
-        **over, "share": 1.0, "estimated_seconds": 1.0}, "budget_seconds": 900}
+        **over, "share": 1.0, "estimated_seconds": 1.0, "over_budget": False}, "budget_seconds": 900}
     assert E.cut_stages(record) == {"patch scan": "1/64", "larger patch scan": "skipped"}
+    # a skipped stage is named whatever share its least effort had
+    assert E.cut_stages({"x": {**over, "share": 1.0, "skipped": True}}) == {"x": "skipped"}
     line = E.summary(record)
     assert "patch scan at 1/64 (full effort: about 150 min here, still over its 3 min)" in line
     assert "larger patch scan skipped (about 5 min here at its least, over its 3 min)" in line

@@ -4,9 +4,10 @@ and repair the model until probes toward that class fail, every decision judged 
 The steps, in order, one module each (pipeline.sanitize runs detect, then defend.defend the rest):
 
 1. detect (detect.py): which class, if any, is a backdoor's target. A short patch scan toward any class,
-   then toward the few classes it reaches most (K-Arm's pre-selection of target arms, Shen et al. 2021);
-   when no patch finds one, the same scan with a signal (SIG) and a smooth warp (WaNet) probe; when
-   neither does, the Neural-Cleanse mask search and its MAD anomaly index (Wang et al. 2019).
+   then toward the few classes it reaches most (K-Arm's pre-selection of target arms, Shen et al. 2021),
+   at 15 % of the image side and, when that finds nothing, at 20 %; unless the smaller patch found one, the
+   same scan with a signal (SIG) and a smooth warp (WaNet) probe (of two targets, the finding further past
+   its bar); when none does, the Neural-Cleanse mask search and its MAD anomaly index (Wang et al. 2019).
 2. probes (probes.py): universal patches at the corners and the centre and a faint full-image perturbation
    (and the probe family that found the target), each optimised to send clean images to the target: what a
    trigger would do, found without one.

@@ -7,7 +7,8 @@ most (K-Arm's pre-selection of target arms, Shen et al. 2021, with a patch in pl
 some patch sends nearly every image to is the target. The smallest side first; larger ones (SCAN_SIDES) only
 when it finds nothing.
 
-The family scan, when no patch finds one: the same with each probe family of probes.FAMILIES — a signal
+The family scan, when no patch finds one or only a patch of the larger side does (then the finding further
+past its bar stands): the same with each probe family of probes.FAMILIES — a signal
 repeated along one axis (SIG), a smooth warp of a pixel (WaNet) — that no patch or small mask expresses.
 Each family has few degrees of freedom, so a model without such a backdoor admits it for a fraction of the
 images, as with patches.
@@ -117,11 +118,14 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
     """Which class, if any, a backdoor sends images to, judged on the fit images only.
 
     First short patch probes (cheap, and decisive for patch triggers): toward any class, then toward the
-    few classes those reach most; when no patch finds a target, the Neural-Cleanse mask search over those
-    candidates and a sample of the other classes, whose smallest-mask anomaly also catches triggers that
-    are not a patch (blended, full-image). Neither step's cost grows with the number of classes. `size`:
-    (search name, its work at an effort: scan_work, mask_work) -> the Effort it runs at (effort.py; the
-    pipeline's sizes each search as it comes, so a patch found at full effort pays for no mask search)."""
+    few classes those reach most, at the smaller side of SCAN_SIDES, then, when it finds nothing, at the
+    larger; then, unless the smaller side found the target, the family scan (a target of both scans: the
+    finding further past its bar, `stronger`); when no scan finds a target, the Neural-Cleanse mask search
+    over the candidates and a sample of the other classes, whose smallest-mask anomaly also catches triggers
+    that are not a patch (blended, full-image). No step's cost grows with the number of classes. `size`:
+    (search name, its work at an effort: scan_work, mask_work, optional=False) -> the Effort it runs at
+    (effort.py; the pipeline's sizes each search as it comes, so a patch found at full effort pays for no mask
+    search), or None for an optional search (the larger patch side) that does not fit: it is skipped."""
     progress("detection", 0, 3)
     start = time.perf_counter()
     raw = prep.calib.subset(fit).read(0, len(fit))
@@ -261,7 +265,7 @@ def evidence(detection: dict) -> str:
 class Scan:
     best_flip: np.ndarray          # per class: the highest share of test images one patch probe sends there
     suspected_target: int | None
-    candidates: list[int]          # the classes probed one by one at the last side tried, most reached first
+    candidates: list[int]          # the classes probed one by one, side by side, most reached first
     by_side: dict[int, np.ndarray] # per patch side tried (pixels), per class: the best flip at that side
     found_at: tuple[int, float] | None = None   # the side (pixels, share) that found the target
 
@@ -317,21 +321,25 @@ def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 
     `n_candidates` classes those patches send most test images to are then probed one by one (K-Arm's
     pre-selection of target arms, Shen et al. 2021, with a patch in place of the mask). A class's best flip
     is the best of both, over the sides tried: each of `shares` (of the image side; distinct_sides) in turn
-    until one finds a target, skipping the sides `before` (an earlier scan of these images) tried. Probes are
+    until one finds a target, skipping the sides `before` (an earlier scan of these images; returned as it is
+    when it found a target) tried. Probes are
     fitted on `n_images` of `x_raw` and tested on the rest (half each when there are few), in both cases on
     images the model does not already put in the class. `reach`: the _Reach of these arguments, when the
     caller already made one."""
+    if before is not None and before.suspected_target is not None:
+        return before
     reach = reach or _Reach(model, x_raw, pp, seed, n_images, spec)
     by_side = dict(before.by_side) if before else {}
     overall = before.best_flip.copy() if before else np.zeros(reach.n_classes)
-    candidates, found_at = before.candidates if before else [], None
+    candidates, found_at = list(before.candidates) if before else [], None
     for share in distinct_sides(reach.opt, shares):
         side = reach.opt.side(share)
         if side in by_side:
             continue
         best = reach.any_class(steps, share=share)
-        candidates = _candidates(best, n_candidates)
-        for c in candidates:
+        probed = _candidates(best, n_candidates)
+        candidates += [c for c in probed if c not in candidates]
+        for c in probed:
             fit = reach.outside(c)
             if fit is not None:
                 best[c] = max(best[c], *(float(reach.rates(p)[c]) for p in reach.opt.patches(c, steps, fit, share=share)))

@@ -134,7 +134,7 @@ def sized(work: Callable[[Effort], tuple[float, float]], cost: PassCost, budget:
         tried.append((seconds, share, effort))
     else:
         seconds, _, effort = min(tried)
-    return effort, {"share": effort.share, "estimated_seconds": round(seconds, 1),
+    return effort, {"share": effort.share, "estimated_seconds": round(seconds, 1), "over_budget": seconds > budget,
                     "full_effort_seconds": round(cost.seconds(work(FULL)), 1), "budget_seconds": round(budget, 1),
                     "pass_seconds": {"torch_forward_backward": round(cost.backward, 5),
                                      "onnxruntime_forward": round(cost.forward, 5)}}
@@ -149,7 +149,7 @@ def cut_stages(record: dict) -> dict[str, str]:
     as "1/N" (every share is 1/2**k), or "skipped" (an optional stage whose least effort was over its part of
     the budget), in the order they ran."""
     return {stage: "skipped" if r.get("skipped") else f"1/{round(1 / r['share'])}"
-            for stage, r in record.items() if isinstance(r, dict) and r["share"] < 1}
+            for stage, r in record.items() if isinstance(r, dict) and (r.get("skipped") or r["share"] < 1)}
 
 
 def summary(record: dict) -> str | None:
@@ -165,8 +165,7 @@ def summary(record: dict) -> str | None:
             parts.append(f"{stage} skipped (about {_seconds(r['estimated_seconds'])} here at its least, over its "
                          f"{_seconds(r['budget_seconds'])})")
             continue
-        over = (f", still over its {_seconds(r['budget_seconds'])}" if r["estimated_seconds"] > r["budget_seconds"]
-                else "")
+        over = f", still over its {_seconds(r['budget_seconds'])}" if r.get("over_budget") else ""
         parts.append(f"{stage} at {share} (full effort: about {_seconds(r['full_effort_seconds'])} "
                      f"here{over})")
     return (f"reduced effort for --time-budget {record['budget_seconds'] / 60:g} min: {', '.join(parts)}; fewer "
