@@ -265,9 +265,10 @@ def test_of_two_scans_naming_different_targets_the_one_further_past_its_bar_stan
     assert stronger(Finding(7, "patch scan", 0.91, SCAN_FLIP), signal)[0] is signal
     assert signal.to_dict() == {"class": 2, "by": "family scan: signal along columns", "flip": 0.98,
                                 "threshold": SCAN_FLIP, "past_threshold": 0.8}
-    line = evidence({"patch_scan": {"best_flip": [0.3, 0.95], "threshold": SCAN_FLIP},
+    line = evidence({"patch_scan": {"best_flip": [0.3, 0.95], "threshold": SCAN_FLIP, "by_side": {"2": [], "3": []}},
                      "overruled": Finding(0, "family scan: warp", 0.52, 0.5).to_dict()})
     assert "class 0 (family scan: warp, 0.52 against 0.5) overruled" in line
+    assert "best patch probe sends 0.95 of images to class 1, threshold 0.9 (2x2, 3x3 tried)" in line
 
 
 

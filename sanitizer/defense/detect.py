@@ -237,8 +237,10 @@ def evidence(detection: dict) -> str:
     """One line on what the verdict rests on, for summaries."""
     flips = detection["patch_scan"]["best_flip"]
     top = int(np.argmax(flips))
+    sides = [int(side) for side in detection["patch_scan"].get("by_side", {})]
+    tried = f" ({', '.join(f'{side}x{side}' for side in sides)} tried)" if len(sides) > 1 else ""
     parts = [f"best patch probe sends {flips[top]:.2f} of images to class {top}, "
-             f"threshold {detection['patch_scan']['threshold']}"]
+             f"threshold {detection['patch_scan']['threshold']}{tried}"]
     scan = detection.get("family_scan", {})
     for family, rates in scan.get("best_flip", {}).items():
         top = int(np.nanargmax(np.array(rates, float)))
