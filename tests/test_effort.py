@@ -69,6 +69,9 @@ def test_sized_takes_the_largest_share_within_the_budget():
     assert effort.share == E.SHARES[-1] and record["over_budget"]
     _, tiny = E.sized(work, E.PassCost(backward=1.7e-4, forward=1.7e-4), budget=0.04)
     assert tiny["estimated_seconds"] == tiny["budget_seconds"] == 0.0 and tiny["over_budget"]
+    # work priced with numpy (defend.work's log2) still gives a record the JSON report and `bench --json` can write
+    _, record = E.sized(lambda e: (np.float64(work(e)[0]), np.float64(work(e)[1])), cost, budget=1.0)
+    assert record["over_budget"] is True and json.loads(json.dumps(record))["over_budget"] is True
     assert record["estimated_seconds"] == 8 * 25 + 0.5 * E.MIN_TEST
     # ... unless a larger share costs less: a search that tests the images it no longer optimises on
     effort, record = E.sized(lambda e: (e.images(64) * e.steps(100), 100 * (250 - e.images(64))), cost, budget=1.0)

@@ -134,7 +134,7 @@ def sized(work: Callable[[Effort], tuple[float, float]], cost: PassCost, budget:
         tried.append((seconds, share, effort))
     else:
         seconds, _, effort = min(tried)
-    return effort, {"share": effort.share, "estimated_seconds": round(seconds, 1), "over_budget": seconds > budget,
+    return effort, {"share": effort.share, "estimated_seconds": round(seconds, 1), "over_budget": bool(seconds > budget),
                     "full_effort_seconds": round(cost.seconds(work(FULL)), 1), "budget_seconds": round(budget, 1),
                     "pass_seconds": {"torch_forward_backward": round(cost.backward, 5),
                                      "onnxruntime_forward": round(cost.forward, 5)}}
