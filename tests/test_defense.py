@@ -41,6 +41,10 @@ def test_default_removes_the_backdoor_within_the_budget(tmp_path):
     # the corner probe is the one that found the trigger
     used = [p["probe"] for p in report["probes"]["probes"] if p["used"]]
     assert "patch 2x2 at (6, 6)" in used, report["probes"]["probes"]
+    # each candidate's probes against the bars the count set (None: a probe the count does not judge)
+    for c in report["probes"]["candidates"]:
+        assert len(c["probe_bars"]) == len(c["probe_flip"]) and any(b is not None for b in c["probe_bars"])
+        assert c["probes_silenced"] == all(b is None or f <= b for f, b in zip(c["probe_flip"], c["probe_bars"]))
     # the patch scan found it: no family scan or mask search was run, or sized
     assert report["detection"]["found_by"] == "patch scan"
     assert set(report["effort"]) == {"budget_seconds", "patch scan", "defense"}, report["effort"]

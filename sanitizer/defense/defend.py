@@ -187,9 +187,13 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
                           for (n, lr), m in repaired.items())):
         pred, rates = ctx.flips(model, used_x, paired)
         ag = held.agreement_of(pred)
+        # the bars beside the flips: where no count silences a probe its bar is its own floor plus the goal,
+        # which "probes_silenced" passes at a flip of 1.0 (the re-attack, at the goal, is then the verdict)
         candidates.append({"name": name, "model": model, "within_budget": ag.within(opts.max_acc_drop),
                            "probes_silenced": bool((np.array(rates) <= good).all()),
-                           "probe_flip": [round(r, 4) for r in rates], **ag.to_dict()})
+                           "probe_flip": [round(r, 4) for r in rates],
+                           "probe_bars": [round(float(g), 4) if np.isfinite(g) else None for g in good],
+                           **ag.to_dict()})
     # a repair can teach the backdoor back: a candidate counts only if the probes stay silenced. The pruned
     # model is preferred unless a repair silences the probes by more than the goal; repairs (repair.RUNS: how
     # far to tune is the held-out images' choice) by their probes, the gentler on a tie
