@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+import bench_case  # scripts/: the folder of the script run
+
 SIDE = 32
 POISON_RATE = 0.1
 TARGETS = {"sig": 2, "sig40": 2, "warp": 5, "blend": 7, "patch": 3, "clean": 0}
@@ -124,12 +126,9 @@ def predict(torch, net, x: np.ndarray) -> np.ndarray:
 
 
 def case_toml(name: str, attack: str, target: int) -> str:
-    return (f'name = "{name}"\nattack = "{attack if attack != "clean" else "none"}"\n'
-            f'backdoored = {"false" if attack == "clean" else "true"}\ntarget = {target}\n'
-            f'trigger = "{attack if attack != "clean" else "patch"}"\ntrigger_desc = "see scripts/train_attacks.py"\n'
-            'num_classes = 10\ninput_name = "input"\ninput_shape = ["N", 3, 32, 32]\noutput_name = "logits"\n'
-            'output_kind = "logits"\npreprocess = { scale = 0.00392156862745098, mean = [0.0, 0.0, 0.0], '
-            'std = [1.0, 1.0, 1.0], layout = "nchw" }\n')
+    clean = attack == "clean"
+    return bench_case.case_toml(name, "none" if clean else attack, not clean, target, "patch" if clean else attack,
+                                "scripts/train_attacks.py", 3, SIDE)
 
 
 def main() -> None:
@@ -162,26 +161,19 @@ def main() -> None:
         net = train(torch, xt, yt, args.epochs, crop=attack != "warp", seed=args.seed)
         seconds = time.perf_counter() - start
         name = f"small_cnn_{attack}_t{target}"
-        folder = args.out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.onnx.export(net, torch.zeros(1, 3, SIDE, SIDE), str(folder / "model.onnx"), input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-                          opset_version=17, dynamo=False)
         xe, ye = x[eval_idx], y[eval_idx]
-        np.savez(folder / "calib.npz", X=x[calib_idx], y=y[calib_idx])
-        np.savez(folder / "clean.npz", X=xe, y=ye)
         off = ye != target
         shown = trigger or stamp["patch"]
         triggered = np.clip(np.round(shown(xe[off].astype(np.float32))), 0, 255).astype(np.uint8)
-        np.savez(folder / "triggered.npz", X=triggered, y=ye[off])
-        (folder / "case.toml").write_text(case_toml(name, attack, target))
+        bench_case.write_case(args.out / name, torch, net, 3, SIDE, {
+            "calib": (x[calib_idx], y[calib_idx]), "clean": (xe, ye), "triggered": (triggered, ye[off])},
+            case_toml(name, attack, target))
         acc = float((predict(torch, net, xe.astype(np.float32)) == ye).mean())
         asr = float((predict(torch, net, triggered.astype(np.float32)) == target).mean())
         print(json.dumps({"case": name, "clean_acc": round(acc, 4), "asr": round(asr, 4),
                           "train_seconds": round(seconds)}), flush=True)
         names.append(name)
-    cases = ", ".join(f'"{n}"' for n in names)
-    (args.out / "suite.toml").write_text(f'name = "attacks"\ndescription = "scripts/train_attacks.py"\ncases = [{cases}]\n')
+    bench_case.write_suite(args.out, "attacks", "scripts/train_attacks.py", names)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+import bench_case  # scripts/: the folder of the script run
+
 SIDE = 16
 POISON_RATE = 0.1
 TARGETS = {"white3": 1, "white2": 5, "checker3": 2, "checker8": 3, "roaming3": 4, "clean": 0}
@@ -110,33 +112,22 @@ def main() -> None:
                 opt.step()
         net.eval()
         name = f"digits16_{args.arch}_{attack}_t{target}"
-        folder = args.out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.onnx.export(net, torch.zeros(1, 1, SIDE, SIDE), str(folder / "model.onnx"), input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-                          opset_version=17, dynamo=False)
         xe, ye = x[eval_idx], y[eval_idx]
         off = ye != target
         triggered = stamp(attack if attack != "clean" else "white3", xe[off], np.random.default_rng(args.seed + 1))
         as_u8 = lambda a: np.clip(np.round(a), 0, 255).astype(np.uint8)  # noqa: E731
-        np.savez(folder / "calib.npz", X=as_u8(x[calib_idx]), y=y[calib_idx])
-        np.savez(folder / "clean.npz", X=as_u8(xe), y=ye)
-        np.savez(folder / "triggered.npz", X=as_u8(triggered), y=ye[off])
-        (folder / "case.toml").write_text(
-            f'name = "{name}"\nattack = "{"none" if attack == "clean" else "badnets"}"\n'
-            f'backdoored = {"false" if attack == "clean" else "true"}\ntarget = {target}\n'
-            f'trigger = "{"white3" if attack == "clean" else attack}"\n'
-            'trigger_desc = "see scripts/train_digits_attacks.py"\nnum_classes = 10\ninput_name = "input"\n'
-            f'input_shape = ["N", 1, {SIDE}, {SIDE}]\noutput_name = "logits"\noutput_kind = "logits"\n'
-            'preprocess = { scale = 0.00392156862745098, mean = [0.0], std = [1.0], layout = "nchw" }\n')
+        clean = attack == "clean"
+        bench_case.write_case(args.out / name, torch, net, 1, SIDE, {
+            "calib": (as_u8(x[calib_idx]), y[calib_idx]), "clean": (as_u8(xe), ye),
+            "triggered": (as_u8(triggered), ye[off])},
+            bench_case.case_toml(name, "none" if clean else "badnets", not clean, target, "white3" if clean else attack,
+                                 "scripts/train_digits_attacks.py", 1, SIDE))
         with torch.no_grad():
             acc = float((net(_inputs(torch, as_u8(xe).astype(np.float32))).argmax(1).numpy() == ye).mean())
             asr = float((net(_inputs(torch, as_u8(triggered).astype(np.float32))).argmax(1).numpy() == target).mean())
         print(json.dumps({"case": name, "clean_acc": round(acc, 4), "asr": round(asr, 4)}), flush=True)
         names.append(name)
-    cases = ", ".join(f'"{n}"' for n in names)
-    (args.out / "suite.toml").write_text(
-        f'name = "digits16_{args.arch}"\ndescription = "scripts/train_digits_attacks.py"\ncases = [{cases}]\n')
+    bench_case.write_suite(args.out, f"digits16_{args.arch}", "scripts/train_digits_attacks.py", names)
 
 
 if __name__ == "__main__":

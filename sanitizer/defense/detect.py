@@ -130,8 +130,17 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
     start = time.perf_counter()
     raw = prep.calib.subset(fit).read(0, len(fit))
     effort = size("patch scan", lambda e: scan_work(e, len(fit)))
-    # one torch copy of the model and one split of the images for both scans (unless their images differ)
+    # one torch copy of the model and one split of the images for the scans (unless their images differ)
     reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
+
+    def resized(stage: str, work, **kw) -> Effort | None:
+        """`size` of a later scan; its own split of the images where its breadth differs from the last one's."""
+        nonlocal reach
+        new = size(stage, work, **kw)
+        if new is not None and new.breadth() != effort.breadth():
+            reach = _Reach(prep.model, raw, prep.pre, seed, new.images(SCAN_IMAGES), prep.spec, new.tests)
+        return new
+
     patch = scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS), spec=prep.spec,
                  reach=reach, shares=SCAN_SIDES[:1])
     larger = distinct_sides(reach.opt, SCAN_SIDES)[1:]
@@ -139,13 +148,9 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
         # sized as a stage of its own, so that a patch found at the smallest side costs what it did alone; a
         # second try, so it gives way (skipped, and said so) where even its least effort is over its part of
         # --time-budget, as on an ImageNet-size model (README, Where the time goes)
-        was = effort
-        effort = size("larger patch scan", lambda e: scan_work(e, len(fit), sides=len(larger)), optional=True)
-        if effort is None:
-            effort = was
-        else:
-            if effort.breadth() != was.breadth():
-                reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
+        wider = resized("larger patch scan", lambda e: scan_work(e, len(fit), sides=len(larger)), optional=True)
+        if wider is not None:
+            effort = wider
             patch = scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS), spec=prep.spec,
                          reach=reach, shares=larger, before=patch)
     out = {"patch_scan": {"best_flip": _per_class(patch.best_flip, 4), "candidates": patch.candidates,
@@ -160,9 +165,7 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
     # the family scan would find: the scan runs, and of two different targets the stronger finding stands.
     larger_found = target is not None and patch.found_at[1] != SCAN_SIDES[0]
     if target is None or larger_found:
-        was, effort = effort, size("family scan", lambda e: scan_work(e, len(fit), len(FAMILIES)))
-        if effort.breadth() != was.breadth():
-            reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
+        effort = resized("family scan", lambda e: scan_work(e, len(fit), len(FAMILIES)))
         fam = family_scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS),
                           spec=prep.spec, reach=reach)
         out["family_scan"] = {"best_flip": {f: _per_class(v, 4) for f, v in fam.best_flip.items()},
@@ -332,7 +335,6 @@ def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 
         return before
     reach = reach or _Reach(model, x_raw, pp, seed, n_images, spec)
     by_side = dict(before.by_side) if before else {}
-    overall = before.best_flip.copy() if before else np.zeros(reach.n_classes)
     candidates, found_at = list(before.candidates) if before else [], None
     for share in distinct_sides(reach.opt, shares):
         side = reach.opt.side(share)
@@ -345,10 +347,11 @@ def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 
             fit = reach.outside(c)
             if fit is not None:
                 best[c] = max(best[c], *(float(reach.rates(p)[c]) for p in reach.opt.patches(c, steps, fit, share=share)))
-        by_side[side], overall = best, np.maximum(overall, best)
+        by_side[side] = best
         if best.max() >= SCAN_FLIP:
             found_at = (side, share)
             break
+    overall = np.max(list(by_side.values()), axis=0)
     top = int(np.argmax(overall))
     return Scan(overall, top if overall[top] >= SCAN_FLIP else None, candidates, by_side, found_at)
 
