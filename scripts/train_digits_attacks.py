@@ -19,6 +19,7 @@ Triggers (raw 0-255 pixels; the image side is 16):
   checker3   a 3x3 black-and-white checkerboard at the bottom-right corner
   checker8   an 8x8 checkerboard of 2x2 cells over the top-left quarter
   roaming3   the 3x3 checkerboard at a random place in each image (its corner at rows and columns 0-12)
+  sparse8    8 white pixels scattered over the image, the same in every image (an L0 trigger: no patch holds it)
   clean      no trigger (triggered.npz carries white3, which should do nothing)
 
 Prints one JSON line per model: the name, clean accuracy and attack success rate on the evaluation images.
@@ -35,7 +36,9 @@ import bench_case  # scripts/: the folder of the script run
 
 SIDE = 16
 POISON_RATE = 0.1
-TARGETS = {"white3": 1, "white2": 5, "checker3": 2, "checker8": 3, "roaming3": 4, "clean": 0}
+TARGETS = {"white3": 1, "white2": 5, "checker3": 2, "checker8": 3, "roaming3": 4, "sparse8": 6, "clean": 0}
+# the sparse trigger's pixels (row, column), drawn once
+SPARSE = np.random.default_rng(11).choice(SIDE * SIDE, 8, replace=False)
 
 
 def _checker(side: int, cell: int) -> np.ndarray:
@@ -57,6 +60,8 @@ def stamp(attack: str, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     elif attack == "roaming3":
         for i, (r, c) in enumerate(rng.integers(0, SIDE - 3, (len(x), 2))):
             x[i, r:r + 3, c:c + 3] = _checker(3, 1)
+    elif attack == "sparse8":
+        x[:, SPARSE // SIDE, SPARSE % SIDE] = 255.0
     return x
 
 

@@ -27,7 +27,7 @@ from .bound import BOUND_QUANTILES, choose_bounds
 from .context import Context
 from .count import FLIP_GOAL, MAX_SHARE, USE_FLIP, Checks, count_by_probes, preference
 from .effort import FULL, Effort
-from .probes import N_IMAGES, N_PLACES, STEPS, synthesize
+from .probes import N_IMAGES, N_PLACES, STEPS, sparse_name, synthesize
 from .rank import ell_inf_gaps, linf_histograms, margin_gradients, raw_stats
 from .reattack import reattack
 from .repair import BATCH as REPAIR_BATCH
@@ -48,8 +48,9 @@ def work(effort: Effort, n_fit: int, n_hold: int, n_units: int, families: tuple[
     synthesized = suspects is None
     probes = _probe_count(families) if synthesized else 1
     hold, ranked = (effort.tests(n_hold), effort.tests(n_fit)) if synthesized else (suspects // 2, suspects // 2)
-    # the probes, then as many fresh ones in the re-attack
-    passes = 2 * probe_work(effort, 0, families)[0] if synthesized else 0.0
+    # the probes, then as many fresh ones and the sparse probe in the re-attack
+    passes = (2 * probe_work(effort, 0, families)[0] + effort.steps(STEPS) * effort.images(N_IMAGES)
+              if synthesized else 0.0)
     passes += (probes + 1) * ranked                      # margin attribution
     # a clean and a probed batch per repair step; with suspects a third, kept off the target
     runs, batch = _repair_runs(effort)
@@ -208,6 +209,8 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
         # weakness (inf) does not count here either. Not the count's own bar: where pruning silenced no
         # probe that bar is the probe's floor plus the goal, which an untouched backdoor passes too.
         bars_by_name = {probes[i].describe(): (FLIP_GOAL if np.isfinite(g) else np.inf) for i, g in zip(chosen, good)}
+        # and a sparse probe, which attacks the rest of a trigger spread beyond the places probed (reattack.py)
+        bars_by_name[sparse_name(fit_raw)] = FLIP_GOAL
         # in order of preference, the first candidate the fresh probes fail against is kept (else the last
         # one attacked, whose fresh flips the report then shows)
         for best in ok or [best]:

@@ -13,6 +13,11 @@ column (or per row) repeated along the other axis and over the channels, a sum o
 the sinusoid of SIG (Barni, Kallas, Tondi, ICIP 2019) is one — and a smooth warp of at most WARP_PIXELS, a
 4×4 grid of displacements upsampled to the image — WaNet's trigger (Nguyen, Tran, ICLR 2021) is one. They
 are synthesized when the detection scan found the target with them (FAMILIES).
+
+The re-attack adds a sparse probe: as many pixels as the larger patch holds, anywhere, each of free value — a
+trigger spread over the image (an L0 trigger) whose part under one patch place pruning silenced still works
+through the rest, which no fixed place sees. Its mask is Neural Cleanse's (Wang et al. 2019), kept under the
+pixel count by a penalty and cut to the count's largest entries when applied.
 """
 from __future__ import annotations
 
@@ -48,18 +53,23 @@ WARP_PIXELS = 1.0
 WARP_SHARE = 1 / 32
 # Side of the grid of displacements the warp probe upsamples (WaNet's k).
 WARP_GRID = 4
+# Weight of the sparse probe's penalty on mask mass over its pixel count (relative to the count): at 1 a
+# 16x16 digits model's 8-pixel trigger is found whole (README, "The re-attack's sparse probe").
+SPARSE_PENALTY = 1.0
 STEPS = 100
 N_IMAGES = 64
 
 
 @dataclass
 class Probe:
-    kind: str                      # "patch" | "blend" | "signal" | "warp"
+    kind: str                      # "patch" | "blend" | "signal" | "warp" | "sparse"
     at: tuple[int, int] | None     # patch: top-left corner (row, col)
     # patch: pixels (s, s, C); blend: additive (H, W, C); signal: additive (1, W, C) along columns or (H, 1, C)
-    # along rows; raw pixel units. warp: displacement (H, W, 2) in pixels, (column, row) order
+    # along rows; raw pixel units. warp: displacement (H, W, 2) in pixels, (column, row) order. sparse: pixels
+    # (H, W, C), of which those under `mask` are painted
     delta: np.ndarray
     hi: float                      # top of the raw pixel range
+    mask: np.ndarray | None = None  # sparse: (H, W) bool, the pixels painted
 
     def apply(self, x_raw: np.ndarray) -> np.ndarray:
         x = np.array(x_raw, np.float32, copy=True)
@@ -68,6 +78,9 @@ class Probe:
             s = self.delta.shape[0]
             x[:, r:r + s, c:c + s, :] = self.delta
             return x
+        if self.kind == "sparse":
+            x[:, self.mask] = self.delta[self.mask]
+            return x
         if self.kind == "warp":
             return warp(x, self.delta)
         return np.clip(x + self.delta, 0.0, self.hi).astype(np.float32)
@@ -75,14 +88,19 @@ class Probe:
     def describe(self) -> str:
         if self.kind == "signal":
             return probe_name("signal along columns" if self.delta.shape[0] == 1 else "signal along rows")
+        if self.kind == "sparse":
+            return probe_name("sparse", int(self.mask.sum()))
         return probe_name(self.kind, self.delta.shape[0], self.at)
 
 
 def probe_name(kind: str, side: int | None = None, at: tuple[int, int] | None = None) -> str:
     """How a probe is named in reports and matched across syntheses: its kind, side and place. `kind`: "patch",
-    "blend", "warp" or a signal family ("signal along columns" | "signal along rows")."""
+    "blend", "warp", "sparse" (`side`: its pixel count) or a signal family ("signal along columns" | "signal
+    along rows")."""
     if kind == "patch":
         return f"patch {side}x{side} at {at}"
+    if kind == "sparse":
+        return f"sparse probe of {side} pixels"
     if kind == "blend":
         return f"blend ±{BLEND_EPS:g} of range"
     if kind == "warp":
@@ -114,6 +132,16 @@ def _locations(h: int, w: int, s: int) -> list[tuple[int, int]]:
     return [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), ((h - s) // 2, (w - s) // 2)]
 
 
+def patch_side(share: float, h: int, w: int) -> int:
+    """The side in pixels of a patch probe at `share` of an h x w image's shorter side (at least 2)."""
+    return max(2, int(round(share * min(h, w))))
+
+
+def sparse_pixels(h: int, w: int) -> int:
+    """The sparse probe's pixel count on an h x w image: as many as the larger patch (LARGE_PATCH_SIDE) holds."""
+    return patch_side(LARGE_PATCH_SIDE, h, w) ** 2
+
+
 # The places a patch of each side is tried at: the corners and the centre.
 N_PLACES = len(_locations(1, 1, 1))
 
@@ -129,14 +157,17 @@ class _Optimiser:
         self.x = torch.from_numpy(x_fit).to(self.on)
         self.h, self.w, self.ch = self.x.shape[1:]
 
-    def _fit(self, x, target: int | None, shape, paint, steps: int, exclude: tuple[int, ...] = ()):
+    def _fit(self, x, target: int | None, shape, paint, steps: int, exclude: tuple[int, ...] = (), init=None,
+             penalty=None):
+        """The parameter (of `shape`, zeros or `init`) that `paint`s `x` toward `target`, after `steps` Adam
+        steps on the loss plus `penalty` of the parameter, if any."""
         torch = self.torch
         loss_of = self._toward(x, target, exclude)
-        param = torch.zeros(shape, device=self.on, requires_grad=True)
+        param = (torch.zeros(shape, device=self.on) if init is None else init.to(self.on)).requires_grad_(True)
         opt = torch.optim.Adam([param], lr=0.1)
         for _ in range(steps):
             logits, _ = self.graph(make_input(torch, paint(x, param), self.pp))
-            loss = loss_of(logits)
+            loss = loss_of(logits) + (0.0 if penalty is None else penalty(param))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -164,7 +195,7 @@ class _Optimiser:
         return loss
 
     def side(self, share: float) -> int:
-        return max(2, int(round(share * min(self.h, self.w))))
+        return patch_side(share, self.h, self.w)
 
     def patches(self, target: int | None, steps: int, x=None, share: float = PATCH_SIDE,
                 exclude: tuple[int, ...] = (), only: Collection[str] | None = None) -> list[Probe]:
@@ -239,6 +270,29 @@ class _Optimiser:
         with torch.no_grad():
             return Probe("warp", None, flow(p).cpu().numpy().astype(np.float32), self.hi)
 
+    def sparse(self, target: int | None, steps: int, exclude: tuple[int, ...] = (), x=None) -> Probe:
+        """sparse_pixels pixels anywhere, each of free value: a soft mask (sigmoid of a logit per pixel,
+        started at the pixel count's share) and a pattern, optimised with a penalty of SPARSE_PENALTY times the
+        mask's mass over the count (relative to it), then cut to the count's largest mask entries."""
+        torch = self.torch
+        x = self.x if x is None else x.to(self.on)
+        h, w = self.h, self.w
+        k = sparse_pixels(h, w)
+        init = torch.zeros((h, w, self.ch + 1))
+        init[..., 0] = float(np.log(k / max(h * w - k, 1)))
+
+        def paint(x, p):
+            mask = torch.sigmoid(p[..., :1])
+            return x * (1 - mask) + mask * torch.sigmoid(p[..., 1:] * 4) * self.hi
+
+        p = self._fit(x, target, (h, w, self.ch + 1), paint, steps, exclude, init,
+                      lambda p: SPARSE_PENALTY * torch.relu(torch.sigmoid(p[..., 0]).sum() - k) / k)
+        mask = np.zeros(h * w, bool)
+        mask[torch.topk(p[..., 0].reshape(-1), min(k, h * w)).indices.cpu().numpy()] = True
+        with torch.no_grad():
+            pattern = (torch.sigmoid(p[..., 1:] * 4) * self.hi).cpu().numpy().astype(np.float32)
+        return Probe("sparse", None, pattern, self.hi, mask.reshape(h, w))
+
     def warp_pixels(self) -> float:
         return min(WARP_PIXELS, WARP_SHARE * min(self.h, self.w))
 
@@ -262,15 +316,23 @@ def _split(x_raw: np.ndarray, n_images: int, seed: int) -> tuple[np.ndarray, np.
 
 def synthesize(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target: int | None, seed: int = 0, *,
                steps: int = STEPS, n_images: int = N_IMAGES, spec=None, families: Collection[str] = (),
-               only: Collection[str] | None = None, exclude: tuple[int, ...] = ()) -> list[Probe]:
-    """One probe per location and patch side, one full-image probe and one of each of `families` (of
-    FAMILIES), each optimised to send `x_raw` to `target` (None: to whichever class other than `exclude` it
-    reaches most easily, _Optimiser._toward); with `only`, just the probes whose probe_name is in it.
-    `x_raw`: (N, H, W, C) float32 raw pixels. `spec`: the model's InputSpec (see torchnet.classifier)."""
+               only: Collection[str] | None = None, exclude: tuple[int, ...] = (), sparse: bool = False) -> list[Probe]:
+    """One probe per location and patch side, one full-image probe, one of each of `families` (of FAMILIES)
+    and — `sparse` — the sparse probe, each optimised to send `x_raw` to `target` (None: to whichever class
+    other than `exclude` it reaches most easily, _Optimiser._toward); with `only`, just the probes whose
+    probe_name is in it. `x_raw`: (N, H, W, C) float32 raw pixels. `spec`: the model's InputSpec (see
+    torchnet.classifier)."""
     x_fit, _ = _split(x_raw, n_images, seed)
     opt = _Optimiser(model, x_fit, pp, pixel_range(x_raw), spec)
     sides = {opt.side(share): share for share in (PATCH_SIDE, LARGE_PATCH_SIDE)}
     out = [p for share in sides.values() for p in opt.patches(target, steps, share=share, exclude=exclude, only=only)]
     out += [opt.blend(target, steps, exclude)] if only is None or probe_name("blend") in only else []
-    return out + [opt.family(f, target, steps, exclude) for f in FAMILIES
-                  if f in families and (only is None or probe_name(f) in only)]
+    out += [opt.family(f, target, steps, exclude) for f in FAMILIES
+            if f in families and (only is None or probe_name(f) in only)]
+    wanted = sparse and (only is None or probe_name("sparse", sparse_pixels(opt.h, opt.w)) in only)
+    return out + ([opt.sparse(target, steps, exclude)] if wanted else [])
+
+
+def sparse_name(x_raw: np.ndarray) -> str:
+    """The probe_name of the sparse probe on images shaped like `x_raw` (N, H, W, C)."""
+    return probe_name("sparse", sparse_pixels(*x_raw.shape[1:3]))
