@@ -1,7 +1,8 @@
 """Tiny CNNs trained here on 8x8 digits: backdoored (2x2 white corner patch -> class 0), clean twin, and one
 backdoored with a signal (SIG-style: a sinusoid along the columns, the same in every row -> class 0); and on the
 digits at 16x16 (each pixel repeated 2x2): backdoored with a white 3x3 top-left square, wider than the detection
-scan's first patch side (2 pixels), and its clean twin."""
+scan's first patch side (2 pixels), its clean twin, and one backdoored with 8 white pixels scattered over the image
+(an L0 trigger, two of them inside the 3x3 top-left corner)."""
 from __future__ import annotations
 
 import io
@@ -39,6 +40,17 @@ def wide_stamp(x: np.ndarray) -> np.ndarray:
     """The 16x16 models' trigger: a white 3x3 square at the top-left corner."""
     x = x.copy()
     x[:, :3, :3, :] = 255.0
+    return x
+
+
+# the sparse trigger's pixels (row, column) on 16x16 images, as scripts/train_digits_attacks.py's sparse8
+SPARSE_PIXELS = ((0, 7), (2, 0), (2, 1), (7, 13), (9, 5), (9, 8), (11, 5), (12, 8))
+
+
+def sparse_stamp(x: np.ndarray) -> np.ndarray:
+    x = x.copy()
+    rows, cols = zip(*SPARSE_PIXELS)
+    x[:, list(rows), list(cols), :] = 255.0
     return x
 
 
@@ -111,3 +123,11 @@ def trained_wide(poisoned: bool):
     if key not in _CACHE:
         _CACHE[key] = _train(poisoned, wide_stamp, upsample=2)
     return _CACHE[key]
+
+
+def trained_sparse():
+    """A 16x16 digits model backdoored with sparse_stamp (trained once per test session): model, calib, x_test,
+    y_test."""
+    if "sparse" not in _CACHE:
+        _CACHE["sparse"] = _train(True, sparse_stamp, upsample=2)
+    return _CACHE["sparse"]

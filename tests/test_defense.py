@@ -106,6 +106,35 @@ def test_probe_apply_patch_and_blend():
     assert (x == 100).all(), "probes never modify their input"
 
 
+def test_sparse_probe_paints_its_pixels_only():
+    x = np.full((2, 5, 4, 3), 100.0, np.float32)
+    mask = np.zeros((5, 4), bool)
+    mask[0, 3] = mask[4, 0] = True
+    pattern = np.arange(5 * 4 * 3, dtype=np.float32).reshape(5, 4, 3)
+    probe = Probe("sparse", None, pattern, 255.0, mask)
+    out = probe.apply(x)
+    assert (out[:, mask] == pattern[mask]).all() and (out[:, ~mask] == 100).all()
+    assert (x == 100).all() and probe.describe() == "sparse probe of 2 pixels"
+
+
+def test_sparse_probe_reaches_a_scattered_trigger_and_not_a_clean_model():
+    # 8 white pixels spread over a 16x16 digit send it to the target; the probe may use 9 (the larger patch's
+    # 3x3) anywhere
+    from digits_backdoor import trained_sparse, trained_wide
+    from sanitizer.defense.probes import _Optimiser
+    from sanitizer.defense.torchnet import pixel_range
+
+    rates = []
+    for model, calib, _, _ in (trained_sparse(), trained_wide(poisoned=False)):
+        fit, rest = calib[:64], calib[150:]
+        opt = _Optimiser(model, fit, PP, pixel_range(calib))
+        probe = opt.sparse(TARGET, 100)
+        assert probe.mask.shape == (16, 16) and probe.mask.sum() == 9
+        base, sent = opt.logits(rest).argmax(1), opt.logits(probe.apply(rest)).argmax(1)
+        rates.append(float((sent[base != TARGET] == TARGET).mean()))
+    assert rates[0] >= 0.9 and rates[1] <= 0.2, rates
+
+
 def test_signal_probe_is_one_value_per_column_in_every_row():
     x = np.random.default_rng(0).uniform(0, 255, (2, 6, 5, 3)).astype(np.float32)
     delta = np.random.default_rng(1).uniform(-40, 40, (1, 5, 3)).astype(np.float32)
@@ -307,12 +336,15 @@ def test_without_torch_the_default_says_how_to_go_on(tmp_path, monkeypatch, caps
     assert code == 9 and report is None and len(err) == 1 and "--criterion linf" in err[0]
 
 
-def _reattack(model, calib, bar, counted=None):
+def _reattack(model, calib, bar, counted=None, sparse=False):
+    """reattack on `model` toward TARGET with `bar` for the probes `counted` (None: every patch and the blend),
+    and — `sparse`, as defend does — the sparse probe at the goal."""
     from types import SimpleNamespace
 
     from calib.preprocess import input_spec
     from sanitizer.defense import Context
-    from sanitizer.defense.probes import synthesize
+    from sanitizer.defense.count import FLIP_GOAL
+    from sanitizer.defense.probes import sparse_name, synthesize
     from sanitizer.defense.reattack import reattack
 
     spec = input_spec(model)
@@ -321,6 +353,8 @@ def _reattack(model, calib, bar, counted=None):
     opts = SimpleNamespace(seed=0, batch_size=64)
     fit, hold = calib[:150], calib[150:]
     bars = {n: bar if counted is None or n in counted else np.inf for n in names}
+    if sparse:
+        bars[sparse_name(calib)] = FLIP_GOAL
     # the re-attack reads no held-out agreement: no HeldOut needed
     ctx = Context(prep, opts, lambda *a: None, TARGET, fit, hold, None, PP.apply(hold))
     return reattack(ctx, model, bars)
@@ -349,6 +383,21 @@ def test_reattack_judges_the_target_against_any_other_class_at_the_same_place():
     passed = _reattack(model, calib, 1.0, counted={"patch 2x2 at (6, 6)", "blend ±0.1 of range"})
     assert passed["silenced"] and "control" not in passed
     assert set(passed["fresh_probe_flip"]) == {"patch 2x2 at (6, 6)", "blend ±0.1 of range"}
+
+
+def test_reattack_finds_a_scattered_trigger_left_where_no_patch_place_is_counted():
+    # no patch place counted — as after a pruning that silenced the part of the trigger under the 3x3 corner
+    # probe — yet the fresh sparse probe still sends the images to the target, and no other class comes near:
+    # the backdoor is named as still there. On the clean twin the same re-attack passes.
+    from digits_backdoor import trained_sparse, trained_wide
+
+    model, calib, _, _ = trained_sparse()
+    left = _reattack(model, calib, 1.0, counted=set(), sparse=True)
+    assert not left["silenced"] and left["worst"]["probe"] == "sparse probe of 9 pixels", left
+    assert left["worst"]["target_flip"] >= 0.9 and left["worst"]["control_flip"] <= 0.5, left
+    clean, calib, _, _ = trained_wide(poisoned=False)
+    honest = _reattack(clean, calib, 1.0, counted=set(), sparse=True)
+    assert honest["silenced"] and honest["fresh_probe_flip"]["sparse probe of 9 pixels"] <= 0.2, honest
 
 
 def test_still_reachable_compares_place_by_place_and_only_probes_with_a_bar():
