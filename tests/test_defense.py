@@ -338,12 +338,12 @@ def test_without_torch_the_default_says_how_to_go_on(tmp_path, monkeypatch, caps
 
 def _reattack(model, calib, bar, counted=None, sparse=False):
     """reattack on `model` toward TARGET with `bar` for the probes `counted` (None: every patch and the blend),
-    and — `sparse`, as defend does — the sparse probe at the goal."""
+    and — `sparse`, as defend does — the sparse probe at a shortcut's bar (USE_FLIP)."""
     from types import SimpleNamespace
 
     from calib.preprocess import input_spec
     from sanitizer.defense import Context
-    from sanitizer.defense.count import FLIP_GOAL
+    from sanitizer.defense.count import USE_FLIP
     from sanitizer.defense.probes import sparse_name, synthesize
     from sanitizer.defense.reattack import reattack
 
@@ -354,7 +354,7 @@ def _reattack(model, calib, bar, counted=None, sparse=False):
     fit, hold = calib[:150], calib[150:]
     bars = {n: bar if counted is None or n in counted else np.inf for n in names}
     if sparse:
-        bars[sparse_name(calib)] = FLIP_GOAL
+        bars[sparse_name(calib)] = USE_FLIP
     # the re-attack reads no held-out agreement: no HeldOut needed
     ctx = Context(prep, opts, lambda *a: None, TARGET, fit, hold, None, PP.apply(hold))
     return reattack(ctx, model, bars)

@@ -6,9 +6,10 @@ toward whichever class other than the target it reaches most easily (then, where
 toward that class alone, as the target's probe was aimed), and the target must be no easier to reach at
 that place than that: Neural Cleanse's idea of judging the target against the other classes (Wang
 et al. 2019), place by place, because a backdoor lives at its trigger's place while ordinary adversarial
-patches reach some class from many places. A sparse probe (probes.py) joins them, judged the same way: a
-trigger spread over the image keeps working through its pixels outside the place pruning silenced, which no
-probe of a fixed place sees (a 16x16 digits model's 8-pixel trigger: ASR 1.0 -> 0.67 after a pruning that
+patches reach some class from many places. A sparse probe (probes.py) joins them, judged the same way at a
+shortcut's bar (half the images; its free pixels are an adversarial attack in their own right): a trigger
+spread over the image keeps working through its pixels outside the place pruning silenced, which no probe of
+a fixed place sees (a 16x16 digits model's 8-pixel trigger: ASR 1.0 -> 0.67 after a pruning that
 silenced every patch; README, "The re-attack's sparse probe").
 """
 from __future__ import annotations
@@ -62,7 +63,7 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
     """Fresh probes synthesized against the sanitized `model` with the same budget as on the original: the
     backdoor is judged by attacking the result, not by replaying probes it was pruned against. Only the
     probes the count judged (finite bar) are synthesized — and the sparse probe, which `bars` names (defend
-    gives it the goal): the others take no part in the verdict. When one
+    gives it count.USE_FLIP): the others take no part in the verdict. When one
     is over its bar (`bars`: per probe description, the flip rate it must be under — defend gives the goal,
     FLIP_GOAL; inf: not counted), the probes over it are synthesized again toward whichever class but the
     target they reach (the control) — and where the target still leads, toward that class alone — and each
