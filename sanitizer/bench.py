@@ -32,24 +32,70 @@ class Case:
 
 
 def load_suite(root: Path) -> list[Case]:
+    """The cases `root`/suite.toml lists (`cases = ["name", ...]`), each with its case.toml read and checked
+    (_checked_meta). Raises BadData (exit 5) naming the file and the field on any mistake."""
     root = Path(root)
     index = root / "suite.toml"
     if not index.is_file():
         raise BadData(f"{root} is not a suite: no suite.toml")
     try:
         names = tomllib.loads(index.read_text())["cases"]
-        return [Case(n, root / n, tomllib.loads((root / n / "case.toml").read_text())) for n in names]
-    except (KeyError, OSError, tomllib.TOMLDecodeError) as e:
+    except (KeyError, OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise BadData(f"{index}: cannot read the suite ({type(e).__name__}: {e})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise BadData(f'{index}: cases must be a list of case folder names, e.g. cases = ["a", "b"]')
+    cases = []
+    for n in names:
+        path = root / n / "case.toml"
+        try:
+            meta = tomllib.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise BadData(f"{path}: cannot read the case ({type(e).__name__}: {e})") from None
+        cases.append(Case(n, root / n, _checked_meta(path, meta)))
+    return cases
+
+
+def _numbers(path: Path, key: str, value) -> list[float]:
+    """A number or a list of numbers (per channel) as a list of floats; BadData naming `key` otherwise."""
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise BadData(f"{path}: preprocess.{key} must be a number or a list of numbers, got {value!r}")
+    return [float(v) for v in values]
+
+
+def _checked_meta(path: Path, meta: dict) -> dict:
+    """case.toml's fields the bench reads (../shared/bench/README.md's format), checked: an integer `target` ≥ 0
+    (a clean case names the class its triggered.npz is scored against too), a boolean `backdoored` if given,
+    `preprocess` a table of a number `scale`, a number or list of numbers `mean` and `std` (normalised here
+    to lists) and a `layout` of "nchw" or "nhwc" if given. Raises BadData naming the field."""
+    target = meta.get("target")
+    if target is None:
+        raise BadData(f"{path}: no target — the class triggered.npz is scored against (a clean case names one too)")
+    if not isinstance(target, int) or isinstance(target, bool) or target < 0:
+        raise BadData(f"{path}: target must be a class index (an integer ≥ 0), got {target!r}")
+    if not isinstance(meta.get("backdoored", True), bool):
+        raise BadData(f"{path}: backdoored must be true or false, got {meta['backdoored']!r}")
+    pp = meta.get("preprocess", {})
+    if not isinstance(pp, dict):
+        raise BadData(f"{path}: preprocess must be a table, e.g. preprocess = {{ scale = 0.00392, layout = \"nchw\" }}")
+    checked = dict(pp)
+    scale = pp.get("scale", 1 / 255)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise BadData(f"{path}: preprocess.scale must be a number, got {scale!r}")
+    checked["scale"] = float(scale)
+    checked["mean"] = _numbers(path, "mean", pp.get("mean", [0.0]))
+    checked["std"] = _numbers(path, "std", pp.get("std", [1.0]))
+    if pp.get("layout") not in (None, "nchw", "nhwc"):
+        raise BadData(f'{path}: preprocess.layout must be "nchw" or "nhwc", got {pp["layout"]!r}')
+    return {**meta, "preprocess": checked}
 
 
 def case_options(case: Case, criterion: str, **extra) -> Options:
     pp = case.meta.get("preprocess", {})
     return Options(model=case.model, calib=case.folder / "calib.npz", criterion=criterion,
-                   scale=float(pp.get("scale", 1 / 255)), mean=list(pp.get("mean", [0.0])),
-                   std=list(pp.get("std", [1.0])), layout=pp.get("layout"),
+                   scale=pp["scale"], mean=pp["mean"], std=pp["std"], layout=pp.get("layout"),
                    eval_data=case.folder / "clean.npz", eval_triggered=case.folder / "triggered.npz",
-                   target=int(case.meta["target"]), use_labels=False, **extra)
+                   target=case.meta["target"], use_labels=False, **extra)
 
 
 def stats_overhead(opts: Options, sites: list[str], repeats: int = 3) -> dict:

@@ -51,3 +51,34 @@ def test_bench_writes_a_row_per_case_and_criterion(tmp_path):
     assert row["degraded"] and "on your --eval-data" in row["evaluation"]["refused"]
     assert row["evaluation"]["asr_evidence"]["bar"] < 0.5
     assert {"measured", "interval80"} <= set(row["evaluation"]["accuracy_drop"])
+
+
+@pytest.mark.parametrize("suite_toml, case_toml, says", [
+    ('cases = "c"\n', "target = 0\n", "cases must be a list"),
+    ('cases = ["c"]\n', 'attack = "none"\nbackdoored = false\n', "no target"),
+    ('cases = ["c"]\n', 'target = "zero"\n', "target must be a class index"),
+    ('cases = ["c"]\n', "target = -1\n", "target must be a class index"),
+    ('cases = ["c"]\n', 'target = 0\nbackdoored = "yes"\n', "backdoored must be true or false"),
+    ('cases = ["c"]\n', 'target = 0\npreprocess = { mean = "0.5" }\n', "preprocess.mean must be"),
+    ('cases = ["c"]\n', 'target = 0\npreprocess = { scale = [1.0] }\n', "preprocess.scale must be a number"),
+    ('cases = ["c"]\n', 'target = 0\npreprocess = { layout = "chw" }\n', "preprocess.layout must be"),
+    ('cases = ["c"]\n', "target = 0\npreprocess = 1\n", "preprocess must be a table"),
+    ('cases = ["c"]\n', "target = \n", "cannot read the case"),
+])
+def test_a_suite_written_wrong_is_bad_data_naming_the_field(tmp_path, capsys, suite_toml, case_toml, says):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "suite.toml").write_text(suite_toml)
+    (tmp_path / "c" / "case.toml").write_text(case_toml)
+    code = main(["bench", str(tmp_path), "--criteria", "linf"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 5 and len(err) == 1 and says in err[0], err
+
+
+def test_a_scalar_mean_and_std_are_one_value_for_every_channel(tmp_path):
+    from sanitizer.bench import case_options, load_suite
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "suite.toml").write_text('cases = ["c"]\n')
+    (tmp_path / "c" / "case.toml").write_text("target = 2\npreprocess = { scale = 1, mean = 0.5, std = 0.25 }\n")
+    opts = case_options(load_suite(tmp_path)[0], "linf")
+    assert (opts.scale, list(opts.mean), list(opts.std), opts.target, opts.layout) == (1.0, [0.5], [0.25], 2, None)
