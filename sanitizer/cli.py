@@ -190,6 +190,10 @@ def evaluate_cmd(
 
     if data is None and triggered is None:
         raise SanitizeError("give --data and/or --triggered", ExitCode.USAGE)
+    if target is not None and triggered is None:
+        # as the job refuses it: a target with nothing to score it on is a forgotten flag, not a no-op
+        raise SanitizeError("--target is the attacker's class for the ASR on --triggered images; give them with "
+                            "--triggered, or drop --target", ExitCode.USAGE)
     loaded = load_model(model)
     spec = input_spec(loaded.model, input_name, layout, output_name=output_name, size=parse_size(input_size))
     pre = resolve_preprocess(spec, scale=scale, mean=parse_floats(mean), std=parse_floats(std), layout=layout)

@@ -183,6 +183,7 @@ def test_evaluate_json_prints_one_object(cli, write_model, write_npz, tmp_path):
     (["--data", "{t}"], ExitCode.BAD_DATA),                  # clean accuracy needs labels
     (["--triggered", "{t}", "--target", str(M.CLASSES)], ExitCode.USAGE),   # not a class of the model
     (["--triggered", "{t}", "--target", "-1"], ExitCode.USAGE),
+    (["--data", "{wide}", "--target", "0"], ExitCode.USAGE),   # a target with no triggered images to score
     (["--data", "{wide}"], ExitCode.BAD_DATA),               # labels past the model's classes
     (["--data", "{unit}"], ExitCode.BAD_DATA),               # pixels in [0, 1] under the default --scale 1/255
 ])
