@@ -162,6 +162,11 @@ def show_summary(result: dict) -> None:
         # "no backdoor found" is a claim about what was searched, not about every trigger there is
         out_console_line("searched: patches, signals, warps and small masks; per-image (input-aware), sparse-pixel "
                          "and other trigger kinds are not detected (--suspect with triggered samples aims the defense)")
+    if result["criterion"] != "probe" and "detection" not in result and (ev or {}).get("after", {}).get("asr") is None:
+        # a clean-data criterion never looks at a trigger: a written model says nothing about the backdoor
+        out_console_line(f"backdoor not checked: --criterion {result['criterion']} prunes by clean-data statistics "
+                         "alone (Cheng et al. report it removes nothing on realistic models); the default criterion "
+                         "attacks the result, --eval-triggered with --target measures it")
     if result["degraded"]:
         why = result.get("evaluation", {}).get("refused") or "over the budget or the backdoor's probes still work"
         out_console_line(f"degraded: {why}; written only because of --allow-degraded")

@@ -128,6 +128,13 @@ def test_ctrl_c_exits_130_says_so_and_writes_nothing(cli, write_model, write_npz
     assert files_in(tmp_path) == before
 
 
+def test_a_clean_data_criterion_says_the_backdoor_was_not_checked(cli, write_model, write_npz, tmp_path):
+    # exit 0 and a written model must not read as "backdoor removed" when nothing looked for one
+    result = cli(write_model(), "--calib", write_npz(), "--out", tmp_path / "o.onnx", "--criterion", "linf", UNCHECKED)
+    assert result.code == 0 and (tmp_path / "o.onnx").exists(), result.err
+    assert "backdoor not checked: --criterion linf" in " ".join(result.out.split()), result.out
+
+
 def test_force_overwrites_an_existing_output(cli, write_model, write_npz, tmp_path):
     out = tmp_path / "clean.onnx"
     out.write_bytes(b"an older result")
@@ -265,6 +272,7 @@ def test_triggered_evaluation_images_that_still_work_refuse_the_result(cli, tmp_
                  "--eval-triggered", DEMO["triggered"], "--target", DEMO["target"], "--allow-degraded",
                  "--report", tmp_path / "r.json")
     assert result.code == 0 and (tmp_path / "o.onnx").exists()
+    assert "backdoor not checked" not in result.out, "the triggered images checked it"
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["degraded"] and "still reach the target" in report["evaluation"]["refused"]
     assert "nothing written" not in report["evaluation"]["refused"]
