@@ -160,8 +160,10 @@ def show_summary(result: dict) -> None:
             out_console_line(line)
     if result.get("detection", {}).get("suspected_target", 0) is None:
         # "no backdoor found" is a claim about what was searched, not about every trigger there is
-        out_console_line("searched: patches, signals, warps and small masks; per-image (input-aware), sparse-pixel "
-                         "and other trigger kinds are not detected (--suspect with triggered samples aims the defense)")
+        out_console_line("searched: patches, signals, warps and small masks, each called a backdoor when it sends "
+                         "nearly every image (0.9; warps 0.5) to one class — a backdoor that works on fewer images, "
+                         "per-image (input-aware), sparse-pixel and other trigger kinds can pass unseen (--suspect "
+                         "with triggered samples aims the defense; --eval-triggered checks the result)")
     if result["criterion"] != "probe" and "detection" not in result and (ev or {}).get("after", {}).get("asr") is None:
         # a clean-data criterion never looks at a trigger: a written model says nothing about the backdoor
         out_console_line(f"backdoor not checked: --criterion {result['criterion']} prunes by clean-data statistics "
