@@ -131,7 +131,11 @@ def input_spec(model: onnx.ModelProto, input_name: str | None = None, layout: st
     chosen_layout = inferred or layout or "nchw"
     c, h, w = (dims[1], dims[2], dims[3]) if chosen_layout == "nchw" else (dims[3], dims[1], dims[2])
     if _static(c) is None:
-        raise BadModel(f"input {inp.name} has shape {_show(dims)} ({chosen_layout}); the channel count must be static")
+        # the layout is read off where the channels are: with neither end static it was not read but assumed
+        how = f"as {chosen_layout}" + (", assumed: neither dim 1 nor dim 3 is a channel count" if inferred is None
+                                       and layout is None else "")
+        raise BadModel(f"input {inp.name} has shape {_show(dims)} ({how}); the channel count must be static — "
+                       "export the model with a fixed channel dimension")
     if size is not None:
         for what, given, declared in (("height", size[0], h), ("width", size[1], w)):
             if _static(declared) is not None and declared != given:

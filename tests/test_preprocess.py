@@ -75,6 +75,11 @@ def test_rank_must_be_four(shape):
 
 def test_dynamic_channels_are_a_bad_model():
     fails(ExitCode.BAD_MODEL, input_spec, model(("x", TensorProto.FLOAT, [1, "C", 32, 32])))
+    # with neither end static the layout was not read off the model: the line says it was assumed
+    msg = fails(ExitCode.BAD_MODEL, input_spec, model(("x", TensorProto.FLOAT, ["N", "H", "W", "C"])))
+    assert "assumed" in msg and "channel count must be static" in msg, msg
+    msg = fails(ExitCode.BAD_MODEL, input_spec, model(("x", TensorProto.FLOAT, ["N", "H", "W", "C"])), layout="nhwc")
+    assert "(as nhwc)" in msg, msg
 
 
 @pytest.mark.parametrize("shape", [[1, 3, "H", 32], [1, 3, 32, None], ["N", "H", "W", 3]])
