@@ -75,8 +75,10 @@ def test_default_removes_a_trigger_larger_than_the_small_probe(tmp_path):
     # the result was attacked afresh: probes synthesized against it no longer reach the target either
     fresh = report["probes"]["reattack"]
     assert fresh["max_fresh_flip"] <= 0.1, fresh
-    # judged at the goal (or against a control class), not at the count's looser bars
-    assert {b for b in fresh["bars"].values() if b is not None} == {0.05}, fresh
+    # judged at the goal (or against a control class), not at the count's looser bars; the sparse probe, free
+    # pixels anywhere, at a shortcut's bar
+    assert {b for n, b in fresh["bars"].items() if b is not None and not n.startswith("sparse")} == {0.05}, fresh
+    assert fresh["bars"]["sparse probe of 9 pixels"] == 0.5, fresh
     # bounds: tried loosest first while within half the budget, the kept one picked from those by the
     # probes' flip rates
     from sanitizer.defense.bound import chosen_quantile
