@@ -20,9 +20,10 @@ The steps, in order, one module each (pipeline.sanitize runs detect, then defend
    can silence is at the attack-success goal on the held-out images.
 6. repair (repair.py): short distillation from the original's own predictions with the pruned units
    masked, each probed image held to the prediction on its clean twin.
-7. re-attack (reattack.py): fresh probes against the result; where one still works, the target is judged
-   against the best other class the same probe reaches at the same place (Neural Cleanse's comparison
-   with the other classes).
+7. re-attack (reattack.py): fresh probes against the result, and a sparse probe (free pixels anywhere, a
+   Neural-Cleanse mask cut to a pixel count) for a trigger spread beyond the places probed; where one still
+   works, the target is judged against the best other class the same probe reaches at the same place
+   (Neural Cleanse's comparison with the other classes).
 
 context.py holds Context, what every step needs (the Effort among it: effort.py sizes each search's images and
 steps to the run's time budget); torchnet.py the torch side (device, the ONNX model as a
