@@ -158,13 +158,15 @@ def show_summary(result: dict) -> None:
         line = summary(result["effort"])
         if line:
             out_console_line(line)
-    if result.get("detection", {}).get("suspected_target", 0) is None:
+    looked = result.get("detection", {}).get("suspected_target", 0) is None   # detection searched, found none
+    if looked:
         # "no backdoor found" is a claim about what was searched, not about every trigger there is
-        out_console_line("searched: patches, signals, warps and small masks, each called a backdoor when it sends "
-                         "nearly every image (0.9; warps 0.5) to one class — a backdoor that works on fewer images, "
+        out_console_line("searched: patches, signals and warps, each called a backdoor when it sends nearly every "
+                         "image (0.9; warps 0.5) to one class, and small masks (an outlier in size, anomaly index 2) — "
+                         "a backdoor that works on fewer images, "
                          "per-image (input-aware), sparse-pixel and other trigger kinds can pass unseen (--suspect "
                          "with triggered samples aims the defense; --eval-triggered checks the result)")
-    if result["criterion"] != "probe" and "detection" not in result and (ev or {}).get("after", {}).get("asr") is None:
+    if result["criterion"] != "probe" and not looked and (ev or {}).get("after", {}).get("asr") is None:
         # a clean-data criterion never looks at a trigger: a written model says nothing about the backdoor
         out_console_line(f"backdoor not checked: --criterion {result['criterion']} prunes by clean-data statistics "
                          "alone (Cheng et al. report it removes nothing on realistic models); the default criterion "

@@ -96,7 +96,7 @@ def test_default_leaves_a_clean_model_unchanged(tmp_path, capsys):
     assert report["detection"]["verdict"] == "no backdoor found" and report["plan"]["count"] == 0
     # "no backdoor found" is said with what was searched and what can pass under the bars
     said = " ".join(capsys.readouterr().out.split())
-    assert "nearly every image (0.9; warps 0.5)" in said and "a backdoor that works on fewer images" in said, said
+    assert "nearly every image (0.9; warps 0.5) to one class, and small masks" in said and "a backdoor that works on fewer images" in said, said
     before = onnx.load(tmp_path / "m.onnx")
     after = onnx.load(tmp_path / "o.onnx")
     assert [i.raw_data for i in after.graph.initializer] == [i.raw_data for i in before.graph.initializer]

@@ -57,7 +57,8 @@ def work(effort: Effort, n_fit: int, n_hold: int, n_units: int, families: tuple[
     passes += (2 if synthesized else 3) * batch * sum(steps for steps, _ in runs)
     counts = 3 * 2 * (1 + np.log2(max(2, MAX_SHARE * n_units)))   # three rankings
     checks = len(BOUND_QUANTILES) + counts + len(REPAIR_RUNS) + (3 if synthesized else 2)  # before, pruned(, re-attack)
-    forwards = n_fit + probes * ranked + checks * (n_hold + probes * hold)
+    # (and the re-attack's sparse probe tested once)
+    forwards = n_fit + probes * ranked + checks * (n_hold + probes * hold) + (hold if synthesized else 0)
     return passes, forwards
 
 
@@ -68,7 +69,8 @@ def _repair_runs(effort: Effort) -> tuple[tuple[tuple[int, float], ...], int]:
 
 
 def _probe_count(families: tuple[str, ...]) -> int:
-    """Probes probes.synthesize makes at most: a patch per place and side, the blend, one per family."""
+    """Probes the probes step makes at most: a patch per place and side, the blend, one per family (the
+    re-attack adds the sparse probe)."""
     return 2 * N_PLACES + 1 + len(families)
 
 

@@ -56,6 +56,8 @@ WARP_GRID = 4
 # Weight of the sparse probe's penalty on mask mass over its pixel count (relative to the count): at 1 a
 # 16x16 digits model's 8-pixel trigger is found whole (README, "The re-attack's sparse probe").
 SPARSE_PENALTY = 1.0
+# Share of the sparse probe's steps spent on its pattern alone under the cut mask, after the soft mask's.
+SPARSE_HARD_SHARE = 0.25
 STEPS = 100
 N_IMAGES = 64
 
@@ -273,25 +275,36 @@ class _Optimiser:
     def sparse(self, target: int | None, steps: int, exclude: tuple[int, ...] = (), x=None) -> Probe:
         """sparse_pixels pixels anywhere, each of free value: a soft mask (sigmoid of a logit per pixel,
         started at the pixel count's share) and a pattern, optimised with a penalty of SPARSE_PENALTY times the
-        mask's mass over the count (relative to it), then cut to the count's largest mask entries."""
+        mask's mass over the count (relative to it); then the mask is cut to the count's largest entries and,
+        for the last SPARSE_HARD_SHARE of the `steps`, the pattern alone is tuned under that cut mask, so
+        that the probe applied is the one optimised last (a soft mask may spread where the cut one cannot)."""
         torch = self.torch
         x = self.x if x is None else x.to(self.on)
         h, w = self.h, self.w
         k = sparse_pixels(h, w)
         init = torch.zeros((h, w, self.ch + 1))
         init[..., 0] = float(np.log(k / max(h * w - k, 1)))
+        hard_steps = int(steps * SPARSE_HARD_SHARE)
 
         def paint(x, p):
             mask = torch.sigmoid(p[..., :1])
             return x * (1 - mask) + mask * torch.sigmoid(p[..., 1:] * 4) * self.hi
 
-        p = self._fit(x, target, (h, w, self.ch + 1), paint, steps, exclude, init,
+        p = self._fit(x, target, (h, w, self.ch + 1), paint, steps - hard_steps, exclude, init,
                       lambda p: SPARSE_PENALTY * torch.relu(torch.sigmoid(p[..., 0]).sum() - k) / k)
-        mask = np.zeros(h * w, bool)
-        mask[torch.topk(p[..., 0].reshape(-1), min(k, h * w)).indices.cpu().numpy()] = True
+        mask = torch.zeros(h * w, device=self.on)
+        mask[torch.topk(p[..., 0].reshape(-1), min(k, h * w)).indices] = 1.0
+        mask = mask.reshape(h, w, 1)
+
+        def paint_cut(x, q):
+            return x * (1 - mask) + mask * torch.sigmoid(q * 4) * self.hi
+
+        q = p[..., 1:].clone()
+        if hard_steps:
+            q = self._fit(x, target, (h, w, self.ch), paint_cut, hard_steps, exclude, q)
         with torch.no_grad():
-            pattern = (torch.sigmoid(p[..., 1:] * 4) * self.hi).cpu().numpy().astype(np.float32)
-        return Probe("sparse", None, pattern, self.hi, mask.reshape(h, w))
+            pattern = (torch.sigmoid(q * 4) * self.hi).cpu().numpy().astype(np.float32)
+        return Probe("sparse", None, pattern, self.hi, mask[..., 0].cpu().numpy() > 0.5)
 
     def warp_pixels(self) -> float:
         return min(WARP_PIXELS, WARP_SHARE * min(self.h, self.w))

@@ -68,8 +68,8 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
     FLIP_GOAL; inf: not counted), the probes over it are synthesized again toward whichever class but the
     target they reach (the control) — and where the target still leads, toward that class alone — and each
     must reach the target by at most FLIP_GOAL more than the control (still_reachable). Returns per probe
-    its held-out flip rate toward the target (and the control's class and rate), the bars, the verdict and
-    the worst place."""
+    its held-out flip rate toward the target (and the control's class and rate), the bars, the best flip of
+    the probes judged at the goal (max_fresh_flip), the verdict and the worst place."""
     prep, opts, progress = ctx.prep, ctx.opts, ctx.progress
 
     def fresh(cls: int | None, names) -> list:
@@ -98,7 +98,10 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
     progress("re-attack", 2, 2)
     control_flip = None if control is None else {n: r for n, (_, r) in control.items()}
     left = still_reachable(toward_target, bars, control_flip)
-    out = {"fresh_probe_flip": toward_target, "max_fresh_flip": max(toward_target.values()),
+    # the best flip among the probes judged at the goal: the sparse probe's rate, under its own looser bar,
+    # would read as a backdoor left beside the others'
+    at_goal = [r for n, r in toward_target.items() if bars[n] <= FLIP_GOAL] or list(toward_target.values())
+    out = {"fresh_probe_flip": toward_target, "max_fresh_flip": max(at_goal),
            "bars": {n: (None if np.isinf(g) else round(g, 4)) for n, g in bars.items()},
            "silenced": not left}
     if control is not None:
