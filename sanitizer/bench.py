@@ -55,10 +55,15 @@ def load_suite(root: Path) -> list[Case]:
     return cases
 
 
+def _is_number(value) -> bool:
+    """An int or float read from TOML (a boolean is an int to Python, not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _numbers(path: Path, key: str, value) -> list[float]:
     """A number or a list of numbers (per channel) as a list of floats; BadData naming `key` otherwise."""
     values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+    if not values or not all(_is_number(v) for v in values):
         raise BadData(f"{path}: preprocess.{key} must be a number or a list of numbers, got {value!r}")
     return [float(v) for v in values]
 
@@ -80,7 +85,7 @@ def _checked_meta(path: Path, meta: dict) -> dict:
         raise BadData(f"{path}: preprocess must be a table, e.g. preprocess = {{ scale = 0.00392, layout = \"nchw\" }}")
     checked = dict(pp)
     scale = pp.get("scale", 1 / 255)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+    if not _is_number(scale):
         raise BadData(f"{path}: preprocess.scale must be a number, got {scale!r}")
     checked["scale"] = float(scale)
     checked["mean"] = _numbers(path, "mean", pp.get("mean", [0.0]))

@@ -342,7 +342,7 @@ def synthesize(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target
     out += [opt.blend(target, steps, exclude)] if only is None or probe_name("blend") in only else []
     out += [opt.family(f, target, steps, exclude) for f in FAMILIES
             if f in families and (only is None or probe_name(f) in only)]
-    wanted = sparse and (only is None or probe_name("sparse", sparse_pixels(opt.h, opt.w)) in only)
+    wanted = sparse and (only is None or sparse_name(x_raw) in only)
     return out + ([opt.sparse(target, steps, exclude)] if wanted else [])
 
 
