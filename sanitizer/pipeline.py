@@ -619,7 +619,8 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         units, n_suspects = sum(s.channels for s in sites), None if suspects is None else len(suspects)
         effort = sizing("defense", lambda e: defense_work(e, len(fit), len(hold), units, families, suspects=n_suspects))
         plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, target, opts, progress, suspects,
-                                             families=families, effort=effort)
+                                             families=families, effort=effort,
+                                             afford=lambda stage, work: sizing(stage, work, optional=True))
         if plan is None:
             unconfirmed_by, probe_info = probe_info, None
     if unconfirmed_by is not None:

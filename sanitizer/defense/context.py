@@ -3,6 +3,7 @@ to the steps (bound, rank, count, re-attack) in place of the prepared model, the
 callback, the target and the images one by one."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,9 @@ class Context:
     clean_x: np.ndarray             # held.inputs(): the held-out images as model inputs
     families: tuple[str, ...] = ()  # probe families (probes.FAMILIES) synthesized besides patches and blend
     effort: Effort = FULL           # images and steps of the probes, repair and re-attack (effort.py)
+    # (stage, work) -> the effort an optional stage may run at within the time budget left, or None when it
+    # does not fit (pipeline.Sizing); None here: such a stage does not run
+    afford: Callable[[str, Callable[[Effort], tuple[float, float]]], Effort | None] | None = None
 
     @property
     def rank_raw(self) -> np.ndarray:

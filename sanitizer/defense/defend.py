@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 
@@ -80,14 +82,59 @@ def probe_work(effort: Effort, n_hold: int, families: tuple[str, ...] = ()) -> t
     return probes * effort.steps(STEPS) * effort.images(N_IMAGES), n_hold + probes * effort.tests(n_hold)
 
 
+def round_work(effort: Effort, n_hold: int, n_probes: int, n_left: int) -> tuple[float, float]:
+    """The unlearning round's work (as `work`): the long repair against `n_probes` probes and the `n_left` fresh
+    ones the re-attack found, its check, and a re-attack of those fresh probes with their control."""
+    runs, batch = _repair_runs(effort)
+    passes = 2 * batch * runs[-1][0] + 3 * n_left * effort.steps(STEPS) * effort.images(N_IMAGES)
+    hold = effort.tests(n_hold)
+    return passes, 2 * (n_hold + (n_probes + n_left) * hold)
+
+
 def _context(prep: Prepared, fit: np.ndarray, hold: np.ndarray | None, held: HeldOut, target: int, opts: Options,
-             progress: Progress, families: tuple[str, ...], effort: Effort) -> Context:
+             progress: Progress, families: tuple[str, ...], effort: Effort, afford=None) -> Context:
     """The run's Context, with the fit images (and the first effort.tests held-out ones to probe, unless `hold`
     is None) read."""
     fit_raw = prep.calib.subset(fit).read(0, len(fit))
     probed = None if hold is None else hold[:effort.tests(len(hold))]
     hold_raw = None if hold is None else prep.calib.subset(probed).read(0, len(probed))
-    return Context(prep, opts, progress, target, fit_raw, hold_raw, held, held.inputs(), families, effort)
+    return Context(prep, opts, progress, target, fit_raw, hold_raw, held, held.inputs(), families, effort, afford)
+
+
+def _unlearning_round(ctx: Context, base: onnx.ModelProto, plan: Plan, used: list, used_x: list[np.ndarray],
+                      good: np.ndarray, left: list, bars: dict[str, float]) -> tuple[dict, dict] | None:
+    """When the re-attack still reaches the target on every candidate, the fresh probes that did it join the
+    probes and the long repair runs again from the pruned model: the defense unlearns what attacking its result
+    found, not only what it probed the original with (the probes are synthesized once, on the original; a
+    trigger's part they missed keeps working — README, "The unlearning round"). The candidate (a dict like
+    defend's) and its re-attack, or None when the round does not fit the time budget left (ctx.afford)."""
+    prep = ctx.prep
+    offered = ctx.afford("unlearning round", lambda e: round_work(e, len(ctx.clean_x), len(used), len(left)))
+    if offered is None:
+        return None
+    ctx = replace(ctx, effort=Effort(min(offered.share, ctx.effort.share)))
+    runs, batch = _repair_runs(ctx.effort)
+    run = runs[-1]
+    ctx.progress("unlearning round", 0, 1)
+    tuned = repair(base, prep.sites, plan.pruned(), ctx.fit_raw, prep.pre, used + left, ctx.opts.seed, spec=prep.spec,
+                   runs=(run,), batch=batch)[run]
+    model = rewrite.apply(tuned, prep.sites, plan.pruned())
+    left_x = [prep.pre.apply(p.apply(ctx.hold_raw)) for p in left]
+    pred, rates = ctx.flips(model, used_x + left_x)
+    ag = ctx.held.agreement_of(pred)
+    bar = np.concatenate([good, [bars[p.describe()] for p in left]])
+    silenced = bool((np.array(rates) <= bar).all())
+    fresh = reattack(ctx, model, bars) if silenced and ag.within(ctx.opts.max_acc_drop) else None
+    ctx.progress("unlearning round", 1, 1)
+    name = f"pruned+repaired against the re-attack's probes ({run[0]} steps at {run[1]:g})"
+    candidate = {"name": name, "model": model, "within_budget": ag.within(ctx.opts.max_acc_drop),
+                 "probes_silenced": silenced, "probe_flip": [round(r, 4) for r in rates],
+                 "probe_bars": [round(float(g), 4) if np.isfinite(g) else None for g in bar],
+                 **ag.to_dict()}
+    if fresh is not None:
+        fresh.pop("_left_probes", None)
+        candidate["fresh_probes_silenced"] = fresh["silenced"]
+    return candidate, fresh
 
 
 def _probe(ctx: Context) -> tuple[list, list[np.ndarray], list[float]]:
@@ -119,7 +166,7 @@ def unconfirmed(prep: Prepared, fit: np.ndarray, hold: np.ndarray, held: HeldOut
 
 def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held: HeldOut, target: int,
            opts: Options, progress: Progress, suspects: np.ndarray | None = None, *,
-           families: tuple[str, ...] = (), effort: Effort = FULL) -> tuple[Plan, onnx.ModelProto, dict]:
+           families: tuple[str, ...] = (), effort: Effort = FULL, afford=None) -> tuple[Plan, onnx.ModelProto, dict]:
     """Probe, rank, count, then keep the pruned model or its repair, whichever the held-out images favour.
     Returns no plan (None, the original, the best probe and its flip rate) when no synthesized probe sends
     half the held-out images to `target`: nothing confirms a backdoor there.
@@ -127,9 +174,11 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
     With `suspects` (raw images a user believes carry the trigger) those replace the synthesized probes:
     half of them rank the units, the other half count them. `families`: probe families (probes.FAMILIES)
     synthesized besides the patches and the blend, and again by the re-attack. `effort`: images and steps of
-    the probes, repair and re-attack, images the units are ranked and the probes tested on (effort.py)."""
+    the probes, repair and re-attack, images the units are ranked and the probes tested on (effort.py).
+    `afford`: Context.afford, which sizes the unlearning round (_unlearning_round) when the re-attack refuses
+    every candidate; None: no such round."""
     paired = suspects is None
-    ctx = _context(prep, fit, hold if paired else None, held, target, opts, progress, families, effort)
+    ctx = _context(prep, fit, hold if paired else None, held, target, opts, progress, families, effort, afford)
     fit_raw = ctx.fit_raw
     if paired:
         probes, probed_x, before = _probe(ctx)
@@ -204,7 +253,7 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
                 key=lambda c: max(c["probe_flip"]) - (FLIP_GOAL if c["name"] == "pruned" else 0))
     best = ok[0] if ok else min(candidates, key=lambda c: (not c["probes_silenced"], c["drop_estimate"]))
     best["within_budget"] = bool(ok)
-    fresh = None
+    fresh, round_info = None, None
     if paired:
         # the fresh probe of each used probe's kind and place must be at the goal, or the target no easier
         # to reach there than any other class (reattack.still_reachable); one the count judged ordinary adversarial
@@ -218,17 +267,34 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
         bars_by_name[sparse_name(fit_raw)] = USE_FLIP
         # in order of preference, the first candidate the fresh probes fail against is kept (else the last
         # one attacked, whose fresh flips the report then shows)
+        left, first = None, None
         for best in ok or [best]:
             fresh = reattack(ctx, best["model"], bars_by_name)
+            # what still reaches the most preferred candidate is what the unlearning round adds
+            reaching = fresh.pop("_left_probes", [])
+            if left is None:
+                left, first = reaching, fresh
             best["fresh_probes_silenced"] = fresh["silenced"]
             if fresh["silenced"]:
                 break
         best["within_budget"] = bool(ok) and fresh["silenced"]
+        if not fresh["silenced"] and left and ctx.afford is not None:
+            got = _unlearning_round(ctx, base, plan, used, used_x, good, left, bars_by_name)
+            if got is not None:
+                again, again_fresh = got
+                candidates.append(again)
+                round_info = {"probes": [p.describe() for p in left], "reattack_before": first}
+                if again_fresh is not None and again_fresh["silenced"]:
+                    best, fresh = again, again_fresh
+                    best["within_budget"] = True
+                elif again_fresh is not None:
+                    round_info["reattack_after"] = again_fresh
     plan.trace.append({"units": plan.count, "final": best["name"],
                        **{k: v for k, v in best.items() if k not in ("model", "name")}})
     info = {"target": target, "source": "synthesized" if paired else "suspicious samples",
             "bounds": bound_info,
             **({"reattack": fresh} if fresh is not None else {}),
+            **({"unlearning_round": round_info} if round_info is not None else {}),
             "probes": described,
             "rankings": {n: {"units": pl.count, "pruned_agreement": round(a, 6)} for n, (pl, a, _) in searches.items()},
             "ranking": ranking,

@@ -69,7 +69,8 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
     target they reach (the control) — and where the target still leads, toward that class alone — and each
     must reach the target by at most FLIP_GOAL more than the control (still_reachable). Returns per probe
     its held-out flip rate toward the target (and the control's class and rate), the bars, the best flip of
-    the probes judged at the goal (max_fresh_flip), the verdict and the worst place."""
+    the probes judged at the goal (max_fresh_flip), the verdict and the worst place — and, under
+    "_left_probes" (not for the report), the fresh probes toward the target that say the backdoor is left."""
     prep, opts, progress = ctx.prep, ctx.opts, ctx.progress
 
     def fresh(cls: int | None, names) -> list:
@@ -80,6 +81,7 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
     progress("re-attack", 0, 2)
     counted = [n for n, g in bars.items() if np.isfinite(g)]
     probes, probed = fresh(ctx.target, counted)
+    synthesized = {p.describe(): p for p in probes}
     _, rates = ctx.flips(model, probed)
     toward_target = {p.describe(): round(r, 4) for p, r in zip(probes, rates)}
     over, control = over_bar(toward_target, bars), None
@@ -108,6 +110,7 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
         out["control"] = {"fresh_probe_flip": control_flip, "class": {n: c for n, (c, _) in control.items()},
                           "max_fresh_flip": max(control_flip.values())}
     if left:
+        out["_left_probes"] = [synthesized[n] for n in left]
         worst = max(left, key=lambda n: toward_target[n] - (control_flip or {}).get(n, 0.0))
         out["worst"] = {"probe": worst, "target_flip": toward_target[worst],
                         **({"control_flip": control_flip[worst], "control_class": control[worst][0]}
