@@ -19,11 +19,14 @@ The steps, in order, one module each (pipeline.sanitize runs detect, then defend
 5. count (count.py): how many top units to prune, the smallest count at which every probe that pruning
    can silence is at the attack-success goal on the held-out images.
 6. repair (repair.py): short distillation from the original's own predictions with the pruned units
-   masked, each probed image held to the prediction on its clean twin.
+   masked, each probed image held to the prediction on its clean twin, the gradient clipped.
 7. re-attack (reattack.py): fresh probes against the result, and a sparse probe (free pixels anywhere, a
    Neural-Cleanse mask cut to a pixel count) for a trigger spread beyond the places probed; where one still
    works, the target is judged against the best other class the same probe reaches at the same place
    (Neural Cleanse's comparison with the other classes).
+8. unlearning round (defend.py): when every candidate fails the re-attack, the fresh probes that reached the
+   preferred one join the probes, the long repair runs again from the pruned model, and the re-attack
+   judges that (adversarial unlearning, as I-BAU, Zeng et al. ICLR 2022, restricted to one round).
 
 context.py holds Context, what every step needs (the Effort among it: effort.py sizes each search's images and
 steps to the run's time budget); torchnet.py the torch side (device, the ONNX model as a

@@ -1,5 +1,6 @@
 """The default defense, run: probe toward the suspected target, bound, rank units, prune until the probes fail,
-repair, re-attack (the steps and their sources: see the package's docstring).
+repair, re-attack — and, when every candidate fails the re-attack, one unlearning round against what it found (the
+steps and their sources: see the package's docstring).
 
 Units are ranked three ways: by how far the probes lift their ℓ∞ (max over the spatial map) above what
 clean images do — the paper's signature, measured with synthesized probes in place of the unknown trigger —
@@ -15,9 +16,8 @@ decision run on onnxruntime; torch only synthesizes the probes and repairs.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -106,7 +106,7 @@ def _unlearning_round(ctx: Context, base: onnx.ModelProto, plan: Plan, used: lis
     """When the re-attack still reaches the target on every candidate, the fresh probes that did it join the
     probes and the long repair runs again from the pruned model: the defense unlearns what attacking its result
     found, not only what it probed the original with (the probes are synthesized once, on the original; a
-    trigger's part they missed keeps working — README, "The unlearning round"). The candidate (a dict like
+    trigger's part they missed keeps working — README, How it works, step 8). The candidate (a dict like
     defend's) and its re-attack, or None when the round does not fit the time budget left (ctx.afford)."""
     prep = ctx.prep
     offered = ctx.afford("unlearning round", lambda e: round_work(e, len(ctx.clean_x), len(used), len(left)))
