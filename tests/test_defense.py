@@ -377,7 +377,7 @@ def _reattack(model, calib, bar, counted=None, sparse=False):
         bars[sparse_name(calib)] = USE_FLIP
     # the re-attack reads no held-out agreement: no HeldOut needed
     ctx = Context(prep, opts, lambda *a: None, TARGET, fit, hold, None, PP.apply(hold))
-    return reattack(ctx, model, bars)
+    return reattack(ctx, model, bars)[0]
 
 
 def test_reattack_judges_the_target_against_any_other_class_at_the_same_place():

@@ -120,21 +120,30 @@ def _unlearning_round(ctx: Context, base: onnx.ModelProto, plan: Plan, used: lis
                    runs=(run,), batch=batch)[run]
     model = rewrite.apply(tuned, prep.sites, plan.pruned())
     left_x = [prep.pre.apply(p.apply(ctx.hold_raw)) for p in left]
-    pred, rates = ctx.flips(model, used_x + left_x)
-    ag = ctx.held.agreement_of(pred)
     bar = np.concatenate([good, [bars[p.describe()] for p in left]])
-    silenced = bool((np.array(rates) <= bar).all())
-    fresh = reattack(ctx, model, bars) if silenced and ag.within(ctx.opts.max_acc_drop) else None
-    ctx.progress("unlearning round", 1, 1)
     name = f"pruned+repaired against the re-attack's probes ({run[0]} steps at {run[1]:g})"
-    candidate = {"name": name, "model": model, "within_budget": ag.within(ctx.opts.max_acc_drop),
-                 "probes_silenced": silenced, "probe_flip": [round(r, 4) for r in rates],
-                 "probe_bars": [round(float(g), 4) if np.isfinite(g) else None for g in bar],
-                 **ag.to_dict()}
-    if fresh is not None:
-        fresh.pop("_left_probes", None)
+    candidate = _candidate(ctx, name, model, used_x + left_x, bar)
+    fresh = None
+    if candidate["within_budget"] and candidate["probes_silenced"]:
+        fresh, _ = reattack(ctx, model, bars)
         candidate["fresh_probes_silenced"] = fresh["silenced"]
+    ctx.progress("unlearning round", 1, 1)
     return candidate, fresh
+
+
+def _candidate(ctx: Context, name: str, model: onnx.ModelProto, probed_x: list[np.ndarray], bars: np.ndarray,
+               paired: bool = True) -> dict:
+    """A candidate result as defend weighs it: its held-out agreement (ag.to_dict()), whether that is within the
+    budget, the probes' flip rates and whether each is under its bar (`bars`, per probed set; inf: none)."""
+    pred, rates = ctx.flips(model, probed_x, paired)
+    ag = ctx.held.agreement_of(pred)
+    # the bars beside the flips: where no count silences a probe its bar is its own floor plus the goal,
+    # which "probes_silenced" passes at a flip of 1.0 (the re-attack, at the goal, is then the verdict)
+    return {"name": name, "model": model, "within_budget": ag.within(ctx.opts.max_acc_drop),
+            "probes_silenced": bool((np.array(rates) <= bars).all()),
+            "probe_flip": [round(r, 4) for r in rates],
+            "probe_bars": [round(float(g), 4) if np.isfinite(g) else None for g in bars],
+            **ag.to_dict()}
 
 
 def _probe(ctx: Context) -> tuple[list, list[np.ndarray], list[float]]:
@@ -233,19 +242,11 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
                       runs=runs, batch=batch)
     progress("repair", 1, 1)
     progress("final checks", 0, 1)
-    candidates = []
-    for name, model in (("pruned", pruned),
-                        *((f"pruned+repaired ({n} steps at {lr:g})", rewrite.apply(m, prep.sites, plan.pruned()))
-                          for (n, lr), m in repaired.items())):
-        pred, rates = ctx.flips(model, used_x, paired)
-        ag = held.agreement_of(pred)
-        # the bars beside the flips: where no count silences a probe its bar is its own floor plus the goal,
-        # which "probes_silenced" passes at a flip of 1.0 (the re-attack, at the goal, is then the verdict)
-        candidates.append({"name": name, "model": model, "within_budget": ag.within(opts.max_acc_drop),
-                           "probes_silenced": bool((np.array(rates) <= good).all()),
-                           "probe_flip": [round(r, 4) for r in rates],
-                           "probe_bars": [round(float(g), 4) if np.isfinite(g) else None for g in good],
-                           **ag.to_dict()})
+    candidates = [_candidate(ctx, name, model, used_x, good, paired)
+                  for name, model in (("pruned", pruned),
+                                      *((f"pruned+repaired ({n} steps at {lr:g})",
+                                         rewrite.apply(m, prep.sites, plan.pruned()))
+                                        for (n, lr), m in repaired.items()))]
     # a repair can teach the backdoor back: a candidate counts only if the probes stay silenced. The pruned
     # model is preferred unless a repair silences the probes by more than the goal; repairs (repair.RUNS: how
     # far to tune is the held-out images' choice) by their probes, the gentler on a tie
@@ -269,9 +270,8 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
         # one attacked, whose fresh flips the report then shows)
         left, first = None, None
         for best in ok or [best]:
-            fresh = reattack(ctx, best["model"], bars_by_name)
+            fresh, reaching = reattack(ctx, best["model"], bars_by_name)
             # what still reaches the most preferred candidate is what the unlearning round adds
-            reaching = fresh.pop("_left_probes", [])
             if left is None:
                 left, first = reaching, fresh
             best["fresh_probes_silenced"] = fresh["silenced"]

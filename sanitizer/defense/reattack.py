@@ -59,7 +59,7 @@ def reach(model: onnx.ModelProto, spec, clean_x: np.ndarray, probed_x: list[np.n
     return out
 
 
-def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> dict:
+def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> tuple[dict, list]:
     """Fresh probes synthesized against the sanitized `model` with the same budget as on the original: the
     backdoor is judged by attacking the result, not by replaying probes it was pruned against. Only the
     probes the count judged (finite bar) are synthesized — and the sparse probe, which `bars` names (defend
@@ -69,8 +69,8 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
     target they reach (the control) — and where the target still leads, toward that class alone — and each
     must reach the target by at most FLIP_GOAL more than the control (still_reachable). Returns per probe
     its held-out flip rate toward the target (and the control's class and rate), the bars, the best flip of
-    the probes judged at the goal (max_fresh_flip), the verdict and the worst place — and, under
-    "_left_probes" (not for the report), the fresh probes toward the target that say the backdoor is left."""
+    the probes judged at the goal (max_fresh_flip), the verdict and the worst place; and the fresh probes
+    toward the target that say the backdoor is left (what defend's unlearning round adds)."""
     prep, opts, progress = ctx.prep, ctx.opts, ctx.progress
 
     def fresh(cls: int | None, names) -> list:
@@ -110,9 +110,8 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> di
         out["control"] = {"fresh_probe_flip": control_flip, "class": {n: c for n, (c, _) in control.items()},
                           "max_fresh_flip": max(control_flip.values())}
     if left:
-        out["_left_probes"] = [synthesized[n] for n in left]
         worst = max(left, key=lambda n: toward_target[n] - (control_flip or {}).get(n, 0.0))
         out["worst"] = {"probe": worst, "target_flip": toward_target[worst],
                         **({"control_flip": control_flip[worst], "control_class": control[worst][0]}
                            if control is not None else {})}
-    return out
+    return out, [synthesized[n] for n in left]

@@ -32,8 +32,9 @@ BATCH = 64
 # teacher; Adam's running mean of squared gradients (~1000 steps) keeps them, and the pull back then moves too
 # slowly: with no unit pruned the long run left a backdoored 8x8 digits CNN at accuracy 0.922 (from 0.992), a
 # 28x28 MNIST CNN at 0.899 (from 0.967); clipped at 1, 0.980 and 0.963 with the probe unlearned as well or
-# better, and the CIFAR-10 ResNet-18's 0.749 against 0.746 (ASR 0.044 against 0.081; README, "The repair's
-# gradient clip"). The commonest fine-tuning guard; 0.1 did as well on the MNIST CNN, 10 less well.
+# better, and the CIFAR-10 ResNet-18's 0.749 against 0.746 (ASR 0.044 against 0.081; README, Benchmark, "The
+# repair's gradient clip and the unlearning round"). The commonest fine-tuning guard; 0.1 did as well on the
+# MNIST CNN, 10 less well.
 MAX_GRAD_NORM = 1.0
 
 
