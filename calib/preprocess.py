@@ -58,8 +58,8 @@ class InputSpec:
     name: str
     layout: str
     channels: int
-    height: int
-    width: int
+    height: int | None   # None only from input_spec(..., size_free=True) on a dynamic height / width
+    width: int | None
     batch: int | None
     dtype: str
     output: str
@@ -88,10 +88,13 @@ MAX_FIXED_BATCH = 4096
 
 
 def input_spec(model: onnx.ModelProto, input_name: str | None = None, layout: str | None = None, *,
-               output_name: str | None = None, size: tuple[int, int] | None = None) -> InputSpec:
+               output_name: str | None = None, size: tuple[int, int] | None = None,
+               size_free: bool = False) -> InputSpec:
     """The image input and the classifier output of `model`.
 
     `size` (H, W) fixes a dynamic height and width (--input-size); a static one it contradicts is refused.
+    Without it a dynamic one is refused, unless `size_free` (for what feeds no image: `sanitize layers`),
+    which leaves it None.
     Raises SanitizeError: USAGE for a choice the user must make or a flag that contradicts the model (several
     classifier outputs, unknown names, layout, size); BAD_MODEL for what no flag fixes (inputs besides the image:
     onnxruntime needs them all, and only images can be fed)."""
@@ -141,6 +144,8 @@ def input_spec(model: onnx.ModelProto, input_name: str | None = None, layout: st
             if _static(declared) is not None and declared != given:
                 raise _usage(f"--input-size {size[0]}x{size[1]}: input {inp.name} has a fixed {what} of {declared}")
         h, w = size
+    elif (_static(h) is None or _static(w) is None) and size_free:
+        h, w = _static(h), _static(w)
     elif _static(h) is None or _static(w) is None:
         raise _usage(f"input {inp.name} has shape {_show(dims)} ({chosen_layout}): its height and width are "
                      "dynamic; give the size to feed with --input-size HxW")

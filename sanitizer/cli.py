@@ -225,20 +225,20 @@ def evaluate_cmd(
 def layers_cmd(model: Annotated[Path, typer.Argument()], input_name: InputName = None, layout: Layout = None,
                output_name: OutputName = None, input_size: InputSize = None,
                as_json: Annotated[bool, typer.Option("--json", help="print a JSON list instead of lines")] = False):
-    import numpy as np
-
     from calib.preprocess import input_spec
-    from calib.stats import probe_shapes
 
-    from .graph import blocked_reasons, find_sites
+    from .graph import blocked_reasons
     from .model_io import load_model
+    from .pipeline import listed_sites
 
     loaded = load_model(model)
-    spec = input_spec(loaded.model, input_name, layout, output_name=output_name, size=parse_size(input_size))
-    shape = [spec.batch or 1] + ([spec.channels, spec.height, spec.width] if spec.layout == "nchw"
-                                 else [spec.height, spec.width, spec.channels])
-    shapes, ints = probe_shapes(loaded.model, {spec.name: np.zeros(shape, np.float32)})
-    sites = find_sites(loaded.model, shapes, ints)
+    spec = input_spec(loaded.model, input_name, layout, output_name=output_name, size=parse_size(input_size),
+                      size_free=True)
+    sites, (h, w) = listed_sites(loaded.model, spec)
+    if (h, w) != (spec.height, spec.width):
+        # on stderr: --json's stdout stays one JSON document
+        err.print(f"input {spec.name}: dynamic height/width, read at {h}x{w} (the units do not depend on it; "
+                  "--input-size to choose)", highlight=False, markup=False, soft_wrap=True)
     rows = [{"name": s.name, "kind": s.kind, "tensor": s.tensor, "axis": s.axis, "rank": s.rank, "units": s.channels,
              "strategy": s.strategy, "why_blocked": s.why_blocked or None} for s in sites]
     if as_json:

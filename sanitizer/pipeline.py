@@ -151,6 +151,32 @@ def prepare(opts: Options) -> Prepared:
     return Prepared(loaded, spec, pre, calib, sites, {"load": time.perf_counter() - start})
 
 
+# Sizes `sanitize layers` reads a model with a dynamic height and width at, when no --input-size is given: the
+# usual classifier inputs (ImageNet, CIFAR, MNIST, then others), the first the model runs at. Units are channels or
+# features, which do not depend on it; a model that runs at one size alone (a Flatten into a Gemm) finds it here.
+LISTING_SIZES = (224, 32, 28, 64, 96, 128, 256, 299, 384, 512)
+
+
+def listed_sites(model: onnx.ModelProto, spec: InputSpec) -> tuple[list[Site], tuple[int, int]]:
+    """Every candidate site of `model` (graph.find_sites) and the (height, width) its shapes were read at: the
+    spec's, or — where input_spec(..., size_free=True) left a dynamic one None — the first of LISTING_SIZES the
+    model runs at. Raises a usage error naming --input-size when it runs at none (BadModel when the size was
+    given or static: nothing else to try)."""
+    tries = [(spec.height or n, spec.width or n) for n in LISTING_SIZES] if None in (spec.height, spec.width) else []
+    for h, w in tries or [(spec.height, spec.width)]:
+        shape = [spec.batch or 1] + ([spec.channels, h, w] if spec.layout == "nchw" else [h, w, spec.channels])
+        try:
+            shapes, ints = probe_shapes(model, {spec.name: np.zeros(shape, np.float32)})
+        except BadModel:
+            if not tries:
+                raise
+            continue
+        return find_sites(model, shapes, ints), (h, w)
+    raise SanitizeError(f"input {spec.name}: the model runs at none of the sizes "
+                        f"{', '.join(f'{n}x{n}' for n in LISTING_SIZES)}; give its size with --input-size HxW",
+                        ExitCode.USAGE)
+
+
 def scope(prep: Prepared, layers: str | None) -> list[Site]:
     """The sites `--layers` asks for; empty when none is prunable (the caller refuses, see sanitize)."""
     prunable = [s for s in prep.sites.values() if s.prunable]

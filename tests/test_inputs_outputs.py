@@ -95,6 +95,23 @@ def test_dynamic_height_and_width_take_input_size(cli, write_model, calib, tmp_p
     assert cli(path, "--calib", calib, "--input-size", "8").code == ExitCode.USAGE
 
 
+def test_layers_reads_a_dynamic_size_model_at_a_size_it_runs_at(cli, write_model):
+    def dynamic(model):
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        dims[2].dim_param, dims[3].dim_param = "H", "W"
+        return write_model(model)
+
+    path = dynamic(M.resnet())   # global average pooling: any size runs
+    result = cli("layers", path, "--json")
+    assert result.code == 0 and "read at 224x224" in result.err and len(result.err_lines) == 1
+    assert json.loads(result.out) == json.loads(cli("layers", path, "--json", "--input-size", "8x8").out)
+    flat = dynamic(M.flat_head())   # Flatten into a Gemm of 6·8·8 inputs: runs at 8x8 alone, no usual size
+    result = cli("layers", flat)
+    assert result.code == ExitCode.USAGE and "--input-size" in result.err and len(result.err_lines) == 1
+    result = cli("layers", flat, "--input-size", "8x8")
+    assert result.code == 0 and "conv2" in result.out and result.err == ""
+
+
 def test_a_fixed_batch_is_fed_full_batches(cli, write_model, calib, tmp_path):
     report = run_job(cli, write_model(M.brightest_channel(batch=7)), calib, tmp_path)   # 120 = 17 x 7 + 1
     assert report["sanity"]["images"] == 120 and report["sanity"]["accuracy"] == 1.0
