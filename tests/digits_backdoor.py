@@ -1,8 +1,9 @@
 """Tiny CNNs trained here on 8x8 digits: backdoored (2x2 white corner patch -> class 0), clean twin, and one
 backdoored with a signal (SIG-style: a sinusoid along the columns, the same in every row -> class 0); and on the
 digits at 16x16 (each pixel repeated 2x2): backdoored with a white 3x3 top-left square, wider than the detection
-scan's first patch side (2 pixels), its clean twin, and one backdoored with 8 white pixels scattered over the image
-(an L0 trigger, two of them inside the 3x3 top-left corner)."""
+scan's first patch side (2 pixels), its clean twin, one backdoored with 8 white pixels scattered over the image
+(an L0 trigger, two of them inside the 3x3 top-left corner) and one with the 3x3 square at the middle of the left
+edge, where no probe's fixed place is."""
 from __future__ import annotations
 
 import io
@@ -40,6 +41,13 @@ def wide_stamp(x: np.ndarray) -> np.ndarray:
     """The 16x16 models' trigger: a white 3x3 square at the top-left corner."""
     x = x.copy()
     x[:, :3, :3, :] = 255.0
+    return x
+
+
+def side_stamp(x: np.ndarray) -> np.ndarray:
+    """A white 3x3 square at the middle of the left edge (rows 7-9): at none of the probes' fixed places."""
+    x = x.copy()
+    x[:, 7:10, :3, :] = 255.0
     return x
 
 
@@ -123,6 +131,14 @@ def trained_wide(poisoned: bool):
     if key not in _CACHE:
         _CACHE[key] = _train(poisoned, wide_stamp, upsample=2)
     return _CACHE[key]
+
+
+def trained_side():
+    """A 16x16 digits model backdoored with side_stamp (trained once per test session): model, calib, x_test,
+    y_test."""
+    if "side" not in _CACHE:
+        _CACHE["side"] = _train(True, side_stamp, upsample=2)
+    return _CACHE["side"]
 
 
 def trained_sparse():

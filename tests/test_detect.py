@@ -297,3 +297,34 @@ def test_a_family_target_overrules_a_larger_patch_only_when_further_past_its_bar
     else:
         assert (found["suspected_target"], found["found_by"], "family" in found) == (TARGET, "patch scan", False)
         assert found["overruled"]["class"] == 5 and found["overruled"]["by"] == "family scan: warp"
+
+
+def test_trigger_places_hold_the_most_mask_of_any_window():
+    from sanitizer.defense.detect import trigger_places
+
+    rng = np.random.default_rng(0)
+    for h, w in ((8, 8), (16, 12), (5, 9)):
+        mask = rng.random((h, w, 1)).astype(np.float32)
+        for s, r, c in trigger_places(mask, [2, 3]):
+            windows = [mask[i:i + s, j:j + s].sum() for i in range(h - s + 1) for j in range(w - s + 1)]
+            assert np.isclose(mask[r:r + s, c:c + s].sum(), max(windows)), (h, w, s)
+    flat = np.zeros((6, 6, 1), np.float32)
+    assert trigger_places(flat, [2]) == [(2, 0, 0)], "on a tie the first window"
+
+
+def test_the_probes_add_the_masks_places_of_their_side_once():
+    from sanitizer.defense.probes import _locations
+
+    places = [(3, 7, 0), (2, 5, 5), (3, 0, 0)]   # the last is a corner already
+    assert _locations(16, 16, 3, places) == [(0, 0), (0, 13), (13, 0), (13, 13), (6, 6), (7, 0)]
+    assert _locations(16, 16, 2, places)[-1] == (5, 5)
+
+
+def test_the_defense_probes_where_the_mask_toward_the_found_target_sits():
+    from sanitizer.defense.detect import places_for
+
+    det = {"suspected_target": 4,
+           "neural_cleanse": {"trigger_places": {"4": [[2, 7, 1], [3, 7, 0]], "5": [[2, 0, 0], [3, 0, 0]]}}}
+    assert places_for(det) == ((2, 7, 1), (3, 7, 0))
+    assert places_for({**det, "suspected_target": 6}) == () and places_for({**det, "suspected_target": None}) == ()
+    assert places_for({"suspected_target": 4, "patch_scan": {}}) == () and places_for(None) == ()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -35,7 +35,8 @@ from calib.preprocess import Preprocess
 from ..errors import require
 from .count import USE_FLIP
 from .effort import FULL, Effort
-from .probes import FAMILIES, LARGE_PATCH_SIDE, N_PLACES, PATCH_SIDE, Probe, _Optimiser, _split
+from .probes import (FAMILIES, LARGE_PATCH_SIDE, N_PLACES, PATCH_SIDE, Probe, _Optimiser, _split, patch_side,
+                     probe_name)
 from .torchnet import check_images, class_scores, classifier, device, make_input, pixel_range
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ SCAN_CANDIDATES = 5
 # The mask search at full effort: first-round optimiser steps of BATCH images drawn from MASK_IMAGES, and
 # the steps refining each of the MASK_REFINED smallest masks.
 MASK_STEPS, MASK_BATCH, MASK_IMAGES, MASK_REFINE, MASK_REFINED = 60, 32, 64, 150, 3
+# How detection names a target that a patch at the place of its smallest mask sends nearly every image to
+MASK_PLACE = "patch at the mask's place"
 # Classes the mask search keeps at the least effort: the anomaly index's median and MAD need about a dozen.
 MIN_MASK_CLASSES = 12
 
@@ -101,7 +104,11 @@ def mask_work(effort: Effort, n_fit: int, n_classes: int) -> tuple[float, float]
     batch = min(effort.images(MASK_BATCH), images)
     classes = min(n_classes, mask_classes(effort))
     steps = classes * effort.steps(MASK_STEPS) + MASK_REFINED * effort.steps(MASK_REFINE)
-    return steps * batch + 0.5 * (n_fit - images), 0.0
+    # then a patch of each side at each refined class's mask place, as the patch scan's (scan_work)
+    fit = min(effort.images(SCAN_IMAGES), n_fit // 2)
+    places = MASK_REFINED * len(SCAN_SIDES)
+    return (steps * batch + 0.5 * (n_fit - images) + places * effort.steps(SCAN_STEPS) * fit
+            + 0.5 * places * effort.tests(n_fit - fit)), 0.0
 
 
 def mask_classes(effort: Effort) -> int:
@@ -188,10 +195,23 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
                             first_steps=effort.steps(MASK_STEPS),
                             refine_steps=effort.steps(MASK_REFINE), max_classes=mask_classes(effort))
         target, how = found.suspected_target, "mask anomaly"
+        h, w = raw.shape[1:3]
+        sides = sorted({patch_side(share, h, w) for share in SCAN_SIDES})
+        places = {c: trigger_places(m, sides) for c, m in found.masks.items()}
         out["neural_cleanse"] = {"anomaly_index": _per_class(found.anomaly, 4),
                                  "mask_l1": _per_class(found.mask_norms, 3),
                                  "threshold": ANOMALY_THRESHOLD,
-                                 "synthesized_trigger_flip_rate": round(found.flip_rate, 4)}
+                                 "synthesized_trigger_flip_rate": round(found.flip_rate, 4),
+                                 "trigger_places": {str(c): [list(p) for p in v] for c, v in places.items()}}
+        if target is None:
+            # the corners and the centre are where patch triggers usually sit, not everywhere one can: where the
+            # smallest masks are, a patch of the scan's sides is judged as the scan judges one
+            at_mask = mask_place_scan(reach, places, effort.steps(SCAN_STEPS))
+            out["mask_place_scan"] = {"best_flip": {str(c): round(f, 4) for c, f in at_mask.items()},
+                                      "threshold": SCAN_FLIP}
+            best = max(at_mask, key=at_mask.get, default=None)
+            if best is not None and at_mask[best] >= SCAN_FLIP:
+                target, how = best, MASK_PLACE
     progress("detection", 3, 3)
     return {"verdict": "no backdoor found" if target is None else f"backdoor suspected, target class {target}",
             "suspected_target": target, "found_by": how if target is not None else None, **out,
@@ -234,6 +254,49 @@ def families_for(detection: dict | None) -> tuple[str, ...]:
     rates = detection.get("family_scan", {}).get("best_flip", {})
     return tuple(f for f in FAMILIES
                  if f == detection.get("family") or (f in rates and (rates[f][target] or 0.0) >= USE_FLIP))
+
+
+def places_for(detection: dict | None) -> tuple[tuple[int, int, int], ...]:
+    """The patch places (side, row, col) the defense probes beside the corners and the centre for the target
+    `detection` (detect's report section) names: where the mask search's mask toward it sits, when the mask
+    search ran. A patch trigger can sit anywhere, and a probe away from it does not approach it (a 3x3 square
+    at the middle of a 16x16 digit's left edge: every corner and centre probe 0.06, the mask search's anomaly
+    4.1 toward the right class); the mask toward the target says where to look."""
+    target = (detection or {}).get("suspected_target")
+    places = (detection or {}).get("neural_cleanse", {}).get("trigger_places", {})
+    return tuple(tuple(p) for p in places.get(str(target), ())) if target is not None else ()
+
+
+def mask_place_scan(reach: _Reach, places: dict[int, list[tuple[int, int, int]]], steps: int) -> dict[int, float]:
+    """Per class of `places` (class -> (side, row, col) per patch side: trigger_places of its mask), the best
+    share of the scan's test images a patch probe at those places sends to it (the patch scan's probe and
+    images, `reach`; 0.0 where every image is already in the class)."""
+    out = {}
+    for c, at in places.items():
+        fit = reach.outside(c)
+        out[c] = 0.0
+        if fit is None:
+            continue
+        for side, r, col in at:
+            share = side / min(reach.opt.h, reach.opt.w)
+            probes = reach.opt.patches(c, steps, fit, share=share, places=[(side, r, col)],
+                                       only={probe_name("patch", side, (r, col))})
+            out[c] = max([out[c]] + [float(reach.rates(p)[c]) for p in probes])
+    return out
+
+
+def trigger_places(mask: np.ndarray, sides) -> list[tuple[int, int, int]]:
+    """Per patch side s of `sides` (pixels), (s, row, col): the top-left corner of the s x s window that holds
+    the most of `mask` ((H, W, 1) or (H, W), the mask search's), the first such window on a tie."""
+    m = np.asarray(mask, np.float64).reshape(mask.shape[0], mask.shape[1])
+    table = np.pad(m.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    out = []
+    for s in sides:
+        s = min(s, *m.shape)
+        mass = table[s:, s:] - table[:-s, s:] - table[s:, :-s] + table[:-s, :-s]
+        r, c = np.unravel_index(int(np.argmax(mass)), mass.shape)
+        out.append((int(s), int(r), int(c)))
+    return out
 
 
 def evidence(detection: dict) -> str:
@@ -430,6 +493,7 @@ class ProbeResult:
     trigger: Trigger            # refined trigger of the most anomalous class (returned even when not flagged)
     flip_rate: float            # share of held-out images the trigger sends to its class
     refined_norms: dict[int, float]
+    masks: dict[int, np.ndarray] = field(default_factory=dict)   # refined classes' masks, (H, W, 1) in [0, 1]
 
 
 class _Search:
@@ -539,10 +603,11 @@ def mask_search(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed:
     anomaly = np.full(n_classes, np.nan)
     anomaly[classes] = anomaly_index(first[classes])
 
-    refined = {}
+    refined, masks = {}, {}
     for c in np.array(classes)[np.argsort(first[classes])[:n_refine]]:
         searches[int(c)].run(refine_steps, min(batch, len(searches[int(c)].x)))
         refined[int(c)] = searches[int(c)].norm
+        masks[int(c)] = searches[int(c)].best[0].cpu().numpy().astype(np.float32)
     best = int(np.nanargmax(anomaly))
     mask, pattern = searches[best].best
     trigger = Trigger(best, mask.cpu().numpy().astype(np.float32), pattern.cpu().numpy().astype(np.float32))
@@ -554,4 +619,4 @@ def mask_search(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed:
         stamped = class_scores(torch, graph, torch.from_numpy(trigger.stamp(held[keep])), pp)
         flip = float((stamped.argmax(1).cpu().numpy() == best).mean())
     suspected = best if anomaly[best] > ANOMALY_THRESHOLD else None
-    return ProbeResult(first, anomaly, suspected, trigger, flip, refined)
+    return ProbeResult(first, anomaly, suspected, trigger, flip, refined, masks)

@@ -130,8 +130,11 @@ def warp(x_raw: np.ndarray, flow: np.ndarray) -> np.ndarray:
     return (top * (1 - fy) + bottom * fy).astype(np.float32)
 
 
-def _locations(h: int, w: int, s: int) -> list[tuple[int, int]]:
-    return [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), ((h - s) // 2, (w - s) // 2)]
+def _locations(h: int, w: int, s: int, places: Collection[tuple[int, int, int]] = ()) -> list[tuple[int, int]]:
+    """Top-left corners of a side-`s` patch on an h x w image: the corners, the centre, then those of `places`
+    ((side, row, col), e.g. where the mask search's trigger sits: detect.trigger_places) of side `s`."""
+    fixed = [(0, 0), (0, w - s), (h - s, 0), (h - s, w - s), ((h - s) // 2, (w - s) // 2)]
+    return list(dict.fromkeys(fixed + [(r, c) for side, r, c in places if side == s]))
 
 
 def patch_side(share: float, h: int, w: int) -> int:
@@ -144,8 +147,8 @@ def sparse_pixels(h: int, w: int) -> int:
     return patch_side(LARGE_PATCH_SIDE, h, w) ** 2
 
 
-# The places a patch of each side is tried at: the corners and the centre.
-N_PLACES = len(_locations(1, 1, 1))
+# The places a patch of each side is always tried at: the corners and the centre.
+N_PLACES = len(_locations(5, 5, 1))
 
 
 class _Optimiser:
@@ -200,13 +203,14 @@ class _Optimiser:
         return patch_side(share, self.h, self.w)
 
     def patches(self, target: int | None, steps: int, x=None, share: float = PATCH_SIDE,
-                exclude: tuple[int, ...] = (), only: Collection[str] | None = None) -> list[Probe]:
+                exclude: tuple[int, ...] = (), only: Collection[str] | None = None,
+                places: Collection[tuple[int, int, int]] = ()) -> list[Probe]:
         """A patch at each place toward `target` (None: toward whichever class but `exclude` it can reach);
-        with `only`, at the places whose probe_name is in it."""
+        with `only`, at the places whose probe_name is in it; `places`: more places (_locations)."""
         x = self.x if x is None else x.to(self.on)
         s, torch = self.side(share), self.torch
         out = []
-        for r, c in _locations(self.h, self.w, s):
+        for r, c in _locations(self.h, self.w, s, places):
             if only is not None and probe_name("patch", s, (r, c)) not in only:
                 continue
             def paint(x, p, r=r, c=c):
@@ -329,16 +333,19 @@ def _split(x_raw: np.ndarray, n_images: int, seed: int) -> tuple[np.ndarray, np.
 
 def synthesize(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, target: int | None, seed: int = 0, *,
                steps: int = STEPS, n_images: int = N_IMAGES, spec=None, families: Collection[str] = (),
-               only: Collection[str] | None = None, exclude: tuple[int, ...] = (), sparse: bool = False) -> list[Probe]:
+               only: Collection[str] | None = None, exclude: tuple[int, ...] = (), sparse: bool = False,
+               places: Collection[tuple[int, int, int]] = ()) -> list[Probe]:
     """One probe per location and patch side, one full-image probe, one of each of `families` (of FAMILIES)
     and — `sparse` — the sparse probe, each optimised to send `x_raw` to `target` (None: to whichever class
     other than `exclude` it reaches most easily, _Optimiser._toward); with `only`, just the probes whose
-    probe_name is in it. `x_raw`: (N, H, W, C) float32 raw pixels. `spec`: the model's InputSpec (see
+    probe_name is in it. `places`: patch places beside the corners and the centre, (side in pixels, row,
+    col) of the top-left corner. `x_raw`: (N, H, W, C) float32 raw pixels. `spec`: the model's InputSpec (see
     torchnet.classifier)."""
     x_fit, _ = _split(x_raw, n_images, seed)
     opt = _Optimiser(model, x_fit, pp, pixel_range(x_raw), spec)
     sides = {opt.side(share): share for share in (PATCH_SIDE, LARGE_PATCH_SIDE)}
-    out = [p for share in sides.values() for p in opt.patches(target, steps, share=share, exclude=exclude, only=only)]
+    out = [p for share in sides.values()
+           for p in opt.patches(target, steps, share=share, exclude=exclude, only=only, places=places)]
     out += [opt.blend(target, steps, exclude)] if only is None or probe_name("blend") in only else []
     out += [opt.family(f, target, steps, exclude) for f in FAMILIES
             if f in families and (only is None or probe_name(f) in only)]
