@@ -27,6 +27,9 @@ def check_writable(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) ->
         real = Path(src).resolve()
         if real == target or (is_onnx and real.parent == target.parent and is_data_name(target, real.name)):
             raise BadOutput(f"output {path} would replace {src}, which this run reads or writes; choose another path")
+        if real.is_dir() and real in target.parents:
+            # a file written into an image folder replaces one of its images, or becomes one the next run reads
+            raise BadOutput(f"output {path} is inside {src}, a folder this run reads; choose a path outside it")
     siblings = sorted(p for p in folder.iterdir() if is_data_name(path, p.name)) if is_onnx else []
     for p in [path, *siblings]:
         if p.is_dir():

@@ -286,21 +286,35 @@ def bench_cmd(
     detect: Annotated[bool, typer.Option("--detect", help="run backdoor detection first in every run (needs torch)")] = False,
     time_budget: TimeBudget = None,
 ):
-    from .atomic import write_text
+    from .atomic import check_writable, write_text
     from .bench import load_suite, machine, run_case, step_times
     from .defense.effort import cut_stages
+    from .pipeline import CRITERIA, PROBE
 
     chosen = load_suite(suite)
-    if cases:
-        wanted = {c.strip() for c in cases.split(",")}
+    # every mistake before the first case runs: a typo must not cost an hour of the cases before it
+    names = [c.strip() for c in criteria.split(",") if c.strip()]
+    unknown = [c for c in names if c not in (PROBE, *CRITERIA)]
+    if not names or unknown:
+        raise SanitizeError(f"--criteria {criteria!r}: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; "
+                            f"choose from {', '.join((PROBE, *CRITERIA))}", ExitCode.USAGE)
+    if cases is not None:
+        wanted = [c.strip() for c in cases.split(",") if c.strip()]
+        missing = [c for c in wanted if c not in {case.name for case in chosen}]
+        if not wanted or missing:
+            raise SanitizeError(f"--cases {cases!r}: {'no case ' + ', '.join(missing) if missing else 'none given'} in "
+                                f"{suite}; its cases: {', '.join(c.name for c in chosen)}", ExitCode.USAGE)
         chosen = [c for c in chosen if c.name in wanted]
+    if json_out is not None:
+        # rewritten as each row comes (no --force: a results file is meant to be refreshed), never over the suite
+        check_writable(json_out, force=True, inputs=(suite / "suite.toml", *(c.folder for c in chosen)))
     table = Table("case", "criterion", "acc before→after", "ASR before→after", "units", "stats / plain pass s", "total s",
                   "detection", "goal", "seconds per step", title=f"sanitize bench {suite} — {machine()}")
     rows = []
     bar, update = _progress()
     with bar:
         for case in chosen:
-            for crit in (c.strip() for c in criteria.split(",") if c.strip()):
+            for crit in names:
                 row = run_case(case, crit, update, detect=detect, time_budget=budget_seconds(time_budget))
                 rows.append(row)
                 table.add_row(row["case"], crit, f"{row['acc_before']:.4f}→{row['acc_after']:.4f}",

@@ -66,7 +66,8 @@ def compare(
     from .compare import compare_models
 
     if save_inputs is not None:
-        check_writable(save_inputs, force=force, inputs=tuple(models))
+        check_writable(save_inputs, force=force,
+                       inputs=tuple(models) + tuple(p for p in (data, triggered) if p is not None))
     report = compare_models(models, data, triggered=triggered, scale=scale, mean=parse_floats(mean),
                             std=parse_floats(std), layout=layout, input_name=input_name, output_name=output_name,
                             input_size=parse_size(input_size), min_agreement=min_agreement, batch_size=batch_size, save_inputs=save_inputs)

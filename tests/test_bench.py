@@ -9,6 +9,7 @@ import pytest
 
 from sanitizer.bench import goal
 from sanitizer.cli import main
+from sanitizer.errors import ExitCode
 
 
 def _row(**kw):
@@ -51,6 +52,19 @@ def test_bench_writes_a_row_per_case_and_criterion(tmp_path):
     assert row["degraded"] and "on your --eval-data" in row["evaluation"]["refused"]
     assert row["evaluation"]["asr_evidence"]["bar"] < 0.5
     assert {"measured", "interval80"} <= set(row["evaluation"]["accuracy_drop"])
+
+
+def test_bench_refuses_a_flag_mistake_before_any_case_runs_and_never_writes_over_the_suite(tmp_path, capsys):
+    case = tmp_path / "suite" / "a"
+    case.mkdir(parents=True)
+    (tmp_path / "suite" / "suite.toml").write_text('cases = ["a"]\n')
+    (case / "case.toml").write_text('backdoored = false\ntarget = 0\n')
+    (case / "model.onnx").write_bytes(b"kept")   # never read: every refusal comes first
+    for flags, says in ((["--criteria", "linf,lnif"], "unknown lnif"), (["--criteria", ","], "none given"),
+                        (["--cases", "b"], "no case b"), (["--json", str(case / "model.onnx")], "inside")):
+        assert main(["bench", str(tmp_path / "suite"), *flags]) in (ExitCode.USAGE, ExitCode.OUTPUT)
+        assert says in capsys.readouterr().err
+    assert (case / "model.onnx").read_bytes() == b"kept"
 
 
 @pytest.mark.parametrize("suite_toml, case_toml, says", [

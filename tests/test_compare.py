@@ -215,6 +215,14 @@ def test_cli_compare_save_inputs_needs_force_to_overwrite(setup, tmp_path):
     assert code == 0 and inputs.stat().st_size > 100
 
 
+def test_cli_compare_save_inputs_never_replaces_the_images_it_reads(setup, tmp_path):
+    data = setup["clean"]
+    before = data.read_bytes()
+    code, _ = run_cli(["compare", str(setup["a"]), str(setup["same"]), "--data", str(data), "--save-inputs", str(data),
+                       "--force"])
+    assert code == ExitCode.OUTPUT and data.read_bytes() == before
+
+
 def tabular(features: int = 10) -> onnx.ModelProto:
     """Gemm over [N, features] rows: a model whose input the images of `setup` do not fit."""
     w = np.random.default_rng(1).normal(size=(features, CLASSES)).astype(np.float32)

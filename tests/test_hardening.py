@@ -365,6 +365,11 @@ def _out_is_calib(e: Env):
     return [e.model(), "--calib", calib, "--out", calib, *PRUNE, "--force"]
 
 
+def _report_over_a_calib_image(e: Env):
+    calib = e.pngs()
+    return [e.model(), "--calib", calib, "--out", e.out, *PRUNE, "--report", calib / "000.png", "--force"]
+
+
 def _report_is_out(e: Env):
     return e.argv(None, None, "--report", e.out)
 
@@ -465,6 +470,7 @@ CASES: dict[str, tuple[int, Callable[[Env], list]]] = {
     "out_is_input_external_data_with_force": (ExitCode.OUTPUT, _out_is_input_data),
     "out_is_calib_with_force": (ExitCode.OUTPUT, _out_is_calib),
     "report_is_out": (ExitCode.OUTPUT, _report_is_out),
+    "report_over_a_calib_image_with_force": (ExitCode.OUTPUT, _report_over_a_calib_image),
 }
 
 
