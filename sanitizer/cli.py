@@ -172,7 +172,8 @@ def show_summary(result: dict) -> None:
                          "alone (Cheng et al. report it removes nothing on realistic models); the default criterion "
                          "attacks the result, --eval-triggered with --target measures it")
     if result["degraded"]:
-        why = result.get("evaluation", {}).get("refused") or "over the budget or the backdoor's probes still work"
+        why = (result.get("evaluation", {}).get("refused") or result.get("refused")
+               or "over the budget or the backdoor's probes still work")
         out_console_line(f"degraded: {why}; written only because of --allow-degraded")
     if "output" in result:
         out_console_line(f"ONNX written to {result['output']['onnx']}: the original's weights, unchanged (nothing pruned)"

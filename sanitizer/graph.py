@@ -168,6 +168,16 @@ def _clip_keeps_zero(g: Graph, node: onnx.NodeProto) -> bool:
     return (lo is None or lo <= 0) and (hi is None or hi >= 0)
 
 
+def _bound_keeps_zero(g: Graph, node: onnx.NodeProto, tensor: str, shape: tuple[int, ...], axis: int) -> bool | None:
+    """For a Min or Max of `tensor` and a per-unit constant — an activation bound, as a sanitized model has them
+    (rewrite.py) — whether 0 stays 0 (Min's constants ≥ 0, Max's ≤ 0); None when `node` is no such op."""
+    other = _other_const(g, node, tensor) if node.op_type in ("Min", "Max") else None
+    value = None if other is None else per_unit(g.const(other), shape, axis)
+    if value is None:
+        return None
+    return bool(np.all(value >= 0) if node.op_type == "Min" else np.all(value <= 0))
+
+
 def _other_const(g: Graph, node: onnx.NodeProto, tensor: str) -> str | None:
     """The constant operand of a binary op whose other operand is `tensor`, else None."""
     other = [i for i in node.input if i != tensor]
@@ -226,6 +236,8 @@ def _follow_chain(g: Graph, start: str, channels: int, axis: int):
             pass
         elif op == "Clip":
             zero_ok &= _clip_keeps_zero(g, node)
+        elif (kept := _bound_keeps_zero(g, node, tensor, shape, axis)) is not None:
+            zero_ok &= kept
         elif op == "BatchNormalization" and axis == 1 and all(g.const(i) is not None for i in node.input[1:5]):
             zero_ok = False
         elif op in ("Sigmoid", "HardSigmoid", "Softplus"):
@@ -448,7 +460,7 @@ def _unit_axis(g: Graph, tensor: str) -> int:
             break
         if op == "Transpose" and attr(node, "perm"):
             perms.append(list(attr(node, "perm")))
-        elif op not in ZERO_KEEPING | {"Clip", "BatchNormalization", "Add", "Sub", "Mul", "Div", "Sigmoid",
+        elif op not in ZERO_KEEPING | {"Clip", "Min", "Max", "BatchNormalization", "Add", "Sub", "Mul", "Div", "Sigmoid",
                                        "HardSigmoid", "QuantizeLinear", "DequantizeLinear"}:
             return 1
         ins = [i for i in node.input if i and g.const(i) is None]

@@ -25,7 +25,7 @@ from .defense import effort as effort_sizing
 from .defense.defend import probe_work, unconfirmed
 from .defense.defend import work as defense_work
 from .defense.count import FLIP_GOAL, USE_FLIP
-from .defense.detect import detect, families_for, places_for
+from .defense.detect import detect, families_for, other_targets, places_for
 from .defense.effort import FULL
 from .defense.torchnet import pixel_range
 from .engine import ENGINE_SUFFIXES, is_engine
@@ -507,6 +507,27 @@ def asr_evidence(after: dict, clean: dict, target: int) -> dict:
             "bar": round(bar, 6), "triggered_labelled": clean.get("triggered_labelled", True)}
 
 
+def unfinished(detection: dict | None, criterion: str, clean_verdict: bool) -> tuple[str, str] | None:
+    """Why a result that passed the held-out checks still must not ship looking fine (exit 7), and what the user
+    can do, or None: detection found a backdoor that this run did not remove — toward a second class (the
+    defense aims at one target: detect.other_targets), or any, under a clean-data criterion, which prunes without
+    looking at a trigger."""
+    if detection is None or clean_verdict or detection.get("suspected_target") is None:
+        return None
+    target = detection["suspected_target"]
+    if criterion != PROBE:
+        return (f"detection found a backdoor toward class {target} (by {detection['found_by']}), which --criterion "
+                f"{criterion} does not remove: it prunes by clean-data statistics and never checks the trigger",
+                "the default criterion removes it and checks; --allow-degraded writes this result anyway")
+    others = other_targets(detection)
+    if not others:
+        return None
+    return (f"detection found backdoors toward more than one class ({target}; {', '.join(map(str, others))}): the "
+            f"defense removed class {target}'s and leaves the others, since it aims at one target per run",
+            "--allow-degraded writes this result; sanitize it again to remove the next (each run's budget counts "
+            "from its own input)")
+
+
 def evaluation_refusal(evaluation: dict, max_acc_drop: float, clean_verdict: bool) -> tuple[str, str] | None:
     """Why to refuse (exit 7) on the user's own evaluation images and what the user can do, or None. Their labels and
     triggers are ground truth the held-out estimate is not: an accuracy drop whose whole 80 % interval
@@ -692,6 +713,10 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         **({"effort": sizing.report} if sizing.report else {}),
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
     }
+    refused = unfinished(detection, opts.criterion, clean_verdict)
+    if refused is not None:
+        report["refused"] = refused[0]
+        report["degraded"] = True
     if opts.eval_data is not None or opts.eval_triggered is not None:
         clock.switch("evaluation")
         kw = dict(data=opts.eval_data, triggered=opts.eval_triggered, target=opts.target, batch_size=opts.batch_size)
@@ -706,8 +731,8 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
                                                      "interval80": [round(lo, 6), round(hi, 6)]}
         if report["evaluation"]["after"]["asr"] is not None:
             report["evaluation"]["asr_evidence"] = asr_evidence(report["evaluation"]["after"], now, opts.target)
-        refused = evaluation_refusal(report["evaluation"], opts.max_acc_drop, clean_verdict)
-        if refused is not None:
+        refused = evaluation_refusal(report["evaluation"], opts.max_acc_drop, clean_verdict) or refused
+        if refused is not None and refused[0] != report.get("refused"):
             # degraded for every reader of the report (the HTML verdict, bench), written only with --allow-degraded
             report["evaluation"]["refused"] = refused[0]
             report["degraded"] = True

@@ -161,3 +161,34 @@ def test_bounds_take_the_type_of_their_tensor():
     onnx.checker.check_model(out, full_check=True)
     got = _run(out, feed)[0]
     assert got.dtype == np.float16 and np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("builder", [M.plain, M.with_bn, M.resnet, M.mobilenet])
+def test_a_bounded_model_is_read_again_with_its_units_and_pruned_exactly(builder):
+    # a sanitized model carries its bounds: sanitizing it again (a second target, a second pass) must find the same
+    # units, now on the bounded tensors, and zero them exactly
+    from masked import masked_reference
+    from sanitizer import rewrite
+
+    def read(model):   # as the job reads a model: one image probes the shapes
+        shapes, ints = probe_shapes(model, M.random_input(model, 1))
+        return {s.name: s for s in find_sites(model, shapes, ints)}
+
+    model = builder()
+    sites = read(model)
+    bounded = apply_bounds(model, sites, {n: np.full(s.channels, 0.5) for n, s in sites.items()})
+    again = read(bounded)
+    assert {n: s.channels for n, s in again.items() if s.prunable} == {n: s.channels for n, s in sites.items()
+                                                                       if s.prunable}
+    assert all("__bound" in s.tensor for s in again.values() if s.prunable)   # past each bound
+    pruned = {n: list(range(0, s.channels, 2)) for n, s in again.items() if s.prunable}
+    assert pruned
+    feed = M.random_input(model, 4)
+    masks = {}
+    for n, units in pruned.items():
+        mask = np.ones(again[n].channels, np.float32)
+        mask[units] = 0
+        masks[again[n].tensor] = (mask, again[n].rank, again[n].axis)
+    got = _run(rewrite.apply(bounded, again, pruned), feed)[0]
+    assert np.abs(got - _run(masked_reference(bounded, masks), feed)[0]).max() == 0.0
+    assert np.abs(got - _run(bounded, feed)[0]).max() > 1e-3

@@ -328,3 +328,38 @@ def test_the_defense_probes_where_the_mask_toward_the_found_target_sits():
     assert places_for(det) == ((2, 7, 1), (3, 7, 0))
     assert places_for({**det, "suspected_target": 6}) == () and places_for({**det, "suspected_target": None}) == ()
     assert places_for({"suspected_target": 4, "patch_scan": {}}) == () and places_for(None) == ()
+
+
+def test_a_second_class_over_a_bar_is_a_second_target_unless_overruled():
+    from sanitizer.defense.detect import other_targets
+    from sanitizer.pipeline import unfinished
+
+    found = {"suspected_target": 1, "found_by": "patch scan",
+             "patch_scan": {"by_side": {"2": [0.0, 1.0, 0.1, 0.0], "3": [0.0, 1.0, 0.2, 0.92]}},
+             "family_scan": {"best_flip": {"warp": [0.6, 0.0, 0.0, 0.0], "signal along rows": [0.0, 0.0, 0.8, 0.0]}},
+             "mask_place_scan": {"best_flip": {"2": 0.95}}}
+    assert other_targets(found) == [0, 2, 3]   # a warp at half the images; the signal's 0.8 is under its 0.9
+    assert other_targets({**found, "overruled": {"class": 3}}) == [0, 2]
+    assert other_targets({**found, "suspected_target": None}) == []
+    why, act = unfinished(found, "probe", clean_verdict=False)
+    assert "more than one class (1; 0, 2, 3)" in why and "--allow-degraded" in act
+    alone = {"suspected_target": 1, "found_by": "patch scan", "patch_scan": {"by_side": {"2": [0.0, 1.0]}}}
+    assert unfinished(alone, "probe", clean_verdict=False) is None
+    assert "does not remove" in unfinished(alone, "linf", clean_verdict=False)[0]
+    assert unfinished(alone, "linf", clean_verdict=True) is None
+
+
+def test_a_clean_data_criterion_does_not_ship_a_backdoor_detection_found(backdoored, tmp_path, capsys):
+    from sanitizer.cli import main
+
+    model, calib, _, _ = backdoored
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", X=calib.astype(np.uint8))
+    args = [str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npz"), "--detect", "--criterion", "linf",
+            "--out", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json")]
+    assert main(args) == 7 and not (tmp_path / "o.onnx").exists()
+    assert "toward class 0" in capsys.readouterr().err
+    assert main(args + ["--allow-degraded"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["degraded"] and "does not remove" in report["refused"]
+    assert "does not remove" in " ".join(capsys.readouterr().out.split())

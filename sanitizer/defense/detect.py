@@ -267,6 +267,23 @@ def places_for(detection: dict | None) -> tuple[tuple[int, int, int], ...]:
     return tuple(tuple(p) for p in places.get(str(target), ())) if target is not None else ()
 
 
+def other_targets(detection: dict | None) -> list[int]:
+    """Classes besides the suspected target that a scan of `detection` (detect's report section) found over its
+    bar too — the patch scan at any side, a probe family, a patch at a mask's place — less a finding the stronger
+    one overruled (`stronger`): a second backdoor, which the defense, aimed at one target, leaves in place."""
+    target = (detection or {}).get("suspected_target")
+    if target is None:
+        return []
+    over = set()
+    for rates in detection.get("patch_scan", {}).get("by_side", {}).values():
+        over |= {c for c, r in enumerate(rates) if r is not None and r >= SCAN_FLIP}
+    for family, rates in detection.get("family_scan", {}).get("best_flip", {}).items():
+        over |= {c for c, r in enumerate(rates) if r is not None and r >= FAMILY_FLIP[family]}
+    over |= {int(c) for c, r in detection.get("mask_place_scan", {}).get("best_flip", {}).items() if r >= SCAN_FLIP}
+    over -= {target, detection.get("overruled", {}).get("class")}
+    return sorted(over)
+
+
 def mask_place_scan(reach: _Reach, places: dict[int, list[tuple[int, int, int]]], steps: int) -> dict[int, float]:
     """Per class of `places` (class -> (side, row, col) per patch side: trigger_places of its mask), the best
     share of the scan's test images a patch probe at those places sends to it (the patch scan's probe and
