@@ -511,7 +511,10 @@ def find_sites(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
             if not _feeds_producer(g, tensor):
                 continue  # the class layer: its outputs are classes, not units
             site = Site(node.name or out, kind, tensor, n, axis, len(shapes[tensor]), "producer")
-            if zero_ok:
+            if tensor in g.outputs:
+                # zeroing the layer would change what the graph exposes (e.g. its features beside the logits)
+                site.strategy, site.why_blocked = "blocked", f"{tensor} is a graph output"
+            elif zero_ok:
                 site.zero = zero + biases
             else:
                 _try_consumers(g, site)

@@ -149,6 +149,18 @@ def test_a_1d_constant_along_the_width_is_not_per_channel():
     assert exact(model, sites, shapes, {"conv": [0, 3]}) == 0
 
 
+@pytest.mark.parametrize("builder", [M.dense, M.plain])
+def test_a_layer_whose_units_are_a_graph_output_is_blocked(builder):
+    # a model exposing its features beside the logits: zeroing the layer would change that output, which the
+    # masked reference (a Mul after the site tensor) leaves as it is
+    model = builder()
+    _, before = analyse(model)
+    name, site = next((n, s) for n, s in before.items() if s.prunable)
+    model.graph.output.append(helper.make_tensor_value_info(site.tensor, TensorProto.FLOAT, None))
+    _, after = analyse(model)
+    assert (after[name].strategy, after[name].why_blocked) == ("blocked", f"{site.tensor} is a graph output")
+
+
 def test_a_constant_varying_along_height_ends_the_chain_and_scales_are_followed():
     model = conv_then((1, 1, 8, 1))
     shapes, sites = analyse(model)
