@@ -692,7 +692,10 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
 
     report = {
         "tool": "sanitize 0.1.0",
-        "input": {"model": str(opts.model), "sha256": prep.loaded.sha256, "external_data": prep.loaded.external},
+        # the .onnx file's hash alone would not change with weights kept in external data files
+        "input": {"model": str(opts.model), "sha256": prep.loaded.sha256, "external_data": prep.loaded.external,
+                  **({"data_sha256": {str(p): sha256_file(p) for p in prep.loaded.data_files}}
+                     if prep.loaded.data_files else {})},
         "preprocess": {**prep.pre.to_dict(), "input_name": prep.spec.name,
                        "input_size": [prep.spec.height, prep.spec.width]},
         "model_output": sanity.pop("output"),

@@ -164,6 +164,8 @@ def test_external_data_in_external_data_out(cli, write_model, write_npz, tmp_pat
 
     report = load_report(report_path)
     assert report["input"]["external_data"] is True
+    # the weights' file is hashed too: the .onnx file's hash alone does not change with them
+    assert report["input"]["data_sha256"] == {str(tmp_path / "model.onnx.data"): hashlib.sha256(before[1]).hexdigest()}
     model_file, data_file = sorted(out.parent.iterdir())
     assert model_file == out and re.fullmatch(r"clean\.onnx\.[0-9a-f]{8}\.data", data_file.name)
     assert data_file.name == f"clean.onnx.{hashlib.sha256(data_file.read_bytes()).hexdigest()[:8]}.data"
