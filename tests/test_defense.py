@@ -611,7 +611,10 @@ def test_the_unlearning_round_removes_a_scattered_trigger_the_probes_missed(tmp_
 
     model, calib, x_test, y_test = trained_sparse()
     acc0, asr0 = acc_asr(model, x_test, y_test, sparse_stamp)
-    code, report = _run(model, calib, tmp_path)
+    # the round's held-out estimate sits at the 2-point budget (0.017 on one machine, 0.022 on another, for the
+    # same 2.5-point drop on the test images): the budget is not what this test is about; full effort, whatever
+    # else the machine runs
+    code, report = _run(model, calib, tmp_path, "--max-acc-drop", "0.05", "--time-budget", "0")
     probes = report["probes"]
     assert code == 0 and "sparse probe of 9 pixels" in probes["unlearning_round"]["probes"], probes
     assert not probes["unlearning_round"]["reattack_before"]["silenced"] and probes["reattack"]["silenced"]
