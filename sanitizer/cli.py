@@ -331,7 +331,8 @@ def bench_cmd(
                               row["goal"], step_times(row))
                 if json_out:
                     write_text(json_out, json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
-    out.print(table)
+    # piped or redirected, rich assumes 80 columns and cuts every cell of this wide table to a few letters
+    (out if out.is_terminal else Console(width=max(out.width, 240))).print(table)
 
 
 def _register_optional() -> None:

@@ -26,7 +26,7 @@ def test_goal_names_every_reason_a_case_misses():
     assert goal(_row(backdoored=False, asr_after=None, acc_after=0.89)) == "not met: clean model accuracy −1.0 pt"
 
 
-def test_bench_writes_a_row_per_case_and_criterion(tmp_path):
+def test_bench_writes_a_row_per_case_and_criterion(tmp_path, capsys):
     pytest.importorskip("torch")
     from digits_backdoor import TARGET, _stamp, trained
 
@@ -43,6 +43,8 @@ def test_bench_writes_a_row_per_case_and_criterion(tmp_path):
     np.savez(case / "triggered.npz", X=_stamp(x_test[keep]).astype(np.uint8), y=y_test[keep])
     code = main(["bench", str(tmp_path / "suite"), "--criteria", "linf", "--json", str(tmp_path / "rows.json")])
     assert code == 0
+    # captured, not a terminal: the table keeps its columns readable instead of cutting them at 80 characters
+    assert "seconds per step" in capsys.readouterr().out
     (row,) = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert row["case"] == "digits_t0" and row["criterion"] == "linf" and row["asr_before"] > 0.9
     # clean-data ℓ∞ pruning leaves this backdoor in place, and the row says so
