@@ -734,11 +734,13 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
                                                      "interval80": [round(lo, 6), round(hi, 6)]}
         if report["evaluation"]["after"]["asr"] is not None:
             report["evaluation"]["asr_evidence"] = asr_evidence(report["evaluation"]["after"], now, opts.target)
-        refused = evaluation_refusal(report["evaluation"], opts.max_acc_drop, clean_verdict) or refused
-        if refused is not None and refused[0] != report.get("refused"):
-            # degraded for every reader of the report (the HTML verdict, bench), written only with --allow-degraded
-            report["evaluation"]["refused"] = refused[0]
+        evaluated = evaluation_refusal(report["evaluation"], opts.max_acc_drop, clean_verdict)
+        if evaluated is not None:
+            # degraded for every reader of the report (the HTML verdict, bench), written only with --allow-degraded;
+            # the user's own evidence is the reason given first
+            report["evaluation"]["refused"] = evaluated[0]
             report["degraded"] = True
+            refused = evaluated
     # a refusal after a search ran below full effort says so: more time is the first thing to try
     cut = effort_sizing.summary(sizing.report)
     also = f" [{cut}]" if cut else ""

@@ -35,8 +35,7 @@ from calib.preprocess import Preprocess
 from ..errors import require
 from .count import USE_FLIP
 from .effort import FULL, Effort
-from .probes import (FAMILIES, LARGE_PATCH_SIDE, N_PLACES, PATCH_SIDE, Probe, _Optimiser, _split, patch_side,
-                     probe_name)
+from .probes import FAMILIES, LARGE_PATCH_SIDE, N_PLACES, PATCH_SIDE, Probe, _Optimiser, _split, probe_name
 from .torchnet import check_images, class_scores, classifier, device, make_input, pixel_range
 
 if TYPE_CHECKING:
@@ -195,8 +194,7 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
                             first_steps=effort.steps(MASK_STEPS),
                             refine_steps=effort.steps(MASK_REFINE), max_classes=mask_classes(effort))
         target, how = found.suspected_target, "mask anomaly"
-        h, w = raw.shape[1:3]
-        sides = sorted({patch_side(share, h, w) for share in SCAN_SIDES})
+        sides = [reach.opt.side(share) for share in distinct_sides(reach.opt, SCAN_SIDES)]
         places = {c: trigger_places(m, sides) for c, m in found.masks.items()}
         out["neural_cleanse"] = {"anomaly_index": _per_class(found.anomaly, 4),
                                  "mask_l1": _per_class(found.mask_norms, 3),
@@ -288,6 +286,7 @@ def mask_place_scan(reach: _Reach, places: dict[int, list[tuple[int, int, int]]]
     """Per class of `places` (class -> (side, row, col) per patch side: trigger_places of its mask), the best
     share of the scan's test images a patch probe at those places sends to it (the patch scan's probe and
     images, `reach`; 0.0 where every image is already in the class)."""
+    shares = {reach.opt.side(share): share for share in distinct_sides(reach.opt, SCAN_SIDES)}
     out = {}
     for c, at in places.items():
         fit = reach.outside(c)
@@ -295,8 +294,7 @@ def mask_place_scan(reach: _Reach, places: dict[int, list[tuple[int, int, int]]]
         if fit is None:
             continue
         for side, r, col in at:
-            share = side / min(reach.opt.h, reach.opt.w)
-            probes = reach.opt.patches(c, steps, fit, share=share, places=[(side, r, col)],
+            probes = reach.opt.patches(c, steps, fit, share=shares[side], places=[(side, r, col)],
                                        only={probe_name("patch", side, (r, col))})
             out[c] = max([out[c]] + [float(reach.rates(p)[c]) for p in probes])
     return out
