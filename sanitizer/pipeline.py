@@ -476,6 +476,13 @@ def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: floa
             than = (f", where no other class gets over {worst['control_flip']:.3f}" if "control_flip" in worst else "")
             why = (f"leaves the backdoor in place: a {worst['probe']} synthesized afresh against the result still "
                    f"sends {worst['target_flip']:.3f} of held-out images to the target{than}")
+        elif "probe_flip_interval80" in final:
+            lo, hi = final["probe_flip_interval80"]
+            why = (f"is not shown to remove the backdoor: the counting half of --suspect ({final['probe_images']} "
+                   f"images) goes to the target on {final['probe_flip'][0]:.3f} (80 % interval {lo:.3f}..{hi:.3f}), "
+                   f"and its top must be under {final['probe_bars'][0]:.3f}, the goal plus what clean images of "
+                   "other classes reach")
+            act = "more --suspect images narrow the interval; any of the target's own class count as reaching it"
         else:
             why = f"leaves the backdoor's probes working (flip rate {max(final['probe_flip']):.3f})"
     # with nothing pruned the result is the bounded (and maybe repaired) model: "pruning 0 units" misleads

@@ -320,8 +320,39 @@ def test_suspects_that_still_reach_their_class_are_refused_not_shipped(tmp_path)
     code, report = _run(model, calib, tmp_path, "--suspect", str(tmp_path / "s.npz"))
     assert code == 7 and not (tmp_path / "o.onnx").exists()
     code, report = _run(model, calib, tmp_path, "--suspect", str(tmp_path / "s.npz"), "--allow-degraded")
-    # the bar: the share of clean held-out images the original puts in that class, plus the goal
-    assert 0.05 < report["probes"]["suspect_bar"] < 0.3 and report["degraded"]
+    # the bar: the goal, these calibration images having no labels to tell what reaches class 3 without a
+    # backdoor (suspect_bar); not the goal plus the share of held-out images the original calls class 3 — those
+    # are mostly class 3's own, which the samples are not
+    assert report["probes"]["suspect_bar"] == 0.05 and report["degraded"]
+
+
+def test_a_handful_of_suspects_cannot_show_the_backdoor_gone(tmp_path):
+    # 10 triggered samples: 5 count them, and 0 of 5 reaching the target is an 80 % interval up to 0.25 — it
+    # read 0.000 and shipped at a real ASR of 0.22. The top of the interval must be under the bar
+    model, calib, x_test, y_test = trained(poisoned=True)
+    suspects, _ = _suspects_and_rest(x_test, y_test)
+    np.savez(tmp_path / "s.npz", X=suspects[:10].astype(np.uint8))
+    code, report = _run(model, calib, tmp_path, "--suspect", str(tmp_path / "s.npz"), "--allow-degraded")
+    final = report["held_out_after"]
+    lo, hi = final["probe_flip_interval80"]
+    assert final["probe_images"] == 5 and lo <= final["probe_flip"][0] <= hi and hi > report["probes"]["suspect_bar"]
+    assert report["degraded"] and not final["probes_silenced"], final
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    code, _ = _run(model, calib, plain, "--suspect", str(tmp_path / "s.npz"))
+    assert code == 7 and not (plain / "o.onnx").exists()
+
+
+def test_the_suspect_bar_counts_other_classes_only():
+    from sanitizer.defense.defend import suspect_bar
+
+    class Held:
+        labels = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+        reference = np.array([0, 0, 0, 1, 1, 1, 2, 2, 0, 2])   # 1 of the 6 images labelled 1 or 2 goes to 0
+    assert suspect_bar(Held, 0) == pytest.approx(0.05 + 1 / 6)
+    assert suspect_bar(Held, 2) == pytest.approx(0.05)
+    Held.labels = None
+    assert suspect_bar(Held, 0) == 0.05
 
 
 def test_plots_are_written_as_png(tmp_path):

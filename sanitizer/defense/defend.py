@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from .. import rewrite
+from ..evaluate import wilson
 from ..graph import Site, stat_tensors
 from ..plan import Plan, rank, safe_limit
 from .bound import BOUND_QUANTILES, choose_bounds
@@ -141,11 +142,33 @@ def _candidate(ctx: Context, name: str, model: onnx.ModelProto, probed_x: list[n
     ag = ctx.held.agreement_of(pred)
     # the bars beside the flips: where no count silences a probe its bar is its own floor plus the goal,
     # which "probes_silenced" passes at a flip of 1.0 (the re-attack, at the goal, is then the verdict)
+    shown = np.array(rates)
+    extra = {}
+    if not paired:
+        # a user's samples are the verdict itself (no re-attack follows), and a handful of them can read 0.000
+        # at a real rate of 0.2: the counting half must show its rate under the bar, the top of its interval
+        n = len(probed_x[0])
+        interval = wilson(round(rates[0] * n), n)
+        shown = np.array([interval[1]])
+        extra = {"probe_flip_interval80": [round(v, 4) for v in interval], "probe_images": n}
     return {"name": name, "model": model, "within_budget": ag.within(ctx.opts.max_acc_drop),
-            "probes_silenced": bool((np.array(rates) <= bars).all()),
-            "probe_flip": [round(r, 4) for r in rates],
+            "probes_silenced": bool((shown <= bars).all()),
+            "probe_flip": [round(r, 4) for r in rates], **extra,
             "probe_bars": [round(float(g), 4) if np.isfinite(g) else None for g in bars],
             **ag.to_dict()}
+
+
+def suspect_bar(held: HeldOut, target: int) -> float:
+    """The rate toward `target` a user's suspicious samples must be shown under: the goal (count.FLIP_GOAL) plus
+    the original's own rate toward it on the held-out images labelled another class — what would reach the
+    target with no backdoor, as the --eval-triggered verdict allows (pipeline.asr_evidence). Not the share of
+    every held-out image it calls the target: those are mostly the target's own images, which the samples,
+    triggered copies of other classes, are not (a bar of 0.17 on digits shipped a real ASR of 0.12). Without
+    labels that rate is unknown: the goal alone, so a sample of the target's own class counts as reaching it."""
+    if held.labels is None:
+        return FLIP_GOAL
+    others = held.labels != target
+    return FLIP_GOAL + (float((held.reference[others] == target).mean()) if others.any() else 0.0)
 
 
 def _probe(ctx: Context) -> tuple[list, list[np.ndarray], list[float]]:
@@ -238,9 +261,8 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
     plan, _, good = searches[ranking]
     if not paired:
         # no re-attack follows a user's triggered samples, so the count's bar — relative to the lowest rate
-        # any count reached — cannot be the verdict: they must go to the target no more often than clean
-        # images do, plus the goal
-        good = np.full(len(good), FLIP_GOAL + float((held.reference == target).mean()))
+        # any count reached — cannot be the verdict: suspect_bar's, which the counting half must be shown under
+        good = np.full(len(good), suspect_bar(held, target))
     pruned = rewrite.apply(base, prep.sites, plan.pruned())
     progress("repair", 0, 1)
     # suspicious samples have no clean twin to hold them to: the repair keeps them off the target instead
