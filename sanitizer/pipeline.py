@@ -25,7 +25,7 @@ from .defense import effort as effort_sizing
 from .defense.defend import probe_work, unconfirmed
 from .defense.defend import work as defense_work
 from .defense.count import FLIP_GOAL, USE_FLIP
-from .defense.detect import detect, families_for, other_targets, places_for
+from .defense.detect import Leads, detect, other_targets
 from .defense.effort import FULL
 from .defense.torchnet import pixel_range
 from .engine import ENGINE_SUFFIXES, is_engine
@@ -659,22 +659,21 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     info = {"provider": held.provider}
     plan, probe_info, refused = None, None, None
     unconfirmed_by = None
-    families, places = families_for(detection), places_for(detection)
+    leads = Leads.of(detection)
     if detection is not None and detection["found_by"] == "mask anomaly" and not (probing and sites):
         # the scans' targets come with a probe over their bar; the mask search's need one too (the default's
         # defense checks it itself; with no layer to prune, before the model is refused for that)
-        effort = sizing("probes", lambda e: probe_work(e, len(hold), families, places))
-        unconfirmed_by = unconfirmed(prep, fit, hold, held, target, opts, progress, families, effort, places)
+        effort = sizing("probes", lambda e: probe_work(e, len(hold), leads))
+        unconfirmed_by = unconfirmed(prep, fit, hold, held, target, opts, progress, leads, effort)
         clean_verdict = unconfirmed_by is not None
     if not sites and not clean_verdict:
         # writing the input back as "sanitized" would claim a defense that never ran
         raise BadModel(f"no prunable layer in scope: {blocked_reasons(prep.sites.values())}")
     if probing and not clean_verdict:
         units, n_suspects = sum(s.channels for s in sites), None if suspects is None else len(suspects)
-        effort = sizing("defense", lambda e: defense_work(e, len(fit), len(hold), units, families, suspects=n_suspects,
-                                                          places=places))
+        effort = sizing("defense", lambda e: defense_work(e, len(fit), len(hold), units, leads, suspects=n_suspects))
         plan, sanitized, probe_info = defend(prep, sites, fit, hold, held, target, opts, progress, suspects,
-                                             families=families, places=places, effort=effort,
+                                             leads=leads, effort=effort,
                                              afford=lambda stage, work: sizing(stage, work, optional=True))
         if plan is None:
             unconfirmed_by, probe_info = probe_info, None

@@ -10,6 +10,7 @@ import pytest
 from sanitizer.defense import effort as E
 from sanitizer.defense.count import flips
 from sanitizer.defense.defend import probe_work
+from sanitizer.defense.detect import Leads
 from sanitizer.defense.defend import work as defense_work
 from sanitizer.defense.detect import MAX_CLASSES, MIN_MASK_CLASSES, SCAN_IMAGES, SCAN_STEPS, mask_classes, mask_work, scan_work
 from sanitizer.defense.probes import N_IMAGES, STEPS
@@ -88,7 +89,7 @@ def test_the_defense_is_priced_for_what_runs():
 
 def test_the_work_estimates_fall_with_the_effort():
     for work in (lambda e: scan_work(e, 250), lambda e: scan_work(e, 250, 3), lambda e: mask_work(e, 250, 1000),
-                 lambda e: defense_work(e, 250, 250, 2400, ("warp",))):
+                 lambda e: defense_work(e, 250, 250, 2400, Leads(("warp",)))):
         passes = [sum(work(E.Effort(s))) for s in E.SHARES]
         # until every search is at its floors (where the mask search's fewer fit images leave a few more to test)
         assert all(b <= 1.01 * a for a, b in zip(passes, passes[1:])) and passes[0] > 4 * passes[-1], passes

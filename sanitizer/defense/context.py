@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from .count import flips
+from .detect import Leads
 from .effort import FULL, Effort
 from .probes import N_IMAGES, STEPS
 
@@ -29,9 +30,7 @@ class Context:
                                     # None with suspicious samples
     held: HeldOut                   # the held-out images, on which every decision is judged
     clean_x: np.ndarray             # held.inputs(): the held-out images as model inputs
-    families: tuple[str, ...] = ()  # probe families (probes.FAMILIES) synthesized besides patches and blend
-    # patch places (side, row, col) probed beside the corners and the centre (detect.places_for)
-    places: tuple[tuple[int, int, int], ...] = ()
+    leads: Leads = Leads()          # probe families and patch places detection adds to the fixed probes
     effort: Effort = FULL           # images and steps of the probes, repair and re-attack (effort.py)
     # (stage, work) -> the effort an optional stage may run at within the time budget left, or None when it
     # does not fit (pipeline.Sizing); None here: such a stage does not run

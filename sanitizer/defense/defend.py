@@ -29,6 +29,7 @@ from ..plan import Plan, rank, safe_limit
 from .bound import BOUND_QUANTILES, choose_bounds
 from .context import Context
 from .count import FLIP_GOAL, MAX_SHARE, USE_FLIP, Checks, count_by_probes, preference
+from .detect import Leads
 from .effort import FULL, Effort
 from .probes import N_IMAGES, N_PLACES, STEPS, sparse_name, synthesize
 from .rank import ell_inf_gaps, linf_histograms, margin_gradients, raw_stats
@@ -42,18 +43,18 @@ if TYPE_CHECKING:
     from ..pipeline import HeldOut, Options, Prepared, Progress
 
 
-def work(effort: Effort, n_fit: int, n_hold: int, n_units: int, families: tuple[str, ...] = (), *,
-         suspects: int | None = None, places: tuple = ()) -> tuple[float, float]:
+def work(effort: Effort, n_fit: int, n_hold: int, n_units: int, leads: Leads = Leads(), *,
+         suspects: int | None = None) -> tuple[float, float]:
     """The defense's work after detection at `effort` (n_fit / n_hold images, n_units prunable units), as
     effort.PassCost counts it: (torch forward+backward image passes, onnxruntime forward image passes), with
     every probe used and a count search of twice the doubling grid per ranking. `suspects`: the number of
     suspicious samples that replace the probes (half rank, half count; nothing synthesized, no re-attack).
-    `places`: the patch places probed beside the corners and the centre (detect.places_for)."""
+    `leads`: the probes detection adds (detect.Leads)."""
     synthesized = suspects is None
-    probes = _probe_count(families, places) if synthesized else 1
+    probes = _probe_count(leads) if synthesized else 1
     hold, ranked = (effort.tests(n_hold), effort.tests(n_fit)) if synthesized else (suspects // 2, suspects // 2)
     # the probes, then as many fresh ones and the sparse probe in the re-attack
-    passes = (2 * probe_work(effort, 0, families, places)[0] + effort.steps(STEPS) * effort.images(N_IMAGES)
+    passes = (2 * probe_work(effort, 0, leads)[0] + effort.steps(STEPS) * effort.images(N_IMAGES)
               if synthesized else 0.0)
     passes += (probes + 1) * ranked                      # margin attribution
     # a clean and a probed batch per repair step; with suspects a third, kept off the target
@@ -72,15 +73,15 @@ def _repair_runs(effort: Effort) -> tuple[tuple[tuple[int, float], ...], int]:
     return runs, effort.updates(REPAIR_RUNS[0][0], REPAIR_BATCH)[1]
 
 
-def _probe_count(families: tuple[str, ...], places: tuple = ()) -> int:
-    """Probes the probes step makes at most: a patch per place and side (`places`: more, detect.places_for), the
-    blend, one per family (the re-attack adds the sparse probe)."""
-    return 2 * N_PLACES + len(places) + 1 + len(families)
+def _probe_count(leads: Leads) -> int:
+    """Probes the probes step makes at most: a patch per place and side (and per place of `leads`), the blend, one
+    per family of `leads` (the re-attack adds the sparse probe)."""
+    return 2 * N_PLACES + len(leads.places) + 1 + len(leads.families)
 
 
-def probe_work(effort: Effort, n_hold: int, families: tuple[str, ...] = (), places: tuple = ()) -> tuple[float, float]:
+def probe_work(effort: Effort, n_hold: int, leads: Leads = Leads()) -> tuple[float, float]:
     """The probes step's work alone (as `work`): what confirming a mask-search target costs (`unconfirmed`)."""
-    probes = _probe_count(families, places)
+    probes = _probe_count(leads)
     return probes * effort.steps(STEPS) * effort.images(N_IMAGES), n_hold + probes * effort.tests(n_hold)
 
 
@@ -94,14 +95,13 @@ def round_work(effort: Effort, n_hold: int, n_probes: int, n_left: int) -> tuple
 
 
 def _context(prep: Prepared, fit: np.ndarray, hold: np.ndarray | None, held: HeldOut, target: int, opts: Options,
-             progress: Progress, families: tuple[str, ...], effort: Effort, afford=None, places: tuple = ()) -> Context:
+             progress: Progress, leads: Leads, effort: Effort, afford=None) -> Context:
     """The run's Context, with the fit images (and the first effort.tests held-out ones to probe, unless `hold`
     is None) read."""
     fit_raw = prep.calib.subset(fit).read(0, len(fit))
     probed = None if hold is None else hold[:effort.tests(len(hold))]
     hold_raw = None if hold is None else prep.calib.subset(probed).read(0, len(probed))
-    return Context(prep, opts, progress, target, fit_raw, hold_raw, held, held.inputs(), families, places, effort,
-                   afford)
+    return Context(prep, opts, progress, target, fit_raw, hold_raw, held, held.inputs(), leads, effort, afford)
 
 
 def _unlearning_round(ctx: Context, base: onnx.ModelProto, plan: Plan, used: list, used_x: list[np.ndarray],
@@ -177,7 +177,7 @@ def _probe(ctx: Context) -> tuple[list, list[np.ndarray], list[float]]:
     prep = ctx.prep
     ctx.progress("probes", 0, 1)
     probes = synthesize(prep.model, ctx.fit_raw, prep.pre, ctx.target, ctx.opts.seed, spec=prep.spec,
-                        families=ctx.families, places=ctx.places, **ctx.synthesize_kw())
+                        families=ctx.leads.families, places=ctx.leads.places, **ctx.synthesize_kw())
     ctx.progress("probes", 1, 1)
     probed_x = [prep.pre.apply(p.apply(ctx.hold_raw)) for p in probes]
     _, before = ctx.flips(prep.model, probed_x)
@@ -190,35 +190,30 @@ def _best(probes: list, before: list[float]) -> dict:
 
 
 def unconfirmed(prep: Prepared, fit: np.ndarray, hold: np.ndarray, held: HeldOut, target: int, opts: Options,
-                progress: Progress, families: tuple[str, ...] = (), effort: Effort = FULL,
-                places: tuple = ()) -> dict | None:
+                progress: Progress, leads: Leads = Leads(), effort: Effort = FULL) -> dict | None:
     """For a target the mask search named, with the clean-data criteria (the default checks this in defend):
-    the best synthesized probe toward `target` (patches at `places` too, detect.places_for) and its held-out
+    the best synthesized probe toward `target` (with those of `leads`, detect.Leads) and its held-out
     flip rate when none sends USE_FLIP of the held-out images there — nothing confirms a shortcut — else None.
     Costs the default's probes step."""
-    probes, _, before = _probe(_context(prep, fit, hold, held, target, opts, progress, families, effort,
-                                        places=places))
+    probes, _, before = _probe(_context(prep, fit, hold, held, target, opts, progress, leads, effort))
     return _best(probes, before) if max(before) < USE_FLIP else None
 
 
 def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray, held: HeldOut, target: int,
            opts: Options, progress: Progress, suspects: np.ndarray | None = None, *,
-           families: tuple[str, ...] = (), effort: Effort = FULL, afford=None,
-           places: tuple = ()) -> tuple[Plan, onnx.ModelProto, dict]:
+           leads: Leads = Leads(), effort: Effort = FULL, afford=None) -> tuple[Plan, onnx.ModelProto, dict]:
     """Probe, rank, count, then keep the pruned model or its repair, whichever the held-out images favour.
     Returns no plan (None, the original, the best probe and its flip rate) when no synthesized probe sends
     half the held-out images to `target`: nothing confirms a backdoor there.
 
     With `suspects` (raw images a user believes carry the trigger) those replace the synthesized probes:
-    half of them rank the units, the other half count them. `families`: probe families (probes.FAMILIES)
-    synthesized besides the patches and the blend, and again by the re-attack; `places`: patch places (side, row,
-    col) besides the corners and the centre (detect.places_for), likewise. `effort`: images and steps of
+    half of them rank the units, the other half count them. `leads`: the probe families and patch places
+    detection adds to the fixed probes (detect.Leads), synthesized again by the re-attack. `effort`: images and steps of
     the probes, repair and re-attack, images the units are ranked and the probes tested on (effort.py).
     `afford`: Context.afford, which sizes the unlearning round (_unlearning_round) when the re-attack refuses
     every candidate; None: no such round."""
     paired = suspects is None
-    ctx = _context(prep, fit, hold if paired else None, held, target, opts, progress, families, effort, afford,
-                   places)
+    ctx = _context(prep, fit, hold if paired else None, held, target, opts, progress, leads, effort, afford)
     fit_raw = ctx.fit_raw
     if paired:
         probes, probed_x, before = _probe(ctx)

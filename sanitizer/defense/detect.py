@@ -241,6 +241,22 @@ def stronger(a: Finding, b: Finding) -> tuple[Finding, Finding]:
     return (a, b) if a.past_bar() >= b.past_bar() else (b, a)
 
 
+@dataclass(frozen=True)
+class Leads:
+    """What detection tells the defense to probe beside the patches at the corners and the centre and the blend,
+    for the target it names: the probe families that found it (families_for) and the patch places (side, row,
+    col) where the mask search's mask toward it sits (places_for). The defense synthesizes them with its own
+    probes and again in the re-attack; empty, the fixed probes alone."""
+
+    families: tuple[str, ...] = ()
+    places: tuple[tuple[int, int, int], ...] = ()
+
+    @classmethod
+    def of(cls, detection: dict | None) -> Leads:
+        """The leads of `detection` (detect's report section; None: detection did not run)."""
+        return cls(families_for(detection), places_for(detection))
+
+
 def families_for(detection: dict | None) -> tuple[str, ...]:
     """The probe families (probes.FAMILIES) the defense adds for the target `detection` (detect's report
     section) names: the one that found it, and any other whose scan sent at least half the images there (a
