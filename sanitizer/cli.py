@@ -123,7 +123,7 @@ def show_summary(result: dict) -> None:
     table.add_column("before")
     table.add_column("after")
     held = result["held_out_after"]
-    table.add_row("held-out agreement", "1.000", f"{held['agreement']:.3f} (90% CI {held['interval90'][0]:.3f}–{held['interval90'][1]:.3f}, n={held['n']})")
+    table.add_row("held-out agreement", "1.000", f"{held['agreement']:.3f} (80% CI {held['interval90'][0]:.3f}–{held['interval90'][1]:.3f}, n={held['n']})")
     ev = result.get("evaluation")
     if ev:
         for key, label in (("clean_acc", "clean accuracy"), ("asr", "attack success rate")):

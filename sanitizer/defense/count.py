@@ -3,8 +3,8 @@
 The smallest count at which every probe that pruning can silence is at the attack-success goal; probes
 that no count silences before the model breaks are ordinary adversarial weakness and do not count (unless
 no probe falls, then each must reach the lowest rate it gets to). The same bars judge the candidates
-(defend.py); the re-attack judges at FLIP_GOAL (its sparse probe at USE_FLIP; reattack.py), the bounds by
-mean flip (bound.py). Every rate is read with onnxruntime.
+(defend.py; a user's suspicious samples at defend.suspect_bar instead); the re-attack judges at FLIP_GOAL (its
+sparse probe at USE_FLIP; reattack.py), the bounds by mean flip (bound.py). Every rate is read with onnxruntime.
 """
 from __future__ import annotations
 

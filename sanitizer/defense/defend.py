@@ -137,7 +137,9 @@ def _unlearning_round(ctx: Context, base: onnx.ModelProto, plan: Plan, used: lis
 def _candidate(ctx: Context, name: str, model: onnx.ModelProto, probed_x: list[np.ndarray], bars: np.ndarray,
                paired: bool = True) -> dict:
     """A candidate result as defend weighs it: its held-out agreement (ag.to_dict()), whether that is within the
-    budget, the probes' flip rates and whether each is under its bar (`bars`, per probed set; inf: none)."""
+    budget, the probes' flip rates and whether each is under its bar (`bars`, per probed set; inf: none). With
+    `paired` False (a user's suspicious samples) the top of the counting half's 80 % Wilson interval must be under
+    the bar, and the candidate carries it (`probe_flip_interval80`) and the images counted (`probe_images`)."""
     pred, rates = ctx.flips(model, probed_x, paired)
     ag = ctx.held.agreement_of(pred)
     # the bars beside the flips: where no count silences a probe its bar is its own floor plus the goal,
@@ -161,7 +163,8 @@ def _candidate(ctx: Context, name: str, model: onnx.ModelProto, probed_x: list[n
 def suspect_bar(held: HeldOut, target: int) -> float:
     """The rate toward `target` a user's suspicious samples must be shown under: the goal (count.FLIP_GOAL) plus
     the original's own rate toward it on the held-out images labelled another class — what would reach the
-    target with no backdoor, as the --eval-triggered verdict allows (pipeline.asr_evidence). Not the share of
+    target with no backdoor, in the spirit of the --eval-triggered verdict (pipeline.asr_evidence, which reads the
+    result's rate on the user's labelled images, at the lower end of its interval, capped at one half). Not the share of
     every held-out image it calls the target: those are mostly the target's own images, which the samples,
     triggered copies of other classes, are not (a bar of 0.17 on digits shipped a real ASR of 0.12). Without
     labels that rate is unknown: the goal alone, so a sample of the target's own class counts as reaching it."""
@@ -191,7 +194,8 @@ def _best(probes: list, before: list[float]) -> dict:
 
 def unconfirmed(prep: Prepared, fit: np.ndarray, hold: np.ndarray, held: HeldOut, target: int, opts: Options,
                 progress: Progress, leads: Leads = Leads(), effort: Effort = FULL) -> dict | None:
-    """For a target the mask search named, with the clean-data criteria (the default checks this in defend):
+    """For a target the mask search named, with the clean-data criteria, or with the default when no prunable layer
+    is in scope (otherwise defend checks this):
     the best synthesized probe toward `target` (with those of `leads`, detect.Leads) and its held-out
     flip rate when none sends USE_FLIP of the held-out images there — nothing confirms a shortcut — else None.
     Costs the default's probes step."""
@@ -234,7 +238,8 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
         _, before = ctx.flips(prep.model, probed_x, paired=False)
         described = [{"probe": f"{len(suspects)} suspicious samples", "flip_before": round(before[0], 4), "used": True}]
     used_x = [probed_x[i] for i in chosen]
-    # the family probes (signal, warp) are there because detection found the target with them (families_for)
+    # the family probes (signal, warp) are there because detection found the target with them, or their scan sent
+    # half the images there (families_for)
     evidence = [j for j, p in enumerate(used) if p.kind in ("signal", "warp")]
     searches: dict[str, tuple[Plan, float, np.ndarray]] = {}
     progress("linf statistics", 0, 1)
