@@ -337,6 +337,10 @@ def test_a_handful_of_suspects_cannot_show_the_backdoor_gone(tmp_path):
     lo, hi = final["probe_flip_interval80"]
     assert final["probe_images"] == 5 and lo <= final["probe_flip"][0] <= hi and hi > report["probes"]["suspect_bar"]
     assert report["degraded"] and not final["probes_silenced"], final
+    # what is shown and written is, within the budget, the candidate whose samples fall furthest — not the bounded
+    # model that leaves every sample at the target
+    within = [c for c in report["probes"]["candidates"] if c["drop_estimate"] <= report["max_acc_drop"]]
+    assert within and report["probes"]["chosen"] == min(within, key=lambda c: max(c["probe_flip"]))["name"], within
     plain = tmp_path / "plain"
     plain.mkdir()
     code, _ = _run(model, calib, plain, "--suspect", str(tmp_path / "s.npz"))

@@ -282,7 +282,12 @@ def defend(prep: Prepared, sites: list[Site], fit: np.ndarray, hold: np.ndarray,
     # far to tune is the held-out images' choice) by their probes, the gentler on a tie
     ok = sorted((c for c in candidates if c["within_budget"] and c["probes_silenced"]),
                 key=lambda c: max(c["probe_flip"]) - (FLIP_GOAL if c["name"] == "pruned" else 0))
-    best = ok[0] if ok else min(candidates, key=lambda c: (not c["probes_silenced"], c["drop_estimate"]))
+    # when none passes, the one shown (and written under --allow-degraded): within the budget, the one that
+    # silences the most — not the gentlest, which is the bounded model that silences nothing (a user's samples
+    # read 1.000 beside a repair at 0.150) — else one that silences, at the least drop
+    best = ok[0] if ok else min(candidates, key=lambda c: (not c["within_budget"], not c["probes_silenced"],
+                                                           max(c["probe_flip"]) if c["within_budget"]
+                                                           else c["drop_estimate"]))
     best["within_budget"] = bool(ok)
     fresh, round_info = None, None
     if paired:
