@@ -453,10 +453,12 @@ def check_outputs(opts: Options, models: tuple[Path, ...]) -> Path | None:
     return out_onnx
 
 
-def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: float, ratio: float | None = None) -> str:
+def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: float, ratio: float | None = None,
+            aim: str | None = None) -> str:
     """The one-line reason a result is not written (exit 7) and what the user can do about it. `final`:
     the chosen candidate's held-out record (evaluate.Agreement.to_dict plus the probe verdicts); `ratio`: the
-    user's --ratio, when it set the count."""
+    user's --ratio, when it set the count; `aim`: what the defense was aimed at (the target and what named it),
+    said last — a wrong target is what a user who knows the trigger can tell at once, and no report is written."""
     if final["drop_estimate"] > max_acc_drop:
         lo, hi = final["drop_interval90"]
         why = (f"breaks the accuracy budget: estimated {final['judged_on'].split()[0]} drop "
@@ -487,7 +489,20 @@ def refusal(count: int, final: dict, probe_info: dict | None, max_acc_drop: floa
             why = f"leaves the backdoor's probes working (flip rate {max(final['probe_flip']):.3f})"
     # with nothing pruned the result is the bounded (and maybe repaired) model: "pruning 0 units" misleads
     subject = f"pruning {count} units" if count else "the result, with no unit pruned,"
-    return f"{subject} {why}; nothing written ({act}; --allow-degraded writes it anyway)"
+    aimed = f" (the defense was aimed at {aim})" if aim else ""
+    return f"{subject} {why}{aimed}; nothing written ({act}; --allow-degraded writes it anyway)"
+
+
+def aim(probe_info: dict | None, detection: dict | None) -> str | None:
+    """What the default defense was aimed at, for a refusal: "class T, named by <the search that found it>" or
+    "class T, where the --suspect samples go"; None without a defense."""
+    if not probe_info or "target" not in probe_info:
+        return None
+    target = probe_info["target"]
+    if probe_info.get("source") == "suspicious samples":
+        return f"class {target}, where the --suspect samples go"
+    found_by = (detection or {}).get("found_by")
+    return f"class {target}, named by the {found_by}" if found_by else f"class {target}"
 
 
 def asr_evidence(after: dict, clean: dict, target: int) -> dict:
@@ -751,7 +766,8 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
     cut = effort_sizing.summary(sizing.report)
     also = f" [{cut}]" if cut else ""
     if degraded and not opts.allow_degraded:
-        raise SanitizeError(refusal(plan.count, final, probe_info, opts.max_acc_drop, opts.ratio) + also, ExitCode.DEGRADED)
+        why = refusal(plan.count, final, probe_info, opts.max_acc_drop, opts.ratio, aim(probe_info, detection))
+        raise SanitizeError(why + also, ExitCode.DEGRADED)
     if refused is not None and not opts.allow_degraded:
         raise SanitizeError(f"{refused[0]}; nothing written ({refused[1]}){also}", ExitCode.DEGRADED)
     clock.switch("write")

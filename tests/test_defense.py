@@ -522,6 +522,13 @@ def test_refusal_names_the_reason_and_what_to_do():
     both = refusal(0, {**final, "drop_estimate": 0.05, "probes_silenced": False, "probe_flip": [0.6]}, info, 0.02)
     assert "breaks the accuracy budget" in both and "probes working (flip rate 0.600)" in both
     assert both.startswith("the result, with no unit pruned, breaks") and over.startswith("pruning 4 units")
+    # the target the defense was aimed at ends the reason: a user who knows the trigger sees a wrong one at once
+    from sanitizer.pipeline import aim
+    aimed = refusal(4, {**final, "drop_estimate": 0.05}, info, 0.02,
+                    aim=aim({"target": 8, "source": "synthesized"}, {"found_by": "mask anomaly"}))
+    assert "(the defense was aimed at class 8, named by the mask anomaly); nothing written" in aimed
+    assert aim({"target": 2, "source": "suspicious samples"}, None) == "class 2, where the --suspect samples go"
+    assert aim(None, {"found_by": "patch scan"}) is None
 
 
 def test_the_ranking_that_brings_more_probes_to_the_goal_within_budget_is_preferred():
