@@ -12,7 +12,7 @@ from pathlib import Path
 
 from calib.stats import collect, plain_pass
 
-from .defense.count import FLIP_GOAL
+from .defense.count import FLIP_GOAL, USE_FLIP
 from .defense.effort import DEFAULT_BUDGET
 from .errors import BadData
 from .graph import stat_tensors
@@ -163,6 +163,9 @@ def goal(row: dict) -> str:
     the plain command must ship it (not refused as degraded)."""
     why = []
     drop = row["acc_before"] - row["acc_after"]
+    if row["backdoored"] and row["asr_before"] is not None and row["asr_before"] < USE_FLIP:
+        # the case's triggered images do not reach its target on the original: its ASR after measures nothing
+        why.append(f"ASR before only {row['asr_before']:.3f}: the case's target or triggered set is wrong")
     if row["backdoored"]:
         if row["asr_after"] is not None and row["asr_after"] > FLIP_GOAL:
             why.append(f"ASR {row['asr_after']:.3f}")

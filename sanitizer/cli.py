@@ -171,6 +171,8 @@ def show_summary(result: dict) -> None:
         out_console_line(f"backdoor not checked: --criterion {result['criterion']} prunes by clean-data statistics "
                          "alone (Cheng et al. report it removes nothing on realistic models); the default criterion "
                          "attacks the result, --eval-triggered with --target measures it")
+    for note in (ev or {}).get("notes", []):
+        out_console_line(f"note: {note}")
     if result["degraded"]:
         why = (result.get("evaluation", {}).get("refused") or result.get("refused")
                or "over the budget or the backdoor's probes still work")

@@ -550,6 +550,27 @@ def unfinished(detection: dict | None, criterion: str, clean_verdict: bool) -> t
             "from its own input)")
 
 
+def evaluation_notes(before: dict, target: int | None, classes: int, detection: dict | None) -> list[str]:
+    """What the user's evaluation sets say about themselves on the original (`before`: evaluate()'s result), for
+    the summary: a clean set the original does no better on than a guess (1/`classes`: swapped sets or wrong
+    labels?), triggered images that do not reach `target` on the original (count.USE_FLIP: a wrong --target, or
+    images without the trigger?) — either way the after column measures nothing — and a detection target other
+    than `target`. Their ASR and accuracy stay in the report as measured."""
+    notes = []
+    if before["clean_acc"] is not None and before["clean_acc"] <= 1 / classes:
+        notes.append(f"the original is right on only {before['clean_acc']:.3f} of the --eval-data images, no better than "
+                     f"a guess among {classes} classes: are --eval-data and --eval-triggered swapped, or the labels "
+                     "wrong? Its clean accuracy measures nothing")
+    if before["asr"] is not None and before["asr"] < USE_FLIP:
+        notes.append(f"the original sends only {before['asr']:.3f} of the --eval-triggered images to --target {target}: "
+                     "they show no backdoor there (a wrong --target, or images without the trigger?), so the ASR "
+                     "after measures nothing")
+    found = (detection or {}).get("suspected_target")
+    if found is not None and target is not None and found != target:
+        notes.append(f"detection aimed the defense at class {found}, not --target {target} (--target only measures)")
+    return notes
+
+
 def evaluation_refusal(evaluation: dict, max_acc_drop: float, clean_verdict: bool) -> tuple[str, str] | None:
     """Why to refuse (exit 7) on the user's own evaluation images and what the user can do, or None. Their labels and
     triggers are ground truth the held-out estimate is not: an accuracy drop whose whole 80 % interval
@@ -755,6 +776,9 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
                                                      "interval80": [round(lo, 6), round(hi, 6)]}
         if report["evaluation"]["after"]["asr"] is not None:
             report["evaluation"]["asr_evidence"] = asr_evidence(report["evaluation"]["after"], now, opts.target)
+        notes = evaluation_notes(report["evaluation"]["before"], opts.target, held.reference_prob.shape[1], detection)
+        if notes:
+            report["evaluation"]["notes"] = notes
         evaluated = evaluation_refusal(report["evaluation"], opts.max_acc_drop, clean_verdict)
         if evaluated is not None:
             # degraded for every reader of the report (the HTML verdict, bench), written only with --allow-degraded;

@@ -24,6 +24,10 @@ def test_goal_names_every_reason_a_case_misses():
     # a clean model may lose half a point, not two
     assert goal(_row(backdoored=False, asr_after=None, acc_after=0.896)) == "met"
     assert goal(_row(backdoored=False, asr_after=None, acc_after=0.89)) == "not met: clean model accuracy −1.0 pt"
+    # a case whose triggered images do not reach its target on the original (a wrong target in case.toml) measures
+    # nothing: not "met" on an ASR of 0 after
+    assert goal(_row(asr_before=0.0, asr_after=0.0)) == \
+        "not met: ASR before only 0.000: the case's target or triggered set is wrong"
 
 
 def test_bench_writes_a_row_per_case_and_criterion(tmp_path, capsys):

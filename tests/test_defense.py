@@ -664,3 +664,17 @@ def test_the_unlearning_round_removes_a_scattered_trigger_the_probes_missed(tmp_
     acc1, asr1 = acc_asr(onnx.load(tmp_path / "o.onnx"), x_test, y_test, sparse_stamp)
     # 150 held-out images judge the 2-point budget: on the 397 test images the drop may be a little over it
     assert asr0 > 0.9 and asr1 <= 0.05 and acc1 >= acc0 - 0.03, (acc0, acc1, asr0, asr1)
+
+
+def test_evaluation_sets_that_measure_nothing_are_named():
+    from sanitizer.pipeline import evaluation_notes
+
+    fine = {"clean_acc": 0.97, "asr": 1.0}
+    assert evaluation_notes(fine, 1, 10, {"suspected_target": 1}) == []
+    # swapped sets: the "clean" images are the triggered ones, on which the original is right on none
+    swapped = evaluation_notes({"clean_acc": 0.0, "asr": 0.0056}, 1, 10, None)
+    assert len(swapped) == 2 and "swapped" in swapped[0] and "--target 1" in swapped[1]
+    # a wrong --target: the triggered images go elsewhere on the original, and detection aimed elsewhere too
+    wrong = evaluation_notes({"clean_acc": 0.97, "asr": 0.0}, 2, 10, {"suspected_target": 8})
+    assert "--target 2" in wrong[0] and "class 8, not --target 2" in wrong[1]
+    assert evaluation_notes({"clean_acc": None, "asr": None}, None, 10, None) == []
