@@ -72,7 +72,7 @@ def _before_after(report: dict) -> list[list]:
     held = report["held_out_after"]
     lo, hi = held["interval90"]
     rows = [["held-out agreement with the original", rate(1.0),
-             f"{rate(held['agreement'])} (90 % interval {rate(lo)}–{rate(hi)}, n={held['n']})"],
+             f"{rate(held['agreement'])} (80 % interval {rate(lo)}–{rate(hi)}, n={held['n']})"],
             [f"estimated accuracy drop, judged on {held['judged_on']}", "—",
              f"{rate(held['drop_estimate'])} (80 % interval {rate(held['drop_interval90'][0])}–"
              f"{rate(held['drop_interval90'][1])}; budget {report['max_acc_drop']:g})"]]
