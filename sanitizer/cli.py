@@ -273,7 +273,10 @@ def demo_cmd(
     out_console_line(f"demo model: {DEMO['trigger']}; target class {DEMO['target']}")
     opts = Options(model=DEMO["model"], calib=DEMO["calib"], out=out, criterion=criterion, scale=DEMO["scale"],
                    eval_data=DEMO["clean"], eval_triggered=DEMO["triggered"], target=DEMO["target"],
-                   force=force, detect=detect, report=report, suspect=suspect, allow_degraded=allow_degraded)
+                   force=force, detect=detect, report=report, suspect=suspect, allow_degraded=allow_degraded,
+                   # full effort: a fixed workload of about 30 s on 2 cores; sized to a time budget its effort, and so
+                   # its result, followed the machine's load (a busy CI runner cut it to a quarter and it refused)
+                   time_budget=None)
     bar, update = _progress()
     with bar:
         result = sanitize(opts, update)
