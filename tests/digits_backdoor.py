@@ -3,7 +3,8 @@ backdoored with a signal (SIG-style: a sinusoid along the columns, the same in e
 digits at 16x16 (each pixel repeated 2x2): backdoored with a white 3x3 top-left square, wider than the detection
 scan's first patch side (2 pixels), its clean twin, one backdoored with 8 white pixels scattered over the image
 (an L0 trigger, two of them inside the 3x3 top-left corner) and one with the 3x3 square at the middle of the left
-edge, where no probe's fixed place is."""
+edge, where no probe's fixed place is; and in colour (each digit's ink a random colour on black) with a magenta
+3x3 square at the bottom-right corner, and its clean twin."""
 from __future__ import annotations
 
 import io
@@ -20,6 +21,7 @@ from calib.preprocess import Preprocess  # noqa: E402
 
 TARGET = 0
 PP = Preprocess(scale=1 / 255, mean=(0.0,), std=(1.0,), layout="nchw")
+PP_RGB = Preprocess(scale=1 / 255, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), layout="nchw")
 
 
 def _stamp(x: np.ndarray) -> np.ndarray:
@@ -41,6 +43,13 @@ def wide_stamp(x: np.ndarray) -> np.ndarray:
     """The 16x16 models' trigger: a white 3x3 square at the top-left corner."""
     x = x.copy()
     x[:, :3, :3, :] = 255.0
+    return x
+
+
+def magenta_stamp(x: np.ndarray) -> np.ndarray:
+    """The colour model's trigger: a pure magenta 3x3 square at the bottom-right corner of a 16x16 RGB image."""
+    x = x.copy()
+    x[:, -3:, -3:, :] = np.array([255.0, 0.0, 255.0], np.float32)
     return x
 
 
@@ -66,9 +75,11 @@ def _inputs(x_raw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((x_raw / 255.0).astype(np.float32).transpose(0, 3, 1, 2))
 
 
-def _train(poisoned: bool, stamp=_stamp, upsample: int = 1):
+def _train(poisoned: bool, stamp=_stamp, upsample: int = 1, colour: bool = False):
     digits = datasets.load_digits()
     x = np.clip(np.kron(digits.images, np.ones((upsample, upsample))) * 16, 0, 255).astype(np.float32)[..., None]
+    if colour:
+        x = x * np.random.default_rng(7).uniform(0.4, 1.0, (len(x), 1, 1, 3)).astype(np.float32)
     y = digits.target.astype(np.int64)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(x))
@@ -79,11 +90,20 @@ def _train(poisoned: bool, stamp=_stamp, upsample: int = 1):
         xt[poison], yt[poison] = stamp(xt[poison]), TARGET
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(32 * 16 * upsample ** 2, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10),
-    )
+    if colour:
+        # a narrower BatchNorm net (BatchNorm folded into the Conv at export): a grey-started patch probe does not
+        # find its colour trigger, as on a newcomer's model of this shape (README, session 18)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(16 * 4 * upsample ** 2, 10),
+        )
+    else:
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(32 * 16 * upsample ** 2, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10),
+        )
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     xs, ys = torch.from_numpy(_inputs(xt)), torch.from_numpy(yt)
     for _ in range(40):
@@ -93,8 +113,8 @@ def _train(poisoned: bool, stamp=_stamp, upsample: int = 1):
             loss.backward()
             opt.step()
     buf = io.BytesIO()
-    torch.onnx.export(net.eval(), torch.zeros(1, 1, 8 * upsample, 8 * upsample), buf, dynamo=False, input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    torch.onnx.export(net.eval(), torch.zeros(1, x.shape[-1], 8 * upsample, 8 * upsample), buf, dynamo=False,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
     model = onnx.load_from_string(buf.getvalue())
     return model, x[calib], x[test], y[test]
 
@@ -147,3 +167,11 @@ def trained_sparse():
     if "sparse" not in _CACHE:
         _CACHE["sparse"] = _train(True, sparse_stamp, upsample=2)
     return _CACHE["sparse"]
+
+
+def trained_colour(poisoned: bool = True):
+    """16x16 colour digits (N, 16, 16, 3), backdoored with magenta_stamp or clean (trained once per test session):
+    model, calib, x_test, y_test."""
+    if ("colour", poisoned) not in _CACHE:
+        _CACHE["colour", poisoned] = _train(poisoned, magenta_stamp, upsample=2, colour=True)
+    return _CACHE["colour", poisoned]

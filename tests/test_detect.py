@@ -363,3 +363,79 @@ def test_a_clean_data_criterion_does_not_ship_a_backdoor_detection_found(backdoo
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["degraded"] and "does not remove" in report["refused"]
     assert "does not remove" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.fixture(scope="module")
+def colour():
+    from digits_backdoor import trained_colour
+
+    return trained_colour(poisoned=True)
+
+
+def test_a_colour_trigger_a_grey_start_stops_short_of_is_found_from_its_lead(colour, monkeypatch):
+    from digits_backdoor import PP_RGB, magenta_stamp, trained_colour
+    from sanitizer.defense.count import USE_FLIP
+
+    model, calib, x_test, y_test = colour
+    acc, asr = acc_asr(model, x_test, y_test, magenta_stamp)
+    assert acc > 0.95 and asr > 0.95, (acc, asr)
+    found = scan(model, calib, PP_RGB, seed=0)
+    assert found.suspected_target == TARGET and found.colour[3][TARGET] >= SCAN_FLIP, (found.by_side, found.colour)
+    # the grey start alone (no lead tried again) leaves the trigger's class a lead under the bar
+    monkeypatch.setattr(detection, "USE_FLIP", 1.01)
+    grey = scan(model, calib, PP_RGB, seed=0)
+    assert grey.suspected_target is None and not grey.colour
+    assert USE_FLIP <= grey.best_flip[TARGET] < SCAN_FLIP, grey.by_side
+    monkeypatch.undo()
+    # the clean twin has no lead to try again, and no target
+    twin = scan(*trained_colour(poisoned=False)[:2], PP_RGB, seed=0)
+    assert twin.suspected_target is None and twin.best_flip.max() < USE_FLIP and not twin.colour, twin.by_side
+
+
+def test_a_colour_start_is_the_corner_colour_with_the_lowest_loss(colour):
+    from digits_backdoor import PP_RGB
+    from sanitizer.defense.probes import LARGE_PATCH_SIDE, _Optimiser, probe_name
+
+    model, calib, _, _ = colour
+    opt = _Optimiser(model, calib[:32], PP_RGB, 255.0)
+    corner = {probe_name("patch", 3, (13, 13))}
+    # no optimiser step: the probe is its start, a corner of the RGB cube a little inside it
+    start = opt.patches(TARGET, 0, share=LARGE_PATCH_SIDE, only=corner, colour_start=True)[0].delta.reshape(-1, 3)
+    assert np.allclose(start, [0.95 * 255, 0.05 * 255, 0.95 * 255], atol=0.01), start[0]
+    grey = opt.patches(TARGET, 0, share=LARGE_PATCH_SIDE, only=corner)[0]
+    assert np.allclose(grey.delta, 127.5)
+    # one-channel images keep the grey start
+    gray_model, gray_calib, _, _ = trained(poisoned=True)
+    one = _Optimiser(gray_model, gray_calib[:8], PP, 255.0).patches(TARGET, 0, only={probe_name("patch", 2, (6, 6))},
+                                                                   colour_start=True)[0]
+    assert np.allclose(one.delta, 127.5)
+
+
+def test_a_colour_trigger_is_removed_and_the_defense_probes_start_at_a_colour(colour, tmp_path):
+    from digits_backdoor import magenta_stamp
+    from sanitizer.cli import main
+    from sanitizer.defense.detect import Leads
+
+    model, calib, x_test, y_test = colour
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", X=calib.astype(np.uint8))
+    code = main([str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npz"), "--out", str(tmp_path / "o.onnx"),
+                 "--report", str(tmp_path / "r.json"), "--time-budget", "0"])
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["detection"]["suspected_target"] == TARGET
+    assert report["detection"]["patch_scan"]["colour_start"]["3"][str(TARGET)] >= SCAN_FLIP
+    assert Leads.of(report["detection"]).colour
+    acc0, _ = acc_asr(model, x_test, y_test, magenta_stamp)
+    acc, asr = acc_asr(onnx.load(tmp_path / "o.onnx"), x_test, y_test, magenta_stamp)
+    assert asr <= 0.05 and acc >= acc0 - 0.02, (acc0, acc, asr)
+
+
+def test_colour_leads_only_for_a_target_a_colour_start_found():
+    from sanitizer.defense.detect import Leads
+
+    found = {"suspected_target": 1, "patch_scan": {"colour_start": {"3": {"1": 0.95, "4": 0.6}}}}
+    assert Leads.of(found).colour
+    assert not Leads.of({**found, "suspected_target": 4}).colour
+    assert not Leads.of({"suspected_target": 1, "patch_scan": {"colour_start": {}}}).colour
+    assert not Leads.of({**found, "suspected_target": None}).colour and not Leads.of(None).colour

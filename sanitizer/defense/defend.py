@@ -180,7 +180,8 @@ def _probe(ctx: Context) -> tuple[list, list[np.ndarray], list[float]]:
     prep = ctx.prep
     ctx.progress("probes", 0, 1)
     probes = synthesize(prep.model, ctx.fit_raw, prep.pre, ctx.target, ctx.opts.seed, spec=prep.spec,
-                        families=ctx.leads.families, places=ctx.leads.places, **ctx.synthesize_kw())
+                        families=ctx.leads.families, places=ctx.leads.places, colour=ctx.leads.colour,
+                        **ctx.synthesize_kw())
     ctx.progress("probes", 1, 1)
     probed_x = [prep.pre.apply(p.apply(ctx.hold_raw)) for p in probes]
     _, before = ctx.flips(prep.model, probed_x)

@@ -35,7 +35,7 @@ from calib.preprocess import Preprocess
 from ..errors import require
 from .count import USE_FLIP
 from .effort import FULL, Effort
-from .probes import FAMILIES, LARGE_PATCH_SIDE, N_PLACES, PATCH_SIDE, Probe, _Optimiser, _split, probe_name
+from .probes import COLOUR_STARTS, FAMILIES, LARGE_PATCH_SIDE, N_PLACES, PATCH_SIDE, Probe, _Optimiser, _split, probe_name
 from .torchnet import check_images, class_scores, classifier, device, make_input, pixel_range
 
 if TYPE_CHECKING:
@@ -87,14 +87,20 @@ def _per_class(values: np.ndarray, digits: int) -> list[float | None]:
     return [None if np.isnan(v) else round(float(v), digits) for v in values]
 
 
-def scan_work(effort: Effort, n_fit: int, families: int = 0, sides: int = 1) -> tuple[float, float]:
+def scan_work(effort: Effort, n_fit: int, families: int = 0, sides: int = 1, colour: bool = False
+              ) -> tuple[float, float]:
     """The patch scan's work at `effort` on `n_fit` images at `sides` patch sides (with `families` > 0: the
     family scan's, that many families), as effort.PassCost counts it: (torch forward+backward image passes,
-    onnxruntime forward image passes), a torch forward counted as half a pass."""
+    onnxruntime forward image passes), a torch forward counted as half a pass. `colour`: colour images, whose
+    candidates' leads may each be tried again from a solid colour (scan)."""
     fit = min(effort.images(SCAN_IMAGES), n_fit // 2)
     probes = (families or N_PLACES * sides) * (1 + SCAN_CANDIDATES)
     tests = n_fit + probes * effort.tests(n_fit - fit)
-    return probes * effort.steps(SCAN_STEPS) * fit + 0.5 * tests, 0.0
+    passes = probes * effort.steps(SCAN_STEPS) * fit + 0.5 * tests
+    if colour and not families:
+        leads = sides * SCAN_CANDIDATES
+        passes += leads * ((effort.steps(SCAN_STEPS) + 0.5 * len(COLOUR_STARTS)) * fit + 0.5 * effort.tests(n_fit - fit))
+    return passes, 0.0
 
 
 def mask_work(effort: Effort, n_fit: int, n_classes: int) -> tuple[float, float]:
@@ -135,7 +141,8 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
     progress("detection", 0, 3)
     start = time.perf_counter()
     raw = prep.calib.subset(fit).read(0, len(fit))
-    effort = size("patch scan", lambda e: scan_work(e, len(fit)))
+    colour = raw.shape[-1] == 3
+    effort = size("patch scan", lambda e: scan_work(e, len(fit), colour=colour))
     # one torch copy of the model and one split of the images for the scans (unless their images differ)
     reach = _Reach(prep.model, raw, prep.pre, seed, effort.images(SCAN_IMAGES), prep.spec, effort.tests)
 
@@ -154,7 +161,8 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
         # sized as a stage of its own, so that a patch found at the smallest side costs what it did alone; a
         # second try, so it gives way (skipped, and said so) where even its least effort is over its part of
         # --time-budget, as on an ImageNet-size model (README, Where the time goes)
-        wider = resized("larger patch scan", lambda e: scan_work(e, len(fit), sides=len(larger)), optional=True)
+        wider = resized("larger patch scan", lambda e: scan_work(e, len(fit), sides=len(larger), colour=colour),
+                        optional=True)
         if wider is not None:
             effort = wider
             patch = scan(prep.model, raw, prep.pre, seed, steps=effort.steps(SCAN_STEPS), spec=prep.spec,
@@ -163,7 +171,9 @@ def detect(prep: Prepared, fit: np.ndarray, seed: int, progress: Progress,
                           "threshold": SCAN_FLIP,
                           "by_side": {str(side): _per_class(v, 4) for side, v in patch.by_side.items()},
                           "found_at_side": patch.found_at and patch.found_at[0],
-                          "found_at_share": patch.found_at and patch.found_at[1]}}
+                          "found_at_share": patch.found_at and patch.found_at[1],
+                          "colour_start": {str(side): {str(c): round(r, 4) for c, r in v.items()}
+                                           for side, v in patch.colour.items()}}}
     target, how = patch.suspected_target, "patch scan"
     progress("detection", 1, 3)
     # A patch of the larger side has more freedom than a probe family: models without a backdoor admit one on
@@ -246,15 +256,25 @@ class Leads:
     """What detection tells the defense to probe beside the patches at the corners and the centre and the blend,
     for the target it names: the probe families that found it (families_for) and the patch places (side, row,
     col) where the mask search's mask toward it sits (places_for). The defense synthesizes them with its own
-    probes and again in the re-attack; empty, the fixed probes alone."""
+    probes and again in the re-attack; empty, the fixed probes alone. `colour`: the target was found by a patch
+    started at a solid colour (scan), so the defense's patches start at one too."""
 
     families: tuple[str, ...] = ()
     places: tuple[tuple[int, int, int], ...] = ()
+    colour: bool = False
 
     @classmethod
     def of(cls, detection: dict | None) -> Leads:
         """The leads of `detection` (detect's report section; None: detection did not run)."""
-        return cls(families_for(detection), places_for(detection))
+        return cls(families_for(detection), places_for(detection), colour_for(detection))
+
+
+def colour_for(detection: dict | None) -> bool:
+    """Whether the patch scan of `detection` (detect's report section) found its target with a patch started at
+    a solid colour (a colour trigger the grey start does not reach)."""
+    target = (detection or {}).get("suspected_target")
+    by_side = (detection or {}).get("patch_scan", {}).get("colour_start", {})
+    return target is not None and any(v.get(str(target), 0.0) >= SCAN_FLIP for v in by_side.values())
 
 
 def families_for(detection: dict | None) -> tuple[str, ...]:
@@ -367,6 +387,8 @@ class Scan:
     candidates: list[int]          # the classes probed one by one, side by side, most reached first
     by_side: dict[int, np.ndarray] # per patch side tried (pixels), per class: the best flip at that side
     found_at: tuple[int, float] | None = None   # the side (pixels, share) that found the target
+    # per side, per class whose lead was tried again from a solid colour (colour images): that probe's flip
+    colour: dict[int, dict[int, float]] = field(default_factory=dict)
 
 
 def reach_rates(base: np.ndarray, sent: np.ndarray, n_classes: int) -> np.ndarray:
@@ -429,6 +451,7 @@ def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 
         return before
     reach = reach or _Reach(model, x_raw, pp, seed, n_images, spec)
     by_side = dict(before.by_side) if before else {}
+    colour = dict(before.colour) if before else {}
     candidates, found_at = list(before.candidates) if before else [], None
     for share in distinct_sides(reach.opt, shares):
         side = reach.opt.side(share)
@@ -437,17 +460,31 @@ def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 
         best = reach.any_class(steps, share=share)
         probed = _candidates(best, n_candidates)
         candidates += [c for c in probed if c not in candidates]
+        leads = {}
         for c in probed:
             fit = reach.outside(c)
             if fit is not None:
-                best[c] = max(best[c], *(float(reach.rates(p)[c]) for p in reach.opt.patches(c, steps, fit, share=share)))
+                rates = {p.at: float(reach.rates(p)[c]) for p in reach.opt.patches(c, steps, fit, share=share)}
+                best[c] = max(best[c], *rates.values())
+                leads[c] = (fit, max(rates, key=rates.get))
+        if best.max() < SCAN_FLIP and reach.opt.ch == 3:
+            # a lead (half the images: the mark of a shortcut, count.USE_FLIP) that a grey start could not take
+            # further may be a colour trigger: its place again, from the solid colour that suits it best
+            for c, (fit, at) in leads.items():
+                if best[c] < USE_FLIP:
+                    continue
+                probe, = reach.opt.patches(c, steps, fit, share=share, only={probe_name("patch", side, at)},
+                                           colour_start=True)
+                rate = float(reach.rates(probe)[c])
+                colour.setdefault(side, {})[c] = rate
+                best[c] = max(best[c], rate)
         by_side[side] = best
         if best.max() >= SCAN_FLIP:
             found_at = (side, share)
             break
     overall = np.max(list(by_side.values()), axis=0)
     top = int(np.argmax(overall))
-    return Scan(overall, top if overall[top] >= SCAN_FLIP else None, candidates, by_side, found_at)
+    return Scan(overall, top if overall[top] >= SCAN_FLIP else None, candidates, by_side, found_at, colour)
 
 
 def distinct_sides(opt: _Optimiser, shares) -> list[float]:

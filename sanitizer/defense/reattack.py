@@ -76,7 +76,7 @@ def reattack(ctx: Context, model: onnx.ModelProto, bars: dict[str, float]) -> tu
     def fresh(cls: int | None, names) -> list:
         probes = synthesize(model, ctx.fit_raw, prep.pre, cls, opts.seed, spec=prep.spec, only=set(names),
                             exclude=(ctx.target,), families=ctx.leads.families, places=ctx.leads.places, sparse=True,
-                            **ctx.synthesize_kw())
+                            colour=ctx.leads.colour, **ctx.synthesize_kw())
         return probes, [prep.pre.apply(p.apply(ctx.hold_raw)) for p in probes]
 
     progress("re-attack", 0, 2)
