@@ -388,13 +388,19 @@ def test_a_colour_trigger_a_grey_start_stops_short_of_is_found_from_its_lead(col
     assert USE_FLIP <= grey.best_flip[TARGET] < SCAN_FLIP, grey.by_side
     monkeypatch.undo()
     # the clean twin has no lead to try again, and no target
-    twin = scan(*trained_colour(poisoned=False)[:2], PP_RGB, seed=0)
+    clean_model, clean_calib = trained_colour(poisoned=False)[:2]
+    twin = scan(clean_model, clean_calib, PP_RGB, seed=0)
     assert twin.suspected_target is None and twin.best_flip.max() < USE_FLIP and not twin.colour, twin.by_side
+    # nor does a colour start make one where it is tried: every candidate's best patch a lead
+    monkeypatch.setattr(detection, "USE_FLIP", 0.0)
+    tried = scan(clean_model, clean_calib, PP_RGB, seed=0)
+    assert tried.suspected_target is None and len(tried.colour[3]) == 5, tried.colour
+    assert max(tried.colour[3].values()) < 0.5, tried.colour
 
 
 def test_a_colour_start_is_the_corner_colour_with_the_lowest_loss(colour):
     from digits_backdoor import PP_RGB
-    from sanitizer.defense.probes import LARGE_PATCH_SIDE, _Optimiser, probe_name
+    from sanitizer.defense.probes import LARGE_PATCH_SIDE, _Optimiser, probe_name, synthesize
 
     model, calib, _, _ = colour
     opt = _Optimiser(model, calib[:32], PP_RGB, 255.0)
@@ -404,6 +410,10 @@ def test_a_colour_start_is_the_corner_colour_with_the_lowest_loss(colour):
     assert np.allclose(start, [0.95 * 255, 0.05 * 255, 0.95 * 255], atol=0.01), start[0]
     grey = opt.patches(TARGET, 0, share=LARGE_PATCH_SIDE, only=corner)[0]
     assert np.allclose(grey.delta, 127.5)
+    # the defense's and the re-attack's probes (synthesize) start there when detection's leads say colour
+    for colour_lead, expected in ((True, start[0]), (False, [127.5] * 3)):
+        probe, = synthesize(model, calib, PP_RGB, TARGET, steps=0, only=corner, colour=colour_lead)
+        assert np.allclose(probe.delta.reshape(-1, 3), expected, atol=0.01), probe.delta[0, 0]
     # one-channel images keep the grey start
     gray_model, gray_calib, _, _ = trained(poisoned=True)
     one = _Optimiser(gray_model, gray_calib[:8], PP, 255.0).patches(TARGET, 0, only={probe_name("patch", 2, (6, 6))},

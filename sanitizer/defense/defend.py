@@ -31,7 +31,7 @@ from .context import Context
 from .count import FLIP_GOAL, MAX_SHARE, USE_FLIP, Checks, count_by_probes, preference
 from .detect import Leads
 from .effort import FULL, Effort
-from .probes import N_IMAGES, N_PLACES, STEPS, sparse_name, synthesize
+from .probes import COLOUR_STARTS, N_IMAGES, N_PLACES, STEPS, sparse_name, synthesize
 from .rank import ell_inf_gaps, linf_histograms, margin_gradients, raw_stats
 from .reattack import reattack
 from .repair import BATCH as REPAIR_BATCH
@@ -82,7 +82,11 @@ def _probe_count(leads: Leads) -> int:
 def probe_work(effort: Effort, n_hold: int, leads: Leads = Leads()) -> tuple[float, float]:
     """The probes step's work alone (as `work`): what confirming a mask-search target costs (`unconfirmed`)."""
     probes = _probe_count(leads)
-    return probes * effort.steps(STEPS) * effort.images(N_IMAGES), n_hold + probes * effort.tests(n_hold)
+    passes = probes * effort.steps(STEPS) * effort.images(N_IMAGES)
+    if leads.colour:
+        # each patch first reads its solid-colour starts, forward alone
+        passes += (2 * N_PLACES + len(leads.places)) * 0.5 * len(COLOUR_STARTS) * effort.images(N_IMAGES)
+    return passes, n_hold + probes * effort.tests(n_hold)
 
 
 def round_work(effort: Effort, n_hold: int, n_probes: int, n_left: int) -> tuple[float, float]:

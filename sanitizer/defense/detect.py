@@ -5,7 +5,8 @@ Three searches, cheapest first (`detect` runs them and writes the report's "dete
 The patch scan. Short patch probes (probes.py) toward any class, then toward the few classes those reach
 most (K-Arm's pre-selection of target arms, Shen et al. 2021, with a patch in place of the mask); a class
 some patch sends nearly every image to is the target. The smallest side first; larger ones (SCAN_SIDES) only
-when it finds nothing.
+when it finds nothing. On colour images a candidate's lead under the bar is tried again from a solid colour,
+which a grey start does not reach in a few steps.
 
 The family scan, when no patch finds one or only a patch of the larger side does (then the finding further
 past its bar stands): the same with each probe family of probes.FAMILIES — a signal
@@ -440,8 +441,10 @@ def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 
     a model admits without a backdoor reach a fraction of the images. So that the cost does not grow with
     the number of classes, a patch at each place first goes toward whichever class it can reach; the
     `n_candidates` classes those patches send most test images to are then probed one by one (K-Arm's
-    pre-selection of target arms, Shen et al. 2021, with a patch in place of the mask). A class's best flip
-    is the best of both, over the sides tried: each of `shares` (of the image side; distinct_sides) in turn
+    pre-selection of target arms, Shen et al. 2021, with a patch in place of the mask). On colour images, when
+    no class reaches the bar at a side, a candidate whose best own patch reaches count.USE_FLIP is tried again at
+    that patch's place from a solid colour (probes._Optimiser.patches' colour_start; `Scan.colour`). A class's
+    best flip is the best of these, over the sides tried: each of `shares` (of the image side; distinct_sides) in turn
     until one finds a target, skipping the sides `before` (an earlier scan of these images; returned as it is
     when it found a target) tried. Probes are
     fitted on `n_images` of `x_raw` and tested on the rest (half each when there are few), in both cases on
@@ -460,21 +463,21 @@ def scan(model: onnx.ModelProto, x_raw: np.ndarray, pp: Preprocess, seed: int = 
         best = reach.any_class(steps, share=share)
         probed = _candidates(best, n_candidates)
         candidates += [c for c in probed if c not in candidates]
-        leads = {}
+        leads = {}   # per candidate, the place of its best patch toward it and that patch's rate
         for c in probed:
             fit = reach.outside(c)
             if fit is not None:
                 rates = {p.at: float(reach.rates(p)[c]) for p in reach.opt.patches(c, steps, fit, share=share)}
                 best[c] = max(best[c], *rates.values())
-                leads[c] = (fit, max(rates, key=rates.get))
+                leads[c] = max(rates.items(), key=lambda item: item[1])
         if best.max() < SCAN_FLIP and reach.opt.ch == 3:
             # a lead (half the images: the mark of a shortcut, count.USE_FLIP) that a grey start could not take
             # further may be a colour trigger: its place again, from the solid colour that suits it best
-            for c, (fit, at) in leads.items():
-                if best[c] < USE_FLIP:
+            for c, (at, lead) in leads.items():
+                if lead < USE_FLIP:
                     continue
-                probe, = reach.opt.patches(c, steps, fit, share=share, only={probe_name("patch", side, at)},
-                                           colour_start=True)
+                probe, = reach.opt.patches(c, steps, reach.outside(c), share=share,
+                                           only={probe_name("patch", side, at)}, colour_start=True)
                 rate = float(reach.rates(probe)[c])
                 colour.setdefault(side, {})[c] = rate
                 best[c] = max(best[c], rate)
