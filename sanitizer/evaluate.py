@@ -131,3 +131,18 @@ def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
 
 def attack_success(pred: np.ndarray, target: int) -> float:
     return float((pred == target).mean()) if len(pred) else float("nan")
+
+
+def class_kept(reference: np.ndarray, pred: np.ndarray, cls: int) -> dict:
+    """How much of class `cls` a changed model keeps: of the images the original calls `cls` (`reference`, int
+    [N], the original's predictions; `pred`, int [N], the changed model's on the same images), how many it still
+    calls `cls`, with the share's 80 % Wilson interval, beside the share of the other images whose prediction is
+    unchanged. Removing a backdoor costs its target class most (README, "A newcomer's pass on colour models"): an
+    accuracy drop over all images hides a loss that falls on the one class."""
+    mine = reference == cls
+    kept, of = int((pred[mine] == cls).sum()), int(mine.sum())
+    lo, hi = wilson(kept, of)
+    others = ~mine
+    return {"class": int(cls), "kept": kept, "of": of, "share": round(kept / of, 4) if of else None,
+            "interval80": [round(lo, 4), round(hi, 4)],
+            "others_share": round(float((pred[others] == reference[others]).mean()), 4) if others.any() else None}

@@ -30,7 +30,7 @@ from .defense.effort import FULL
 from .defense.torchnet import pixel_range
 from .engine import ENGINE_SUFFIXES, is_engine
 from .errors import BadData, BadModel, SanitizeError, ExitCode
-from .evaluate import Predictor, accuracy, agreement, attack_success, probabilities, wilson
+from .evaluate import Predictor, accuracy, agreement, attack_success, class_kept, probabilities, wilson
 from .graph import Site, blocked_reasons, find_sites, last_stage, stat_tensors
 from .model_io import LoadedModel, check, load_model, save_model, sha256_file
 from .plan import Plan, largest_ok, rank, safe_limit
@@ -751,6 +751,8 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         "pruned_per_layer": {k: len(v) for k, v in plan.pruned().items()},
         "pruned_units": pruned_units(prep.sites, plan.pruned()),
         "held_out_after": {k: v for k, v in final.items() if k != "units"},
+        **({"target_class": class_kept(held.reference, held.predict(sanitized), probe_info["target"])}
+           if probe_info is not None and "target" in probe_info else {}),
         "degraded": degraded,
         "provider": info["provider"],
         **({"detection": detection} if detection is not None else {}),

@@ -421,10 +421,13 @@ def test_a_colour_start_is_the_corner_colour_with_the_lowest_loss(colour):
     assert np.allclose(one.delta, 127.5)
 
 
-def test_a_colour_trigger_is_removed_and_the_defense_probes_start_at_a_colour(colour, tmp_path):
-    from digits_backdoor import magenta_stamp
+def test_a_colour_trigger_is_removed_and_the_defense_probes_start_at_a_colour(colour, tmp_path, capsys):
+    import onnxruntime as ort
+
+    from digits_backdoor import _inputs, magenta_stamp
     from sanitizer.cli import main
     from sanitizer.defense.detect import Leads
+    from sanitizer.pipeline import split
 
     model, calib, x_test, y_test = colour
     onnx.save(model, tmp_path / "m.onnx")
@@ -439,6 +442,16 @@ def test_a_colour_trigger_is_removed_and_the_defense_probes_start_at_a_colour(co
     acc0, _ = acc_asr(model, x_test, y_test, magenta_stamp)
     acc, asr = acc_asr(onnx.load(tmp_path / "o.onnx"), x_test, y_test, magenta_stamp)
     assert asr <= 0.05 and acc >= acc0 - 0.02, (acc0, acc, asr)
+    # how much of the target class the result keeps, against a count made here on the run's held-out half
+    _, hold = split(len(calib), 0.5, 0)
+    before, after = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                     .run(None, {"input": _inputs(calib[hold])})[0].argmax(1)
+                     for m in (model, onnx.load(tmp_path / "o.onnx")))
+    mine = before == TARGET
+    kept = report["target_class"]
+    assert (kept["class"], kept["of"], kept["kept"]) == (TARGET, int(mine.sum()), int((after[mine] == TARGET).sum()))
+    assert kept["others_share"] == round(float((after[~mine] == before[~mine]).mean()), 4)
+    assert f"class {TARGET} kept" in capsys.readouterr().out
 
 
 def test_colour_leads_only_for_a_target_a_colour_start_found():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sanitizer.evaluate import agreement, probabilities
+from sanitizer.evaluate import agreement, class_kept, probabilities, wilson
 
 
 def test_label_free_changes_count_by_the_originals_confidence():
@@ -55,3 +55,16 @@ def test_a_refusal_over_the_budget_advises_what_can_change_it():
     why = refusal(5, near, None, 0.02)
     assert "more --calib images narrow the estimate" in why and "--ratio" not in why
     assert "--max-acc-drop raises the budget" in why and "--allow-degraded writes it anyway" in why
+
+
+def test_the_target_class_kept_counts_the_originals_images_of_it():
+    reference = np.array([3, 3, 3, 3, 1, 2, 3, 0, 1, 2])
+    pred = np.array([3, 1, 3, 0, 1, 2, 3, 0, 3, 1])
+    kept = class_kept(reference, pred, 3)
+    # five images the original calls 3, three still called 3; the other five, three unchanged (one turned into 3)
+    assert (kept["kept"], kept["of"], kept["share"], kept["others_share"]) == (3, 5, 0.6, 0.6)
+    assert kept["interval80"] == [round(v, 4) for v in wilson(3, 5)] and kept["class"] == 3
+    # a class the original never predicts: nothing to keep, no share
+    none = class_kept(reference, pred, 7)
+    assert (none["of"], none["share"], none["others_share"]) == (0, None, 0.6)
+
