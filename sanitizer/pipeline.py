@@ -728,6 +728,9 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         sanitized = rewrite.apply(prep.model, prep.sites, plan.pruned())
     clock.switch("final checks")
     check(sanitized)
+    # the held-out drop averages over the classes; removing a backdoor costs its target class most
+    target_kept = (class_kept(held.reference, held.predict(sanitized), probe_info["target"])
+                   if probe_info is not None and "target" in probe_info else None)
     figures = (probe_info or {}).pop("_figures", {})
     final = [t for t in plan.trace if t["units"] == plan.count][-1]
     degraded = not final["within_budget"]
@@ -751,8 +754,7 @@ def sanitize(opts: Options, progress: Progress = _quiet) -> dict:
         "pruned_per_layer": {k: len(v) for k, v in plan.pruned().items()},
         "pruned_units": pruned_units(prep.sites, plan.pruned()),
         "held_out_after": {k: v for k, v in final.items() if k != "units"},
-        **({"target_class": class_kept(held.reference, held.predict(sanitized), probe_info["target"])}
-           if probe_info is not None and "target" in probe_info else {}),
+        **({"target_class": target_kept} if target_kept is not None else {}),
         "degraded": degraded,
         "provider": info["provider"],
         **({"detection": detection} if detection is not None else {}),

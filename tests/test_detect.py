@@ -86,15 +86,20 @@ def test_scan_names_the_patch_target_and_passes_the_clean_twin(backdoored, clean
     assert clean_scan.suspected_target is None and clean_scan.best_flip.max() < 0.5, clean_scan.best_flip
 
 
-def _detect(model, calib, tmp_path):
+def _sanitize(model, calib, tmp_path, *flags) -> dict:
+    """The job on `model` with `calib` as unlabelled calibration images and `flags`, which must exit 0: its report."""
     from sanitizer.cli import main
 
     onnx.save(model, tmp_path / "m.onnx")
     np.savez(tmp_path / "calib.npz", X=calib.astype(np.uint8))
-    code = main([str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npz"), "--detect", "--criterion", "linf",
-                 "--report", str(tmp_path / "r.json"), "--allow-degraded"])
+    code = main([str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npz"), "--report", str(tmp_path / "r.json"),
+                 *flags])
     assert code == 0
-    return json.loads((tmp_path / "r.json").read_text())["detection"]
+    return json.loads((tmp_path / "r.json").read_text())
+
+
+def _detect(model, calib, tmp_path):
+    return _sanitize(model, calib, tmp_path, "--detect", "--criterion", "linf", "--allow-degraded")["detection"]
 
 
 def test_a_patch_found_by_the_scan_skips_the_mask_search(backdoored, tmp_path):
@@ -425,17 +430,11 @@ def test_a_colour_trigger_is_removed_and_the_defense_probes_start_at_a_colour(co
     import onnxruntime as ort
 
     from digits_backdoor import _inputs, magenta_stamp
-    from sanitizer.cli import main
     from sanitizer.defense.detect import Leads
     from sanitizer.pipeline import split
 
     model, calib, x_test, y_test = colour
-    onnx.save(model, tmp_path / "m.onnx")
-    np.savez(tmp_path / "calib.npz", X=calib.astype(np.uint8))
-    code = main([str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npz"), "--out", str(tmp_path / "o.onnx"),
-                 "--report", str(tmp_path / "r.json"), "--time-budget", "0"])
-    assert code == 0
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = _sanitize(model, calib, tmp_path, "--out", str(tmp_path / "o.onnx"), "--time-budget", "0")
     assert report["detection"]["suspected_target"] == TARGET
     assert report["detection"]["patch_scan"]["colour_start"]["3"][str(TARGET)] >= SCAN_FLIP
     assert Leads.of(report["detection"]).colour
